@@ -1,0 +1,36 @@
+# The two commands: `make run` and `make test`. Both install what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= $(or $(SIDECAR_CONFIG),config.example.toml)
+
+.PHONY: run test install install-dev lint bench clean
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	scripts/install.sh --venv $(VENV)
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml scripts/install.sh
+	scripts/install.sh --dev --venv $(VENV)
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(VENV)/bin/sidecar serve --config $(CONFIG)
+
+test: install-dev
+	$(PY) -m ruff check sidecar local_models tests benchmarks
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(PY) -m ruff check sidecar local_models tests benchmarks
+	$(PY) -m mypy
+
+bench: install-dev
+	scripts/bench-deps.sh
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,230 @@
+"""The configuration: TOML decoded once into frozen msgspec Structs.
+
+Contract:
+
+* :func:`load_config` reads a TOML file, replaces ``${VAR}`` / ``${VAR:-default}`` in every
+  string from the environment (the only place the environment is read), decodes the result
+  into :class:`Config` and checks cross references. Any problem raises :class:`ConfigError`
+  whose message starts with the path of the offending value, e.g.
+  ``routes[0].targets[1].provider: unknown provider 'opnai'``.
+* Unknown keys are errors (``forbid_unknown_fields``), so a typo never becomes a silent
+  default.
+* The returned objects are immutable; the composition root builds everything from them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+#: The provider name that always means the local models.
+LOCAL_PROVIDER = "local"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the path of the problem."""
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Base):
+    host: str = "127.0.0.1"
+    port: Port = 8088
+    grpc_port: Port = 50051
+    """0 turns the gRPC front door off."""
+    uds: str | None = None
+    api_keys: tuple[Annotated[str, Meta(min_length=1)], ...] = ()
+    """Non-empty: every request needs ``Authorization: Bearer <key>``."""
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    """Bodies larger than this get 413 before they are parsed."""
+    request_timeout_s: PositiveFloat = 300.0
+    """Total deadline of one request, streams included; ``x-sidecar-timeout`` overrides it."""
+    max_request_timeout_s: PositiveFloat = 3600.0
+    """The largest deadline a client may ask for with ``x-sidecar-timeout``."""
+    shutdown_grace_s: NonNegativeFloat = 10.0
+    access_log: bool = False
+
+
+class RoutingConfig(_Base):
+    """How failures are retried and when a target is taken out of rotation."""
+
+    retries: NonNegativeInt = 1
+    """Extra attempts on the same target after a retryable failure, before failing over."""
+    backoff_base_s: NonNegativeFloat = 0.05
+    backoff_max_s: NonNegativeFloat = 2.0
+    max_retry_after_s: NonNegativeFloat = 5.0
+    """A Retry-After longer than this is not waited for: the next target is tried."""
+    retry_budget_ratio: Annotated[float, Meta(ge=0, le=10)] = 0.2
+    """Retries may add at most this fraction of the requests of the last ten seconds."""
+    retry_budget_min: NonNegativeInt = 10
+    """Retries always allowed per ten seconds, so a quiet sidecar can still retry."""
+    circuit_failures: PositiveInt = 5
+    """Consecutive failures that open a target's circuit."""
+    circuit_cooldown_s: PositiveFloat = 30.0
+    """How long an open circuit skips its target before one probe request is let through."""
+
+
+class OpenAIProvider(_Base, tag_field="type", tag="openai"):
+    """Any OpenAI-compatible API (OpenAI, OpenRouter, Groq, vLLM, llama-server, Ollama...)."""
+
+    name: Name
+    base_url: str = "https://api.openai.com/v1"
+    api_key: str = ""
+    timeout_s: PositiveFloat = 60.0
+    """Per attempt: connect plus the wait for each read. The request deadline also applies."""
+    connect_timeout_s: PositiveFloat = 5.0
+    max_connections: PositiveInt = 256
+    headers: dict[str, str] = {}
+
+
+class AnthropicProvider(_Base, tag_field="type", tag="anthropic"):
+    """Anthropic's native Messages API."""
+
+    name: Name
+    base_url: str = "https://api.anthropic.com"
+    api_key: str = ""
+    timeout_s: PositiveFloat = 60.0
+    connect_timeout_s: PositiveFloat = 5.0
+    max_connections: PositiveInt = 256
+    headers: dict[str, str] = {}
+    version: str = "2023-06-01"
+    default_max_tokens: PositiveInt = 4096
+    """Anthropic requires max_tokens; this is sent when the client gives none."""
+
+
+ProviderConfig = OpenAIProvider | AnthropicProvider
+
+
+class TargetConfig(_Base):
+    provider: Name
+    model: Annotated[str, Meta(min_length=1)]
+    weight: PositiveFloat = 1.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+Strategy = Literal["priority", "weighted"]
+
+
+class RouteConfig(_Base):
+    model: Annotated[str, Meta(min_length=1)]
+    """The name clients send as ``model``."""
+    targets: Annotated[tuple[TargetConfig, ...], Meta(min_length=1)]
+    strategy: Strategy = "priority"
+    retries: NonNegativeInt | None = None
+    """Overrides ``[routing].retries`` for this route."""
+
+
+class Config(_Base):
+    server: ServerConfig = ServerConfig()
+    routing: RoutingConfig = RoutingConfig()
+    providers: tuple[ProviderConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, f"{path}.{k}" if path else k, env) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.S)
+
+
+def _validation_message(err: msgspec.ValidationError) -> str:
+    m = _MSGSPEC_PATH.match(str(err))
+    assert m is not None
+    path = m.group("path")
+    return f"{path}: {m.group('msg')}" if path else m.group("msg")
+
+
+def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    """Decode an already-parsed TOML document. Raises :class:`ConfigError`."""
+    data = _interpolate(data, "", dict(os.environ) if env is None else env)
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_validation_message(e)) from None
+    _check_references(config)
+    return config
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file. Raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: config file is not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    return parse_config(data, env)
+
+
+def _check_references(config: Config) -> None:
+    seen: set[str] = set()
+    for i, p in enumerate(config.providers):
+        if p.name == LOCAL_PROVIDER:
+            raise ConfigError(f"providers[{i}].name: '{LOCAL_PROVIDER}' is reserved for local models")
+        if p.name in seen:
+            raise ConfigError(f"providers[{i}].name: duplicate provider name '{p.name}'")
+        seen.add(p.name)
+        if not re.match(r"^https?://[^/\s]+", p.base_url):
+            raise ConfigError(f"providers[{i}].base_url: must be an http:// or https:// URL")
+    routes: set[str] = set()
+    for i, r in enumerate(config.routes):
+        if r.model in routes:
+            raise ConfigError(f"routes[{i}].model: duplicate route '{r.model}'")
+        routes.add(r.model)
+        for j, t in enumerate(r.targets):
+            if t.provider not in seen:
+                hint = (
+                    " (local models are not available in this build)"
+                    if t.provider == LOCAL_PROVIDER
+                    else ""
+                )
+                raise ConfigError(
+                    f"routes[{i}].targets[{j}].provider: unknown provider '{t.provider}'{hint}"
+                )

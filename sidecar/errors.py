@@ -1,0 +1,201 @@
+"""One error hierarchy for the whole gateway.
+
+Every error a client can see is a :class:`SidecarError`. Each class knows its HTTP status,
+its gRPC status code (by name, so this module does not import grpc), the OpenAI error
+``type``/``code`` it is reported as, and whether the routing loop may try another target::
+
+    SidecarError
+    ├── InvalidRequest          400  INVALID_ARGUMENT   (malformed JSON, wrong types, bad values)
+    ├── Unauthenticated         401  UNAUTHENTICATED
+    ├── ModelNotFound           404  NOT_FOUND
+    ├── PayloadTooLarge         413  INVALID_ARGUMENT
+    ├── RateLimited             429  RESOURCE_EXHAUSTED (retry_after_s when known)
+    ├── Unavailable             503  UNAVAILABLE        (overloaded, draining, no healthy target)
+    ├── DeadlineExceeded        504  DEADLINE_EXCEEDED
+    ├── AllTargetsFailed        502  UNAVAILABLE        (wraps the last upstream failure)
+    └── UpstreamError                                   (raised by providers, translated once
+        │                                                where the HTTP response arrives)
+        ├── UpstreamUnreachable 502  retryable  connect refused/reset, protocol errors
+        ├── UpstreamTimeout     504  retryable  no answer within the attempt's time
+        ├── UpstreamRateLimited 429  retryable  carries Retry-After
+        ├── UpstreamServerError 502  retryable  5xx
+        ├── UpstreamMalformed   502  retryable  a body that is not the promised wire format
+        └── UpstreamRejected    4xx  final      the provider refused the request itself
+                                                 (400/401/403/404/422): returned to the client
+
+Messages never contain secrets or stack traces: they are written for the client.
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error a client can receive."""
+
+    status: int = 500
+    grpc_code: str = "INTERNAL"
+    type: str = "server_error"
+    code: str | None = None
+    retryable: bool = False
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequest(SidecarError):
+    status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthenticated(SidecarError):
+    status = 401
+    grpc_code = "UNAUTHENTICATED"
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(SidecarError):
+    status = 404
+    grpc_code = "NOT_FOUND"
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(SidecarError):
+    status = 413
+    grpc_code = "INVALID_ARGUMENT"
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(SidecarError):
+    status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class Unavailable(SidecarError):
+    status = 503
+    grpc_code = "UNAVAILABLE"
+    type = "server_error"
+    code = "unavailable"
+
+
+class DeadlineExceeded(SidecarError):
+    status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class AllTargetsFailed(SidecarError):
+    status = 502
+    grpc_code = "UNAVAILABLE"
+    type = "upstream_error"
+    code = "all_targets_failed"
+
+
+class UpstreamError(SidecarError):
+    """A failure of one provider call. ``target`` names the provider/model that failed."""
+
+    type = "upstream_error"
+    status = 502
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        target: str = "",
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, retry_after_s=retry_after_s)
+        self.target = target
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+    @property
+    def reason(self) -> str:
+        """Short machine-readable label for logs, metrics and route reasons."""
+        return _REASONS.get(type(self), "upstream_error")
+
+
+class UpstreamUnreachable(UpstreamError):
+    retryable = True
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    retryable = True
+    status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    code = "upstream_timeout"
+
+
+class UpstreamRateLimited(UpstreamError):
+    retryable = True
+    status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+
+class UpstreamServerError(UpstreamError):
+    retryable = True
+    code = "upstream_5xx"
+
+
+class UpstreamMalformed(UpstreamError):
+    retryable = True
+    code = "upstream_malformed"
+
+
+class UpstreamRejected(UpstreamError):
+    """The provider refused the request itself; retrying elsewhere would not help."""
+
+    retryable = False
+    type = "invalid_request_error"
+    grpc_code = "INVALID_ARGUMENT"
+
+
+_REASONS: dict[type[UpstreamError], str] = {
+    UpstreamUnreachable: "upstream_unreachable",
+    UpstreamTimeout: "upstream_timeout",
+    UpstreamRateLimited: "upstream_429",
+    UpstreamServerError: "upstream_5xx",
+    UpstreamMalformed: "upstream_malformed",
+    UpstreamRejected: "upstream_rejected",
+}
+
+_GRPC_BY_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    413: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+}
+
+
+def rejected(status: int, message: str, *, target: str, code: str | None = None,
+             param: str | None = None) -> UpstreamRejected:
+    """Build the error for a provider's 4xx answer, keeping its status for the client."""
+    err = UpstreamRejected(message, target=target, status=status, code=code, param=param)
+    err.grpc_code = _GRPC_BY_STATUS.get(status, "FAILED_PRECONDITION")
+    if status == 401:
+        err.type = "authentication_error"
+    return err

@@ -1,0 +1,322 @@
+"""The one request pipeline, shared by every front end.
+
+    authenticate -> resolve route -> plan -> for each target:
+        circuit check -> provider call (bounded by the request deadline)
+        -> on retryable failure: record health, retry with backoff (within the retry
+           budget, honouring Retry-After) or fail over to the next target
+
+Front ends turn client bytes into a :class:`~sidecar.types.Call` and a :class:`Context`, call
+:meth:`Gateway.complete` or :meth:`Gateway.stream`, and encode what comes back. Every error
+raised to them is a :class:`~sidecar.errors.SidecarError`.
+
+Concurrency: all methods run on one event loop and are safe to call concurrently.
+Cancellation (the client went away) cancels the provider call and closes its connection.
+Budgets and rate limits will sit between "plan" and "provider call" (see the money issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import msgspec
+
+from sidecar.config import Config
+from sidecar.errors import (
+    AllTargetsFailed,
+    DeadlineExceeded,
+    InvalidRequest,
+    RateLimited,
+    SidecarError,
+    Unauthenticated,
+    Unavailable,
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+from sidecar.health import Circuit, Health, RetryBudget
+from sidecar.providers.base import Provider, Reply
+from sidecar.routing import Route, Router, Target, plan
+from sidecar.types import Call
+
+T = TypeVar("T")
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+class Context(msgspec.Struct):
+    """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds."""
+
+    request_id: str
+    deadline: float
+    api_key: str | None = None
+
+
+class Served(msgspec.Struct):
+    """Who served a request and after how many attempts (for response headers)."""
+
+    target: str
+    attempts: int
+
+
+class Completed(Served):
+    reply: Reply
+
+
+class Streaming(Served):
+    """A committed stream: its first frame has arrived. Iterate ``frames`` to the end (or
+    close it); it ends with ``data: [DONE]`` or with one error frame."""
+
+    frames: AsyncIterator[bytes]
+
+
+_error_encoder = msgspec.json.Encoder()
+
+
+def error_body(err: SidecarError) -> bytes:
+    """OpenAI's error envelope for ``err``."""
+    return _error_encoder.encode(
+        {"error": {"message": err.message, "type": err.type, "code": err.code, "param": err.param}}
+    )
+
+
+def error_frame(err: SidecarError) -> bytes:
+    return b"data: " + error_body(err) + b"\n\n"
+
+
+class Gateway:
+    """Routes calls to providers with failover, retries and circuit breaking."""
+
+    def __init__(
+        self,
+        config: Config,
+        providers: Mapping[str, Provider],
+        *,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._routing = config.routing
+        self.providers = dict(providers)
+        self.router = Router(config, self.providers)
+        self._clock = clock or asyncio.get_running_loop().time
+        self.health = Health(
+            config.routing.circuit_failures, config.routing.circuit_cooldown_s, self._clock
+        )
+        self._retry_budget = RetryBudget(
+            config.routing.retry_budget_ratio, config.routing.retry_budget_min, self._clock
+        )
+        self._rng = rng or random.Random()
+        self._keys = [k.encode() for k in config.server.api_keys]
+        self.draining = False
+
+    # --- front-end facing -----------------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> None:
+        """Raise :class:`Unauthenticated` unless auth is off or ``key`` is configured.
+        Compares against every key in constant time."""
+        if not self._keys:
+            return
+        given = (key or "").encode()
+        ok = False
+        for k in self._keys:
+            ok |= hmac.compare_digest(k, given)
+        if not ok:
+            raise Unauthenticated(
+                "Missing API key." if not key else "Incorrect API key provided."
+            )
+
+    def deadline(self, timeout_s: float | None) -> float:
+        """The absolute deadline for a request given the client's requested timeout."""
+        server = self._config.server
+        if timeout_s is None:
+            timeout_s = server.request_timeout_s
+        elif not 0 < timeout_s <= server.max_request_timeout_s:
+            raise InvalidRequest(
+                f"x-sidecar-timeout must be between 0 and {server.max_request_timeout_s:g} "
+                "seconds.",
+                param="x-sidecar-timeout",
+            )
+        return self._clock() + timeout_s
+
+    async def complete(self, call: Call, ctx: Context) -> Completed:
+        """Serve a non-stream call. Raises :class:`SidecarError`."""
+        route = self._admit(call, ctx)
+
+        async def attempt(provider: Provider, target: Target, timeout_s: float) -> Reply:
+            return await provider.send(call, target.model, timeout_s)
+
+        reply, target, attempts = await self._run(call, route, ctx, attempt)
+        return Completed(target.key, attempts, reply)
+
+    async def stream(self, call: Call, ctx: Context) -> Streaming:
+        """Serve a stream call; returns once the first frame has arrived, so a target that
+        fails before its first token is replaced without the client seeing it."""
+        route = self._admit(call, ctx)
+
+        async def attempt(
+            provider: Provider, target: Target, timeout_s: float
+        ) -> tuple[bytes, AsyncIterator[bytes]]:
+            frames = provider.stream(call, target.model, timeout_s)
+            try:
+                first = await anext(frames)
+            except StopAsyncIteration:
+                raise UpstreamMalformed(
+                    f"{target.key} sent an empty stream", target=target.key
+                ) from None
+            except BaseException:
+                await _aclose(frames)
+                raise
+            return first, frames
+
+        (first, frames), target, attempts = await self._run(call, route, ctx, attempt)
+        circuit = self.health.circuit(target.key)
+        return Streaming(target.key, attempts, self._relay(first, frames, ctx, circuit))
+
+    # --- the pipeline ---------------------------------------------------------------------
+
+    def _admit(self, call: Call, ctx: Context) -> Route:
+        self.authenticate(ctx.api_key)
+        if self.draining:
+            raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
+        route = self.router.resolve(call.request.model)
+        self._retry_budget.record_request()
+        return route
+
+    async def _run(
+        self,
+        call: Call,
+        route: Route,
+        ctx: Context,
+        attempt: Callable[[Provider, Target, float], Awaitable[T]],
+    ) -> tuple[T, Target, int]:
+        attempts = 0
+        failures: list[UpstreamError] = []
+        next_open: float | None = None
+        for target in plan(route, self._rng):
+            provider = self.providers[target.provider]
+            if not provider.supports(call.op):
+                continue
+            circuit = self.health.circuit(target.key)
+            tries = 0
+            while True:
+                now = self._clock()
+                if not circuit.try_acquire(now):
+                    at = circuit.available_at(now)
+                    next_open = at if next_open is None else min(next_open, at)
+                    break
+                remaining = ctx.deadline - now
+                if remaining <= 0:
+                    circuit.release()
+                    raise _deadline(failures)
+                attempts += 1
+                try:
+                    async with asyncio.timeout_at(ctx.deadline):
+                        result = await attempt(provider, target, remaining)
+                except TimeoutError:
+                    circuit.release()
+                    raise _deadline(failures) from None
+                except UpstreamError as e:
+                    if not e.retryable:
+                        circuit.success()  # it answered; the request itself was refused
+                        raise
+                    circuit.failure(self._clock(), e.retry_after_s)
+                    failures.append(e)
+                    delay = self._retry_delay(e, tries, route, ctx)
+                    if delay is None:
+                        break
+                    tries += 1
+                    await asyncio.sleep(delay)
+                    continue
+                except BaseException:
+                    circuit.release()
+                    raise
+                circuit.success()
+                return result, target, attempts
+        raise self._exhausted(call, route, failures, next_open)
+
+    def _retry_delay(self, err: UpstreamError, tries: int, route: Route, ctx: Context
+                     ) -> float | None:
+        """Seconds to wait before retrying the same target, or None to move on."""
+        if tries >= route.retries:
+            return None
+        if err.retry_after_s is not None:
+            if err.retry_after_s > self._routing.max_retry_after_s:
+                return None
+            delay = err.retry_after_s
+        else:
+            cap = min(self._routing.backoff_max_s, self._routing.backoff_base_s * 2**tries)
+            delay = self._rng.uniform(0, cap)  # full jitter
+        if self._clock() + delay >= ctx.deadline:
+            return None
+        if not self._retry_budget.try_spend():
+            return None
+        return delay
+
+    def _exhausted(self, call: Call, route: Route, failures: list[UpstreamError],
+                   next_open: float | None) -> SidecarError:
+        if not failures:
+            if next_open is None:
+                return InvalidRequest(
+                    f"No target of '{route.model}' supports /v1/{call.op.value}.",
+                    param="model",
+                )
+            retry = max(0.0, next_open - self._clock())
+            return Unavailable(
+                f"Every target of '{route.model}' is temporarily unavailable (circuit open).",
+                retry_after_s=round(retry, 3),
+            )
+        last = failures[-1]
+        if all(isinstance(f, UpstreamRateLimited) for f in failures):
+            waits = [f.retry_after_s for f in failures if f.retry_after_s is not None]
+            return RateLimited(
+                f"Every target of '{route.model}' is rate limited. Last: {last.message}",
+                retry_after_s=min(waits) if waits else None,
+            )
+        if all(isinstance(f, UpstreamTimeout) for f in failures):
+            return DeadlineExceeded(
+                f"Every target of '{route.model}' timed out. Last: {last.message}"
+            )
+        return AllTargetsFailed(
+            f"All {len(failures)} attempts for '{route.model}' failed. Last: {last.message}"
+        )
+
+    async def _relay(
+        self, first: bytes, frames: AsyncIterator[bytes], ctx: Context, circuit: Circuit
+    ) -> AsyncIterator[bytes]:
+        try:
+            yield first
+            while True:
+                async with asyncio.timeout_at(ctx.deadline):
+                    frame = await anext(frames, None)
+                if frame is None:
+                    break
+                yield frame
+            yield DONE_FRAME
+        except TimeoutError:
+            yield error_frame(DeadlineExceeded("The request deadline passed mid-stream."))
+        except UpstreamError as e:
+            circuit.failure(self._clock(), e.retry_after_s)
+            yield error_frame(e)
+        finally:
+            await _aclose(frames)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(p.aclose() for p in self.providers.values()))
+
+
+def _deadline(failures: list[UpstreamError]) -> DeadlineExceeded:
+    msg = "The request deadline passed before any target answered."
+    if failures:
+        msg += f" Last failure: {failures[-1].message}"
+    return DeadlineExceeded(msg)
+
+
+async def _aclose(it: AsyncIterator[bytes]) -> None:
+    aclose: Callable[[], Awaitable[object]] | None = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,207 @@
+"""Litestar application: OpenAI-compatible routes over the :class:`~sidecar.gateway.Gateway`.
+
+Bodies are read as bytes and decoded with msgspec straight into the request Structs (no
+pydantic, no OpenAPI schema generation in the request path). Answers from OpenAI-compatible
+providers are relayed as their own bytes. Every error leaves as OpenAI's envelope, with the
+status from :mod:`sidecar.errors`; unexpected exceptions become a generic 500 and are logged
+here, never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from sidecar.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    SidecarError,
+    Unavailable,
+)
+from sidecar.gateway import Completed, Context, Gateway, error_body
+from sidecar.types import REQUEST_TYPES, Call, Op
+
+log = logging.getLogger("sidecar.http")
+
+_JSON = "application/json"
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_decoders = {op: msgspec.json.Decoder(t) for op, t in REQUEST_TYPES.items()}
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+_encoder = msgspec.json.Encoder()
+
+
+def decode_call(op: Op, body: bytes) -> Call:
+    """Validate a client body for ``op``. Raises :class:`InvalidRequest` with the path."""
+    try:
+        raw = _object_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise InvalidRequest("The request body must be a JSON object.") from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+    try:
+        request = msgspec.convert(raw, REQUEST_TYPES[op])
+    except msgspec.ValidationError as e:
+        message, _, path = str(e).partition(" - at `$.")
+        param = path.rstrip("`") or None
+        raise InvalidRequest(
+            f"Invalid request: {message}" + (f" at '{param}'." if param else "."), param=param
+        ) from None
+    return Call(op, request, raw)
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str:
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _api_key(request: Request[Any, Any, Any]) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+    return request.headers.get("x-api-key")
+
+
+def _timeout(request: Request[Any, Any, Any]) -> float | None:
+    value = request.headers.get("x-sidecar-timeout")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidRequest(
+            "x-sidecar-timeout must be a number of seconds.", param="x-sidecar-timeout"
+        ) from None
+
+
+def _served_headers(request_id: str, target: str, attempts: int) -> dict[str, str]:
+    return {
+        "x-request-id": request_id,
+        "x-sidecar-target": target,
+        "x-sidecar-attempts": str(attempts),
+    }
+
+
+def error_response(err: SidecarError, request_id: str | None = None) -> Response[bytes]:
+    headers = {"x-request-id": request_id or uuid.uuid4().hex}
+    if err.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, round(err.retry_after_s + 0.499)))
+    return Response(error_body(err), status_code=err.status, media_type=_JSON, headers=headers)
+
+
+def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
+    """Build the HTTP application. ``gateway`` is owned by the caller."""
+
+    async def serve(op: Op, request: Request[Any, Any, Any]) -> Response[Any]:
+        request_id = _request_id(request)
+        request.state.request_id = request_id
+        ctx = Context(request_id, gateway.deadline(_timeout(request)), _api_key(request))
+        gateway.authenticate(ctx.api_key)
+        call = decode_call(op, await request.body())
+        if call.stream:
+            streaming = await gateway.stream(call, ctx)
+            headers = _served_headers(request_id, streaming.target, streaming.attempts)
+            return Stream(
+                streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
+            )
+        done: Completed = await gateway.complete(call, ctx)
+        return Response(
+            done.reply.body,
+            media_type=_JSON,
+            headers=_served_headers(request_id, done.target, done.attempts),
+        )
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await serve(Op.CHAT, request)
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await serve(Op.COMPLETIONS, request)
+
+    @post("/v1/embeddings", status_code=200)
+    async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await serve(Op.EMBEDDINGS, request)
+
+    @get("/v1/models")
+    async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+        gateway.authenticate(_api_key(request))
+        data: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for route in gateway.router.routes:
+            data.append({"id": route.model, "object": "model", "created": 0,
+                         "owned_by": "sidecar"})
+            seen.add(route.model)
+        for route in gateway.router.routes:
+            for t in route.targets:
+                if t.key not in seen:
+                    seen.add(t.key)
+                    data.append({"id": t.key, "object": "model", "created": 0,
+                                 "owned_by": t.provider})
+        return Response(_encoder.encode({"object": "list", "data": data}), media_type=_JSON)
+
+    @get("/healthz")
+    async def healthz() -> Response[bytes]:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    @get("/readyz")
+    async def readyz() -> Response[bytes]:
+        views = gateway.health.views()
+        ready = not gateway.draining
+        body = {
+            "status": "ready" if ready else "draining",
+            "targets": {k: msgspec.structs.asdict(v) for k, v in views.items()},
+        }
+        return Response(_encoder.encode(body), status_code=200 if ready else 503,
+                        media_type=_JSON)
+
+    def on_sidecar_error(request: Request[Any, Any, Any], exc: SidecarError) -> Response[bytes]:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+        err: SidecarError
+        if exc.status_code == 413:
+            err = PayloadTooLarge(f"The request body is larger than {max_body_bytes} bytes.")
+        elif exc.status_code == 404:
+            err = ModelNotFound(f"No route for {request.method} {request.url.path}.")
+            err.code = "not_found"
+        elif exc.status_code == 405:
+            err = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}.")
+            err.status = 405
+        elif exc.status_code >= 500:
+            err = Unavailable("The sidecar could not handle the request.")
+        else:
+            err = InvalidRequest(str(exc.detail))
+        return error_response(err, getattr(request.state, "request_id", None))
+
+    def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        err = SidecarError("The sidecar hit an internal error.")
+        return error_response(err, getattr(request.state, "request_id", None))
+
+    return Litestar(
+        route_handlers=[chat, completions, embeddings, models, healthz, readyz],
+        exception_handlers={
+            SidecarError: on_sidecar_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+        request_max_body_size=max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )
+
+

@@ -1,0 +1,1 @@
+"""Providers: the adapters between the gateway and the places that run models."""

@@ -1,0 +1,176 @@
+"""The Provider protocol and what every HTTP provider shares.
+
+A provider answers one :class:`~sidecar.types.Call` for one upstream model, in the OpenAI
+wire format whatever it speaks upstream:
+
+* :meth:`Provider.send` returns a :class:`Reply`: the OpenAI JSON body and its usage.
+* :meth:`Provider.stream` is an async generator of SSE bytes, each item one or more whole
+  ``data: {...}\\n\\n`` frames, never the final ``data: [DONE]`` (the gateway writes that).
+
+Both raise only :class:`~sidecar.errors.UpstreamError` subclasses (or ``CancelledError``):
+foreign exceptions are translated here, once, from transport failures and from status
+codes and structured error bodies, never by searching an exception's text. Both are safe
+to call concurrently; cancelling the caller closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
+
+import httpx
+import msgspec
+
+from sidecar.errors import (
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamServerError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    rejected,
+)
+from sidecar.types import Call, Op, Usage
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """A complete non-stream answer: OpenAI-format JSON bytes and the usage they report."""
+
+    body: bytes
+    usage: Usage | None = None
+
+
+class Provider(Protocol):
+    """What the gateway needs from a place that runs models."""
+
+    name: str
+
+    def supports(self, op: Op) -> bool:
+        """Whether this provider can serve ``op`` at all (checked when routes are planned)."""
+        ...
+
+    async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
+        """Answer a non-stream call. ``timeout_s`` bounds the whole attempt."""
+        ...
+
+    def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
+        """Stream SSE frames. ``timeout_s`` bounds connecting and each wait for data."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close pooled connections. Calls in flight fail."""
+        ...
+
+
+def http_client(
+    base_url: str,
+    *,
+    headers: dict[str, str],
+    connect_timeout_s: float,
+    timeout_s: float,
+    max_connections: int,
+) -> httpx.AsyncClient:
+    """One pooled client per provider; keep-alive connections are reused across requests."""
+    return httpx.AsyncClient(
+        base_url=base_url.rstrip("/"),
+        headers=headers,
+        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def attempt_timeout(timeout_s: float, connect_timeout_s: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
+
+
+@contextlib.contextmanager
+def transport_errors(target: str) -> Iterator[None]:
+    """Translate httpx transport exceptions into upstream errors for ``target``."""
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise UpstreamTimeout(f"{target} did not answer in time", target=target) from None
+    except httpx.TransportError as e:
+        raise UpstreamUnreachable(
+            f"{target} connection failed ({type(e).__name__})", target=target
+        ) from None
+
+
+def retry_after_s(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` / ``retry-after`` (seconds or HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(ms) / 1000.0)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+    param: str | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail | str | None = None
+
+
+_error_decoder = msgspec.json.Decoder(_ErrorBody)
+
+
+def status_error(status: int, body: bytes, headers: httpx.Headers, target: str) -> UpstreamError:
+    """Translate a non-2xx upstream answer, using its status and structured error body.
+
+    Both OpenAI (``{"error": {...}}``) and Anthropic (``{"type": "error", "error": {...}}``)
+    envelopes carry ``error.message``; anything else gets a generic message.
+    """
+    message, code, param = f"HTTP {status}", None, None
+    try:
+        detail = _error_decoder.decode(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        detail = None
+    if isinstance(detail, _ErrorDetail):
+        message = detail.message or detail.type or message
+        code = str(detail.code) if detail.code is not None else detail.type
+        param = detail.param
+    elif isinstance(detail, str):
+        message = detail
+    text = f"{target}: {message}"
+    if status == 429:
+        return UpstreamRateLimited(text, target=target, retry_after_s=retry_after_s(headers))
+    if status in (408, 425) or status >= 500:
+        return UpstreamServerError(text, target=target, retry_after_s=retry_after_s(headers))
+    if 400 <= status < 500:
+        return rejected(status, text, target=target, code=code, param=param)
+    return UpstreamMalformed(f"{target}: unexpected HTTP {status}", target=target)
+
+
+def check_shape(op: Op, shape: Any, target: str) -> None:
+    """Raise :class:`UpstreamMalformed` unless ``shape`` (a BodyShape) fits ``op``."""
+    ok = shape.data is not None if op is Op.EMBEDDINGS else shape.choices is not None
+    if not ok:
+        if shape.error is not None:
+            raise UpstreamServerError(f"{target} answered with an error object", target=target)
+        what = "data" if op is Op.EMBEDDINGS else "choices"
+        raise UpstreamMalformed(f"{target} answered without '{what}'", target=target)

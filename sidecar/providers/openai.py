@@ -1,0 +1,136 @@
+"""Any OpenAI-compatible API: the client's body is forwarded with only ``model`` changed.
+
+Answers are validated (garbage becomes :class:`UpstreamMalformed`, so routing can fall back)
+but relayed as the provider's own bytes: non-stream bodies whole, stream frames as they came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from sidecar.config import OpenAIProvider as OpenAIConfig
+from sidecar.errors import UpstreamMalformed, UpstreamServerError, UpstreamUnreachable
+from sidecar.providers.base import (
+    Reply,
+    attempt_timeout,
+    check_shape,
+    http_client,
+    status_error,
+    transport_errors,
+)
+from sidecar.providers.sse import SSEDecoder
+from sidecar.types import BodyShape, Call, Op, Usage
+
+_DONE = b"[DONE]"
+
+
+class _ChoiceEnd(msgspec.Struct):
+    finish_reason: str | None = None
+
+
+class _ChunkShape(msgspec.Struct):
+    choices: list[_ChoiceEnd] | None = None
+    usage: Usage | None = None
+    error: object = None
+
+
+_body_decoder = msgspec.json.Decoder(BodyShape)
+_chunk_decoder = msgspec.json.Decoder(_ChunkShape)
+_encoder = msgspec.json.Encoder()
+
+
+class OpenAICompatible:
+    """Provider for any OpenAI-compatible ``/v1`` API. Safe for concurrent use."""
+
+    def __init__(self, config: OpenAIConfig) -> None:
+        self.name = config.name
+        self._config = config
+        headers = {"content-type": "application/json", **config.headers}
+        if config.api_key:
+            headers["authorization"] = f"Bearer {config.api_key}"
+        self._client = http_client(
+            config.base_url,
+            headers=headers,
+            connect_timeout_s=config.connect_timeout_s,
+            timeout_s=config.timeout_s,
+            max_connections=config.max_connections,
+        )
+
+    def supports(self, op: Op) -> bool:
+        return True
+
+    def _body(self, call: Call, model: str) -> bytes:
+        raw = dict(call.raw)
+        raw["model"] = model
+        return _encoder.encode(raw)
+
+    async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
+        target = f"{self.name}/{model}"
+        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
+                                  self._config.connect_timeout_s)
+        with transport_errors(target):
+            resp = await self._client.post(
+                "/" + call.op.value, content=self._body(call, model), timeout=timeout
+            )
+        if resp.status_code != 200:
+            raise status_error(resp.status_code, resp.content, resp.headers, target)
+        try:
+            shape = _body_decoder.decode(resp.content)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise UpstreamMalformed(f"{target} answered with invalid JSON", target=target) from None
+        check_shape(call.op, shape, target)
+        return Reply(resp.content, shape.usage)
+
+    async def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
+        target = f"{self.name}/{model}"
+        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
+                                  self._config.connect_timeout_s)
+        request = self._client.build_request(
+            "POST", "/" + call.op.value, content=self._body(call, model), timeout=timeout
+        )
+        with transport_errors(target):
+            resp = await self._client.send(request, stream=True)
+        try:
+            if resp.status_code != 200:
+                with transport_errors(target):
+                    body = await resp.aread()
+                raise status_error(resp.status_code, body, resp.headers, target)
+            decoder = SSEDecoder()
+            done = finished = False
+            with transport_errors(target):
+                async for piece in resp.aiter_bytes():
+                    if done:
+                        continue  # drain to the end so the connection can be reused
+                    out: list[bytes] = []
+                    for event in decoder.feed(piece):
+                        if event.data == _DONE:
+                            done = True
+                            break
+                        if event.data:
+                            finished |= _check_chunk(event.data, target)
+                            out.append(b"data: " + event.data + b"\n\n")
+                    if out:
+                        yield out[0] if len(out) == 1 else b"".join(out)
+            if not (done or finished):
+                raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
+        finally:
+            await resp.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+
+def _check_chunk(data: bytes, target: str) -> bool:
+    """Validate one stream event; return whether it carries a finish_reason."""
+    try:
+        shape = _chunk_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise UpstreamMalformed(f"{target} sent an invalid stream event", target=target) from None
+    if shape.error is not None:
+        raise UpstreamServerError(f"{target} reported an error mid-stream", target=target)
+    if shape.choices is None:
+        raise UpstreamMalformed(f"{target} sent a stream event without 'choices'", target=target)
+    return any(c.finish_reason for c in shape.choices)

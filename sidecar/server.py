@@ -1,0 +1,99 @@
+"""The composition root: builds every part from a :class:`Config` and runs the front ends.
+
+Nothing else constructs providers, the gateway or the apps. :func:`serve` blocks until
+SIGINT/SIGTERM, then drains: ``/readyz`` turns 503, new requests get 503, requests in flight
+get ``shutdown_grace_s`` to finish, and provider connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from sidecar.config import AnthropicProvider, Config, OpenAIProvider, ProviderConfig
+from sidecar.gateway import Gateway
+from sidecar.http.app import create_app
+from sidecar.providers.anthropic import AnthropicMessages
+from sidecar.providers.base import Provider
+from sidecar.providers.openai import OpenAICompatible
+
+log = logging.getLogger("sidecar")
+
+
+def build_provider(config: ProviderConfig) -> Provider:
+    match config:
+        case OpenAIProvider():
+            return OpenAICompatible(config)
+        case AnthropicProvider():
+            return AnthropicMessages(config)
+
+
+def build_gateway(config: Config) -> Gateway:
+    """Must run inside the event loop that will serve requests."""
+    return Gateway(config, {p.name: build_provider(p) for p in config.providers})
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(config: Config) -> None:
+    """Serve until a stop signal. Prints ``sidecar: http listening on HOST:PORT`` once the
+    socket accepts connections (tests and scripts wait for that line)."""
+    gateway = build_gateway(config)
+    server_cfg = config.server
+    app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes)
+    sock = _bind(server_cfg.host, server_cfg.port)
+    host, port = sock.getsockname()[:2]
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=server_cfg.access_log,
+            log_level="warning",
+            timeout_graceful_shutdown=server_cfg.shutdown_grace_s,
+            server_header=False,
+            date_header=False,
+            timeout_keep_alive=30,
+        )
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    uv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(uv.serve(sockets=[sock]))
+    print(f"sidecar: http listening on {host}:{port}", flush=True)
+    try:
+        await asyncio.wait(
+            [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        gateway.draining = True
+        uv.should_exit = True
+        await task
+        await gateway.aclose()
+        print("sidecar: stopped", file=sys.stderr, flush=True)
+
+
+def serve(config: Config) -> None:
+    """Blocking entry point for ``sidecar serve``."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        asyncio.run(run(config))
+    else:
+        uvloop.run(run(config))

@@ -1,0 +1,211 @@
+"""Internal request, response, chunk and usage Structs shared by every front end.
+
+The OpenAI wire format is the gateway's lingua franca: front ends decode client bodies into
+the request Structs below (which validate types and values), providers answer with OpenAI
+JSON bodies or SSE frames, and the response Structs describe those bodies for the places
+that must look inside them (validation, translation, the gRPC front end).
+
+A :class:`Call` keeps the client's original JSON object next to its validated form, so that
+fields the gateway does not model (``tools``, ``response_format``, ``seed``, ``logprobs``,
+...) pass through to OpenAI-compatible providers untouched.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+
+class Op(enum.Enum):
+    """An operation; the value is the OpenAI path below ``/v1/``."""
+
+    CHAT = "chat/completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+# --- requests -------------------------------------------------------------------------------
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class FunctionCall(msgspec.Struct, omit_defaults=True):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(msgspec.Struct, omit_defaults=True):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class Message(msgspec.Struct, omit_defaults=True):
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(msgspec.Struct, omit_defaults=True):
+    include_usage: bool = False
+
+
+class FunctionDef(msgspec.Struct, omit_defaults=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(msgspec.Struct, omit_defaults=True):
+    function: FunctionDef
+    type: str = "function"
+
+
+Stop = str | list[str] | None
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/chat/completions``. Fields not listed here are kept in ``Call.raw``."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    stop: Stop = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/completions`` (legacy text completion)."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    prompt: Prompt
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    stop: Stop = None
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/embeddings``."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    input: Prompt
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+
+
+Request = ChatRequest | CompletionRequest | EmbeddingRequest
+
+REQUEST_TYPES: dict[Op, type[ChatRequest] | type[CompletionRequest] | type[EmbeddingRequest]] = {
+    Op.CHAT: ChatRequest,
+    Op.COMPLETIONS: CompletionRequest,
+    Op.EMBEDDINGS: EmbeddingRequest,
+}
+
+
+class Call(msgspec.Struct, frozen=True):
+    """One validated client request: the operation, its typed form, the original object."""
+
+    op: Op
+    request: Request
+    raw: dict[str, Any]
+
+    @property
+    def stream(self) -> bool:
+        return not isinstance(self.request, EmbeddingRequest) and self.request.stream
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ResponseMessage(msgspec.Struct, omit_defaults=True):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(msgspec.Struct, omit_defaults=True):
+    index: int
+    message: ResponseMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct, omit_defaults=True):
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    object: str = "chat.completion"
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: dict[str, str] | None = None
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+
+
+class ChatChunk(msgspec.Struct, omit_defaults=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"
+
+
+class BodyShape(msgspec.Struct):
+    """What every OpenAI-format answer must have; used to reject garbage cheaply.
+
+    ``choices`` for chat and completions, ``data`` for embeddings. Unknown fields are
+    ignored, so decoding into this costs little more than scanning the bytes.
+    """
+
+    choices: list[Any] | None = None
+    data: list[Any] | None = None
+    usage: Usage | None = None
+    error: Any = None
