@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     if overrides:
-        config = msgspec.structs.replace(config, server=msgspec.structs.replace(server, **overrides))
+        server = msgspec.structs.replace(server, **overrides)
+        config = msgspec.structs.replace(config, server=server)
     from sidecar.server import serve
 
     serve(config)

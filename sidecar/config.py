@@ -42,7 +42,7 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     pass
 
 
-class ServerConfig(_Base):
+class ServerConfig(_Base, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8088
     grpc_port: Port = 50051
@@ -60,7 +60,7 @@ class ServerConfig(_Base):
     access_log: bool = False
 
 
-class RoutingConfig(_Base):
+class RoutingConfig(_Base, frozen=True):
     """How failures are retried and when a target is taken out of rotation."""
 
     retries: NonNegativeInt = 1
@@ -79,7 +79,7 @@ class RoutingConfig(_Base):
     """How long an open circuit skips its target before one probe request is let through."""
 
 
-class OpenAIProvider(_Base, tag_field="type", tag="openai"):
+class OpenAIProvider(_Base, frozen=True, tag_field="type", tag="openai"):
     """Any OpenAI-compatible API (OpenAI, OpenRouter, Groq, vLLM, llama-server, Ollama...)."""
 
     name: Name
@@ -92,7 +92,7 @@ class OpenAIProvider(_Base, tag_field="type", tag="openai"):
     headers: dict[str, str] = {}
 
 
-class AnthropicProvider(_Base, tag_field="type", tag="anthropic"):
+class AnthropicProvider(_Base, frozen=True, tag_field="type", tag="anthropic"):
     """Anthropic's native Messages API."""
 
     name: Name
@@ -110,7 +110,7 @@ class AnthropicProvider(_Base, tag_field="type", tag="anthropic"):
 ProviderConfig = OpenAIProvider | AnthropicProvider
 
 
-class TargetConfig(_Base):
+class TargetConfig(_Base, frozen=True):
     provider: Name
     model: Annotated[str, Meta(min_length=1)]
     weight: PositiveFloat = 1.0
@@ -123,7 +123,7 @@ class TargetConfig(_Base):
 Strategy = Literal["priority", "weighted"]
 
 
-class RouteConfig(_Base):
+class RouteConfig(_Base, frozen=True):
     model: Annotated[str, Meta(min_length=1)]
     """The name clients send as ``model``."""
     targets: Annotated[tuple[TargetConfig, ...], Meta(min_length=1)]
@@ -132,7 +132,7 @@ class RouteConfig(_Base):
     """Overrides ``[routing].retries`` for this route."""
 
 
-class Config(_Base):
+class Config(_Base, frozen=True):
     server: ServerConfig = ServerConfig()
     routing: RoutingConfig = RoutingConfig()
     providers: tuple[ProviderConfig, ...] = ()
@@ -207,7 +207,9 @@ def _check_references(config: Config) -> None:
     seen: set[str] = set()
     for i, p in enumerate(config.providers):
         if p.name == LOCAL_PROVIDER:
-            raise ConfigError(f"providers[{i}].name: '{LOCAL_PROVIDER}' is reserved for local models")
+            raise ConfigError(
+                f"providers[{i}].name: '{LOCAL_PROVIDER}' is reserved for local models"
+            )
         if p.name in seen:
             raise ConfigError(f"providers[{i}].name: duplicate provider name '{p.name}'")
         seen.add(p.name)

@@ -87,7 +87,8 @@ class Circuit:
 
     def view(self, now: float) -> CircuitView:
         at = self.available_at(now)
-        return CircuitView(self.state.value, self.failures, round(at - now, 3) if at > now else None)
+        retry_in = round(at - now, 3) if at > now else None
+        return CircuitView(self.state.value, self.failures, retry_in)
 
 
 class Health:

@@ -64,7 +64,7 @@ async def run(config: Config) -> None:
             lifespan="off",
             access_log=server_cfg.access_log,
             log_level="warning",
-            timeout_graceful_shutdown=server_cfg.shutdown_grace_s,
+            timeout_graceful_shutdown=max(1, round(server_cfg.shutdown_grace_s)),
             server_header=False,
             date_header=False,
             timeout_keep_alive=30,
@@ -74,8 +74,9 @@ async def run(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    uv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(uv.serve(sockets=[sock]))
+    # Signals are ours (the gRPC server and the gateway drain with HTTP), so uvicorn's
+    # serve() that captures and re-raises them is bypassed.
+    task = asyncio.create_task(uv._serve(sockets=[sock]))
     print(f"sidecar: http listening on {host}:{port}", flush=True)
     try:
         await asyncio.wait(

@@ -94,7 +94,7 @@ class ChatRequest(msgspec.Struct, kw_only=True):
         return self.max_completion_tokens or self.max_tokens
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str | int | list[int]]
 
 
 class CompletionRequest(msgspec.Struct, kw_only=True):

@@ -33,6 +33,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     rejected,
 )
+from sidecar.providers.pool import PooledTransport
 from sidecar.types import Call, Op, Usage
 
 
@@ -78,11 +79,7 @@ def http_client(
         base_url=base_url.rstrip("/"),
         headers=headers,
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-        ),
+        transport=PooledTransport(max_connections=max_connections, keepalive_expiry_s=30.0),
         follow_redirects=False,
         trust_env=False,
     )

@@ -1,0 +1,616 @@
+"""Anthropic's native Messages API, translated to and from the OpenAI chat format.
+
+The gateway only speaks OpenAI, so everything Anthropic-specific stays in this module:
+
+* :func:`build_request` turns a validated :class:`~sidecar.types.ChatRequest` into a
+  Messages API body (system prompt lifted out, roles merged, images, tools, tool results).
+* :func:`translate_message` turns an Anthropic message into a ``chat.completion``.
+* :class:`StreamTranslator` turns Anthropic's SSE events into ``chat.completion.chunk`` frames.
+
+The three are pure (no I/O), so they are tested without a network; :class:`AnthropicMessages`
+adds only the HTTP exchange and the translation of failures.
+
+What the Messages API cannot express (``n`` > 1, audio or file parts, the legacy ``function``
+role, tool-call arguments that are not a JSON object) is refused before anything is sent, as a
+400 :class:`~sidecar.errors.UpstreamRejected` (final: another target would get the same
+request). OpenAI fields without an Anthropic equivalent (``response_format``, ``seed``,
+``logprobs``, ``presence_penalty``, ...) are not sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from sidecar.config import AnthropicProvider
+from sidecar.errors import (
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamUnreachable,
+    rejected,
+)
+from sidecar.providers.base import (
+    Reply,
+    attempt_timeout,
+    http_client,
+    status_error,
+    transport_errors,
+)
+from sidecar.providers.sse import Event, SSEDecoder
+from sidecar.types import (
+    Call,
+    ChatChunk,
+    ChatCompletion,
+    ChatRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FunctionCall,
+    Message,
+    Op,
+    ResponseMessage,
+    Stop,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+_PATH = "/v1/messages"
+_encoder = msgspec.json.Encoder()
+
+# --- OpenAI -> Anthropic ---------------------------------------------------------------------
+
+_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+_TOOL_CHOICES = {"auto": "auto", "none": "none", "required": "any"}
+
+
+class _TextPart(msgspec.Struct):
+    text: str
+
+
+class _ImageURL(msgspec.Struct):
+    url: str
+
+
+class _ImagePart(msgspec.Struct):
+    image_url: _ImageURL
+
+
+def _bad(message: str, target: str, param: str | None = None) -> UpstreamRejected:
+    return rejected(400, f"{target}: {message}", target=target, code="invalid_request",
+                    param=param)
+
+
+def build_request(
+    request: ChatRequest, model: str, *, default_max_tokens: int, target: str = "anthropic"
+) -> dict[str, Any]:
+    """Translate an OpenAI chat request into a Messages API body for ``model``.
+
+    System and developer messages are joined into ``system``; ``tool`` messages become user
+    ``tool_result`` blocks; consecutive messages of one role are merged, as Anthropic
+    requires alternating roles. Raises a 400 :class:`UpstreamRejected` naming the offending
+    field (``param``) for anything Anthropic cannot be asked.
+    """
+    if request.n is not None and request.n > 1:
+        raise _bad("n > 1 is not supported", target, "n")
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for i, msg in enumerate(request.messages):
+        where = f"messages[{i}]"
+        if msg.role in ("system", "developer"):
+            blocks = _content_blocks(msg.content, where, target, images=False)
+            if blocks:
+                system.append("\n".join(b["text"] for b in blocks))
+            continue
+        role, blocks = _message_blocks(msg, where, target)
+        if not blocks:
+            continue  # Anthropic refuses empty messages; dropping one keeps the rest valid
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": role, "content": blocks})
+    if not messages:
+        raise _bad("at least one user or assistant message with content is required",
+                   target, "messages")
+
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.token_limit or default_max_tokens,
+        "messages": messages,
+    }
+    if system:
+        body["system"] = "\n\n".join(system)
+    if request.temperature is not None:
+        body["temperature"] = min(request.temperature, 1.0)  # OpenAI allows up to 2
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    stops = _stop_sequences(request.stop)
+    if stops:
+        body["stop_sequences"] = stops
+    if request.tools:
+        body["tools"] = [_tool(t, f"tools[{i}]", target) for i, t in enumerate(request.tools)]
+        if request.tool_choice is not None:
+            body["tool_choice"] = _tool_choice(request.tool_choice, target)
+    if request.user:
+        body["metadata"] = {"user_id": request.user}
+    if request.stream:
+        body["stream"] = True
+    return body
+
+
+def _message_blocks(msg: Message, where: str, target: str) -> tuple[str, list[dict[str, Any]]]:
+    """The Anthropic role and content blocks of one non-system message."""
+    if msg.role == "user":
+        return "user", _content_blocks(msg.content, where, target, images=True)
+    if msg.role == "assistant":
+        blocks = _content_blocks(msg.content, where, target, images=False)
+        for j, call in enumerate(msg.tool_calls or ()):
+            param = f"{where}.tool_calls[{j}].function.arguments"
+            blocks.append({
+                "type": "tool_use",
+                "id": call.id,
+                "name": call.function.name,
+                "input": _arguments(call.function.arguments, param, target),
+            })
+        return "assistant", blocks
+    if msg.role == "tool":
+        if not msg.tool_call_id:
+            raise _bad("a tool message needs tool_call_id", target, f"{where}.tool_call_id")
+        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": msg.tool_call_id}
+        content = _content_blocks(msg.content, where, target, images=True)
+        if content:
+            result["content"] = content
+        return "user", [result]
+    raise _bad(f"role {msg.role!r} is not supported; use tools and tool messages",
+               target, f"{where}.role")
+
+
+def _content_blocks(
+    content: str | list[dict[str, Any]] | None, where: str, target: str, *, images: bool
+) -> list[dict[str, Any]]:
+    """Text and (where ``images``) image blocks; empty text is dropped, as Anthropic wants."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for k, part in enumerate(content):
+        param = f"{where}.content[{k}]"
+        kind = part.get("type")
+        try:
+            if kind == "text":
+                text = msgspec.convert(part, _TextPart).text
+                if text:
+                    blocks.append({"type": "text", "text": text})
+                continue
+            if kind == "image_url" and images:
+                url = msgspec.convert(part, _ImagePart).image_url.url
+                blocks.append({"type": "image", "source": _image_source(url, param, target)})
+                continue
+        except msgspec.ValidationError as e:
+            raise _bad(f"invalid {kind} content part: {e}", target, param) from None
+        raise _bad(f"content part type {kind!r} is not supported here", target, param)
+    return blocks
+
+
+def _image_source(url: str, param: str, target: str) -> dict[str, Any]:
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        media_type, *params = header.split(";")
+        if not comma or "base64" not in params or not data:
+            raise _bad("image data URLs must be base64: 'data:image/png;base64,...'",
+                       target, param)
+        if media_type not in _IMAGE_TYPES:
+            raise _bad(f"image type {media_type!r} is not supported (jpeg, png, gif, webp)",
+                       target, param)
+        return {"type": "base64", "media_type": media_type, "data": data}
+    if url.startswith(("https://", "http://")):
+        return {"type": "url", "url": url}
+    raise _bad("image_url must be a base64 data: URL or an http(s) URL", target, param)
+
+
+def _arguments(arguments: str, param: str, target: str) -> dict[str, Any]:
+    if not arguments.strip():
+        return {}  # some clients send "" for a function without parameters
+    try:
+        return msgspec.json.decode(arguments, type=dict[str, Any])
+    except msgspec.DecodeError:  # ValidationError included: valid JSON but not an object
+        raise _bad("tool call arguments must be a JSON object", target, param) from None
+
+
+def _tool(tool: Tool, param: str, target: str) -> dict[str, Any]:
+    if tool.type != "function":
+        raise _bad(f"tool type {tool.type!r} is not supported", target, f"{param}.type")
+    fn = tool.function
+    spec: dict[str, Any] = {
+        "name": fn.name,
+        "input_schema": fn.parameters or {"type": "object", "properties": {}},
+    }
+    if fn.description:
+        spec["description"] = fn.description
+    return spec
+
+
+def _tool_choice(choice: str | dict[str, Any], target: str) -> dict[str, Any]:
+    if isinstance(choice, str):
+        if choice in _TOOL_CHOICES:
+            return {"type": _TOOL_CHOICES[choice]}
+    else:
+        fn = choice.get("function")
+        if (choice.get("type") == "function" and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str)):
+            return {"type": "tool", "name": fn["name"]}
+    raise _bad("tool_choice must be 'auto', 'none', 'required' or "
+               "{'type': 'function', 'function': {'name': ...}}", target, "tool_choice")
+
+
+def _stop_sequences(stop: Stop) -> list[str]:
+    if stop is None:
+        return []
+    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+
+
+# --- Anthropic -> OpenAI ---------------------------------------------------------------------
+
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class _Block(msgspec.Struct):
+    """Any content block; types other than text and tool_use (thinking...) are skipped."""
+
+    type: str
+    text: str = ""
+    id: str = ""
+    name: str = ""
+    input: dict[str, Any] | None = None
+
+
+class _Message(msgspec.Struct):
+    id: str
+    model: str
+    content: list[_Block] = []
+    stop_reason: str | None = None
+    usage: _Usage = msgspec.field(default_factory=_Usage)
+
+
+_message_decoder = msgspec.json.Decoder(_Message)
+
+
+def finish_reason(stop_reason: str | None) -> str:
+    """OpenAI's ``finish_reason`` for an Anthropic ``stop_reason`` (unknown ones: ``stop``)."""
+    return _FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def usage_of(usage: _Usage) -> Usage:
+    """OpenAI usage; cache writes and reads are input tokens too, so they count as prompt."""
+    prompt = ((usage.input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
+              + (usage.cache_read_input_tokens or 0))
+    completion = usage.output_tokens or 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)
+
+
+def translate_message(body: bytes, *, target: str, created: int | None = None) -> ChatCompletion:
+    """Translate a Messages API answer into a ``chat.completion``.
+
+    Text blocks are joined into ``content`` (``None`` when the answer is only tool calls),
+    ``tool_use`` blocks become ``tool_calls`` with their input as a JSON string. Raises
+    :class:`UpstreamMalformed` if ``body`` is not an Anthropic message.
+    """
+    try:
+        msg = _message_decoder.decode(body)
+    except msgspec.DecodeError:
+        raise UpstreamMalformed(f"{target} answered with an invalid message",
+                                target=target) from None
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in msg.content:
+        if block.type == "text":
+            texts.append(block.text)
+        elif block.type == "tool_use":
+            arguments = _encoder.encode(block.input or {}).decode()
+            function = FunctionCall(name=block.name, arguments=arguments)
+            calls.append(ToolCall(id=block.id, function=function))
+    message = ResponseMessage(content="".join(texts) if texts or not calls else None,
+                              tool_calls=calls or None)
+    return ChatCompletion(
+        id=msg.id,
+        created=int(time.time()) if created is None else created,
+        model=msg.model,
+        choices=[Choice(index=0, message=message, finish_reason=finish_reason(msg.stop_reason))],
+        usage=usage_of(msg.usage),
+    )
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+
+class _Delta(msgspec.Struct):
+    type: str = ""
+    text: str = ""
+    partial_json: str = ""
+
+
+class _StopDelta(msgspec.Struct):
+    stop_reason: str | None = None
+
+
+class _ErrorDetail(msgspec.Struct):
+    type: str = ""
+    message: str = ""
+
+
+class _MessageStart(msgspec.Struct, tag="message_start"):
+    message: _Message
+
+
+class _BlockStart(msgspec.Struct, tag="content_block_start"):
+    index: int
+    content_block: _Block
+
+
+class _BlockDelta(msgspec.Struct, tag="content_block_delta"):
+    index: int
+    delta: _Delta
+
+
+class _BlockStop(msgspec.Struct, tag="content_block_stop"):
+    index: int
+
+
+class _MessageDelta(msgspec.Struct, tag="message_delta"):
+    delta: _StopDelta
+    usage: _Usage | None = None
+
+
+class _MessageStop(msgspec.Struct, tag="message_stop"):
+    pass
+
+
+class _Ping(msgspec.Struct, tag="ping"):
+    pass
+
+
+class _Error(msgspec.Struct, tag="error"):
+    error: _ErrorDetail
+
+
+_StreamEvent = (_MessageStart | _BlockStart | _BlockDelta | _BlockStop | _MessageDelta
+                | _MessageStop | _Ping | _Error)
+_event_decoder = msgspec.json.Decoder(_StreamEvent)
+_KNOWN_EVENTS = frozenset({
+    b"message_start", b"content_block_start", b"content_block_delta", b"content_block_stop",
+    b"message_delta", b"message_stop", b"ping", b"error",
+})
+_OVERLOADED = frozenset({"overloaded_error", "rate_limit_error"})
+
+
+class StreamTranslator:
+    """Anthropic stream events in, OpenAI ``chat.completion.chunk`` SSE frames out.
+
+    One per stream; not safe for concurrent use. :meth:`feed` takes bytes as they came off
+    the network and returns every frame they complete, joined (``b""`` when none). The first
+    frame carries ``delta.role``; each ``tool_use`` block becomes a ``tool_calls`` entry (id,
+    name, then argument fragments); ``message_delta`` gives the frame with ``finish_reason``;
+    with ``include_usage`` a last frame has ``choices: []`` and ``usage``. :attr:`finished`
+    turns true at ``message_stop``, after which input is ignored. Event types this module
+    does not know are skipped, as Anthropic's versioning policy asks.
+    """
+
+    def __init__(self, target: str, *, include_usage: bool = False,
+                 created: int | None = None) -> None:
+        self.finished = False
+        self._target = target
+        self._include_usage = include_usage
+        self._created = int(time.time()) if created is None else created
+        self._sse = SSEDecoder()
+        self._id = ""
+        self._model = ""
+        self._usage = _Usage()
+        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self._no_args: set[int] = set()  # tool blocks that have sent no argument text yet
+
+    @property
+    def usage(self) -> Usage:
+        """Usage so far; final once :attr:`finished`."""
+        return usage_of(self._usage)
+
+    def feed(self, piece: bytes) -> bytes:
+        """The frames completed by ``piece``, joined.
+
+        Raises :class:`UpstreamRateLimited` (overloaded, rate limited) or
+        :class:`UpstreamServerError` for an ``error`` event, and :class:`UpstreamMalformed`
+        for an event that is not valid Anthropic JSON.
+        """
+        out: list[bytes] = []
+        for event in self._sse.feed(piece):
+            if not self.finished:
+                self._translate(event, out)
+        return b"".join(out)
+
+    def _translate(self, event: Event, out: list[bytes]) -> None:
+        if event.name and event.name not in _KNOWN_EVENTS:
+            return
+        try:
+            decoded = _event_decoder.decode(event.data)
+        except msgspec.DecodeError:
+            raise UpstreamMalformed(f"{self._target} sent an invalid stream event",
+                                    target=self._target) from None
+        match decoded:
+            case _MessageStart(message=msg):
+                self._id, self._model = msg.id, msg.model
+                self._add_usage(msg.usage)
+                out.append(self._chunk(Delta(role="assistant", content="")))
+            case _BlockStart(index=i, content_block=block):
+                if block.type == "text" and block.text:
+                    out.append(self._chunk(Delta(content=block.text)))
+                elif block.type == "tool_use":
+                    n = self._tools[i] = len(self._tools)
+                    args = _encoder.encode(block.input).decode() if block.input else ""
+                    if not args:
+                        self._no_args.add(i)
+                    function = {"name": block.name, "arguments": args}
+                    out.append(self._tool_delta(ToolCallDelta(
+                        index=n, id=block.id, type="function", function=function)))
+            case _BlockDelta(index=i, delta=delta):
+                if delta.type == "text_delta" and delta.text:
+                    out.append(self._chunk(Delta(content=delta.text)))
+                elif delta.type == "input_json_delta" and delta.partial_json and i in self._tools:
+                    self._no_args.discard(i)
+                    out.append(self._arguments(i, delta.partial_json))
+            case _BlockStop(index=i):
+                if i in self._no_args:  # a call without parameters: still parseable JSON
+                    self._no_args.discard(i)
+                    out.append(self._arguments(i, "{}"))
+            case _MessageDelta(delta=delta, usage=usage):
+                if usage is not None:
+                    self._add_usage(usage)
+                out.append(self._chunk(Delta(), finish_reason(delta.stop_reason)))
+            case _MessageStop():
+                self.finished = True
+                if self._include_usage:
+                    out.append(_frame(ChatChunk(id=self._id, created=self._created,
+                                                model=self._model, choices=[],
+                                                usage=self.usage)))
+            case _Error(error=error):
+                raise _stream_error(error, self._target)
+            case _Ping():
+                pass
+
+    def _add_usage(self, usage: _Usage) -> None:
+        # message_delta counts are cumulative; a field it leaves out keeps its earlier value
+        for field in _Usage.__struct_fields__:
+            value = getattr(usage, field)
+            if value is not None:
+                setattr(self._usage, field, value)
+
+    def _chunk(self, delta: Delta, finish: str | None = None) -> bytes:
+        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish)
+        return _frame(ChatChunk(id=self._id, created=self._created, model=self._model,
+                                choices=[choice]))
+
+    def _tool_delta(self, call: ToolCallDelta) -> bytes:
+        return self._chunk(Delta(tool_calls=[call]))
+
+    def _arguments(self, block: int, fragment: str) -> bytes:
+        return self._tool_delta(ToolCallDelta(index=self._tools[block],
+                                              function={"arguments": fragment}))
+
+
+def _frame(chunk: ChatChunk) -> bytes:
+    return b"data: " + _encoder.encode(chunk) + b"\n\n"
+
+
+def _stream_error(error: _ErrorDetail, target: str) -> UpstreamError:
+    message = f"{target}: {error.message or error.type or 'error'} (mid-stream)"
+    if error.type in _OVERLOADED:
+        return UpstreamRateLimited(message, target=target)
+    return UpstreamServerError(message, target=target)
+
+
+# --- the provider ----------------------------------------------------------------------------
+
+
+class AnthropicMessages:
+    """Provider for Anthropic's Messages API (chat only). Safe for concurrent use."""
+
+    def __init__(self, config: AnthropicProvider) -> None:
+        self.name = config.name
+        self._config = config
+        headers = {
+            "content-type": "application/json",
+            "anthropic-version": config.version,
+            **config.headers,
+        }
+        if config.api_key:
+            headers["x-api-key"] = config.api_key
+        self._client = http_client(
+            config.base_url,
+            headers=headers,
+            connect_timeout_s=config.connect_timeout_s,
+            timeout_s=config.timeout_s,
+            max_connections=config.max_connections,
+        )
+
+    def supports(self, op: Op) -> bool:
+        return op is Op.CHAT
+
+    def _body(self, request: ChatRequest, model: str, target: str, *, stream: bool) -> bytes:
+        body = build_request(request, model, default_max_tokens=self._config.default_max_tokens,
+                             target=target)
+        if stream:
+            body["stream"] = True
+        else:
+            body.pop("stream", None)
+        return _encoder.encode(body)
+
+    async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
+        target = f"{self.name}/{model}"
+        content = self._body(_chat(call, target), model, target, stream=False)
+        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
+                                  self._config.connect_timeout_s)
+        with transport_errors(target):
+            resp = await self._client.post(_PATH, content=content, timeout=timeout)
+        if resp.status_code != 200:
+            raise status_error(resp.status_code, resp.content, resp.headers, target)
+        completion = translate_message(resp.content, target=target)
+        return Reply(_encoder.encode(completion), completion.usage)
+
+    async def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
+        target = f"{self.name}/{model}"
+        request = _chat(call, target)
+        content = self._body(request, model, target, stream=True)
+        options = request.stream_options
+        translator = StreamTranslator(target, include_usage=bool(options and options.include_usage))
+        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
+                                  self._config.connect_timeout_s)
+        http_request = self._client.build_request("POST", _PATH, content=content, timeout=timeout)
+        with transport_errors(target):
+            resp = await self._client.send(http_request, stream=True)
+        try:
+            if resp.status_code != 200:
+                with transport_errors(target):
+                    body = await resp.aread()
+                raise status_error(resp.status_code, body, resp.headers, target)
+            with transport_errors(target):
+                async for piece in resp.aiter_bytes():
+                    if translator.finished:
+                        continue  # drain to the end so the connection can be reused
+                    out = translator.feed(piece)
+                    if out:
+                        yield out
+            if not translator.finished:
+                raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
+        finally:
+            await resp.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _chat(call: Call, target: str) -> ChatRequest:
+    if not isinstance(call.request, ChatRequest):
+        raise _bad(f"only {Op.CHAT.value} is supported", target)
+    return call.request

@@ -1,0 +1,108 @@
+"""Config decoding: every mistake is an error that names its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import AnthropicProvider, ConfigError, OpenAIProvider, load_config, parse_config
+from tests.conftest import ROOT, run_cli
+
+GOOD = {
+    "providers": [
+        {"name": "a", "type": "openai", "base_url": "http://127.0.0.1:1/v1"},
+        {"name": "b", "type": "anthropic", "api_key": "${KEY_B}"},
+    ],
+    "routes": [
+        {"model": "chat", "targets": [{"provider": "a", "model": "x"},
+                                      {"provider": "b", "model": "y"}]},
+    ],
+}
+
+
+def test_example_config_loads() -> None:
+    config = load_config(ROOT / "config.example.toml", env={})
+    assert [p.name for p in config.providers] == ["openai", "claude", "ollama"]
+    assert isinstance(config.providers[1], AnthropicProvider)
+    assert config.routes[0].model == "chat"
+
+
+def test_env_interpolation_and_defaults() -> None:
+    config = parse_config(GOOD, env={"KEY_B": "sk-b"})
+    assert isinstance(config.providers[0], OpenAIProvider)
+    assert config.providers[1].api_key == "sk-b"
+    config = parse_config({"providers": [{"name": "a", "type": "openai",
+                                          "api_key": "${NOPE:-fallback}"}]}, env={})
+    assert config.providers[0].api_key == "fallback"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["routes"][0]["targets"][1].update(provider="nope"),
+         "routes[0].targets[1].provider: unknown provider 'nope'"),
+        (lambda d: d.update(server={"port": "8088"}), "server.port: Expected `int`, got `str`"),
+        (lambda d: d.update(server={"prot": 1}), "server: Object contains unknown field `prot`"),
+        (lambda d: d.update(server={"port": 70000}), "server.port: Expected `int` <= 65535"),
+        (lambda d: d["providers"][0].update(type="bogus"), "providers[0].type: Invalid value"),
+        (lambda d: d["providers"][0].update(timeout_s=0), "providers[0].timeout_s"),
+        (lambda d: d["providers"][0].update(base_url="ftp://x"), "providers[0].base_url"),
+        (lambda d: d["providers"][1].update(name="a"), "providers[1].name: duplicate"),
+        (lambda d: d["providers"][1].update(name="local"), "providers[1].name: 'local' is reserved"),
+        (lambda d: d["routes"].append(dict(d["routes"][0])), "routes[1].model: duplicate route"),
+        (lambda d: d["routes"][0].update(targets=[]), "routes[0].targets: Expected `array` of length >= 1"),
+        (lambda d: d["routes"][0].update(strategy="fastest"), "routes[0].strategy: Invalid value"),
+        (lambda d: d["routes"][0]["targets"][0].update(weight=-1), "routes[0].targets[0].weight"),
+    ],
+)
+def test_bad_config_names_the_path(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env={"KEY_B": "k"})
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_missing_env_var_names_path() -> None:
+    with pytest.raises(ConfigError, match=r"^providers\[1\]\.api_key: environment variable KEY_B"):
+        parse_config(GOOD, env={})
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
+
+
+def test_check_cli_prints_routes_and_fails_clearly(tmp_path: Path) -> None:
+    ok = run_cli("check", "--config", str(ROOT / "config.example.toml"))
+    assert ok.returncode == 0, ok.stderr
+    assert "route    chat" in ok.stdout and "openai/gpt-4o-mini -> claude/" in ok.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[providers]]\nname = "a"\ntype = "openai"\n'
+                   '[[routes]]\nmodel = "m"\ntargets = [{ provider = "b", model = "x" }]\n')
+    res = run_cli("check", "--config", str(bad))
+    assert res.returncode == 1
+    assert "routes[0].targets[0].provider: unknown provider 'b'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+    res = run_cli("serve", "--config", str(bad))
+    assert res.returncode == 1
+    assert "routes[0].targets[0].provider" in res.stderr
+
+
+def test_serve_without_config_explains() -> None:
+    env = {"SIDECAR_CONFIG": ""}
+    res = run_cli("check", env=env)
+    assert res.returncode == 1 and "no config given" in res.stderr

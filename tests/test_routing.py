@@ -1,0 +1,46 @@
+"""Route resolution and planning."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from sidecar.config import parse_config
+from sidecar.errors import ModelNotFound
+from sidecar.routing import Router, plan
+
+CONFIG = parse_config({
+    "providers": [{"name": "a", "type": "openai"}, {"name": "b", "type": "openai"}],
+    "routes": [
+        {"model": "chat", "targets": [{"provider": "a", "model": "x"},
+                                      {"provider": "b", "model": "y"}]},
+        {"model": "w", "strategy": "weighted",
+         "targets": [{"provider": "a", "model": "x", "weight": 3},
+                     {"provider": "b", "model": "y", "weight": 1}]},
+    ],
+}, env={})
+
+
+def test_resolve_route_and_direct_target() -> None:
+    router = Router(CONFIG, ["a", "b"])
+    assert [t.key for t in router.resolve("chat").targets] == ["a/x", "b/y"]
+    direct = router.resolve("b/some/model")
+    assert [t.key for t in direct.targets] == ["b/some/model"]
+    for bad in ("nope", "c/x", "a/", "/x"):
+        with pytest.raises(ModelNotFound):
+            router.resolve(bad)
+
+
+def test_priority_plan_keeps_order() -> None:
+    route = Router(CONFIG, ["a", "b"]).resolve("chat")
+    assert [t.key for t in plan(route, random.Random(1))] == ["a/x", "b/y"]
+
+
+def test_weighted_plan_follows_weights_and_keeps_fallbacks() -> None:
+    route = Router(CONFIG, ["a", "b"]).resolve("w")
+    rng = random.Random(7)
+    firsts = Counter(plan(route, rng)[0].key for _ in range(4000))
+    assert 0.70 < firsts["a/x"] / 4000 < 0.80  # 3:1
+    assert all(len(plan(route, rng)) == 2 for _ in range(10))
