@@ -149,19 +149,19 @@ class Usage(msgspec.Struct, omit_defaults=True):
     total_tokens: int = 0
 
 
-class ResponseMessage(msgspec.Struct, omit_defaults=True):
+class ResponseMessage(msgspec.Struct):
     role: str = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class Choice(msgspec.Struct, omit_defaults=True):
+class Choice(msgspec.Struct):
     index: int
     message: ResponseMessage
     finish_reason: str | None = None
 
 
-class ChatCompletion(msgspec.Struct, omit_defaults=True):
+class ChatCompletion(msgspec.Struct):
     id: str
     created: int
     model: str
@@ -189,7 +189,7 @@ class ChunkChoice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class ChatChunk(msgspec.Struct, omit_defaults=True):
+class ChatChunk(msgspec.Struct):
     id: str
     created: int
     model: str

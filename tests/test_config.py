@@ -52,7 +52,7 @@ def test_env_interpolation_and_defaults() -> None:
         (lambda d: d["providers"][1].update(name="local"), "providers[1].name: 'local' is reserved"),
         (lambda d: d["routes"].append(dict(d["routes"][0])), "routes[1].model: duplicate route"),
         (lambda d: d["routes"][0].update(targets=[]), "routes[0].targets: Expected `array` of length >= 1"),
-        (lambda d: d["routes"][0].update(strategy="fastest"), "routes[0].strategy: Invalid value"),
+        (lambda d: d["routes"][0].update(strategy="fastest"), "routes[0].strategy: Invalid enum value"),
         (lambda d: d["routes"][0]["targets"][0].update(weight=-1), "routes[0].targets[0].weight"),
     ],
 )

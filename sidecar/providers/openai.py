@@ -26,8 +26,24 @@ from sidecar.types import BodyShape, Call, Op, Usage
 _DONE = b"[DONE]"
 
 
+class _DeltaShape(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[object] | None = None
+    function_call: object = None
+
+
 class _ChoiceEnd(msgspec.Struct):
     finish_reason: str | None = None
+    delta: _DeltaShape | None = None
+    text: str | None = None  # legacy completions
+
+    @property
+    def has_token(self) -> bool:
+        d = self.delta
+        return bool(
+            self.finish_reason or self.text
+            or (d is not None and (d.content or d.tool_calls or d.function_call))
+        )
 
 
 class _ChunkShape(msgspec.Struct):
@@ -98,21 +114,28 @@ class OpenAICompatible:
                     body = await resp.aread()
                 raise status_error(resp.status_code, body, resp.headers, target)
             decoder = SSEDecoder()
-            done = finished = False
+            done = finished = started = False
+            out: list[bytes] = []
             with transport_errors(target):
                 async for piece in resp.aiter_bytes():
                     if done:
                         continue  # drain to the end so the connection can be reused
-                    out: list[bytes] = []
                     for event in decoder.feed(piece):
                         if event.data == _DONE:
                             done = True
                             break
                         if event.data:
-                            finished |= _check_chunk(event.data, target)
+                            token, end = _check_chunk(event.data, target)
+                            started |= token
+                            finished |= end
                             out.append(b"data: " + event.data + b"\n\n")
-                    if out:
+                    # Frames before the first token (the role preamble) are held back, so
+                    # a failure before the first token can still be replaced by another target.
+                    if out and (started or done):
                         yield out[0] if len(out) == 1 else b"".join(out)
+                        out = []
+            if out:
+                yield b"".join(out)
             if not (done or finished):
                 raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
         finally:
@@ -123,8 +146,8 @@ class OpenAICompatible:
 
 
 
-def _check_chunk(data: bytes, target: str) -> bool:
-    """Validate one stream event; return whether it carries a finish_reason."""
+def _check_chunk(data: bytes, target: str) -> tuple[bool, bool]:
+    """Validate one stream event; return whether it carries a token, and a finish_reason."""
     try:
         shape = _chunk_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -133,4 +156,7 @@ def _check_chunk(data: bytes, target: str) -> bool:
         raise UpstreamServerError(f"{target} reported an error mid-stream", target=target)
     if shape.choices is None:
         raise UpstreamMalformed(f"{target} sent a stream event without 'choices'", target=target)
-    return any(c.finish_reason for c in shape.choices)
+    return (
+        any(c.has_token for c in shape.choices) or shape.usage is not None,
+        any(c.finish_reason for c in shape.choices),
+    )

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 
 import httpcore
 import httpx
@@ -132,6 +132,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
             self._slots.release()
             self._close_soon(conn)
             raise
+        if not isinstance(response.stream, AsyncIterable):  # pragma: no cover - httpcore contract
+            raise TypeError("httpcore returned a synchronous stream")
         return httpx.Response(
             status_code=response.status,
             headers=response.headers,
@@ -150,7 +152,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, stream: httpx.AsyncByteStream, on_close: Callable[[], None]) -> None:
+    def __init__(self, stream: AsyncIterable[bytes], on_close: Callable[[], None]) -> None:
         self._stream = stream
         self._on_close = on_close
         self._done = False
@@ -162,8 +164,10 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         try:
-            with _httpx_errors():
-                await self._stream.aclose()
+            aclose: Callable[[], Awaitable[None]] | None = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                with _httpx_errors():
+                    await aclose()
         finally:
             if not self._done:
                 self._done = True
