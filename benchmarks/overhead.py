@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
@@ -251,23 +251,34 @@ def wait_for_port(port: int, proc: subprocess.Popen[Any], what: str, timeout_s: 
 
 
 def wait_for_line(
-    proc: subprocess.Popen[str], stream: IO[str], pattern: re.Pattern[str], timeout_s: float
+    proc: subprocess.Popen[bytes], pattern: re.Pattern[str], timeout_s: float
 ) -> re.Match[str]:
-    """Read ``stream`` until a line matches ``pattern``; the rest is drained in a thread so a
-    full pipe can never block the process."""
+    """Read ``proc``'s stdout until a line matches ``pattern``; the rest is drained in a
+    thread so a full pipe can never block the process."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout_s
+    pending = b""
     with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         while (left := deadline - time.monotonic()) > 0:
             if not sel.select(left):
                 continue
-            line = stream.readline()
-            if not line:
+            data = os.read(fd, 65536)
+            if not data:
                 raise RuntimeError(f"the sidecar exited with status {proc.wait()} while starting")
-            if match := pattern.search(line):
-                threading.Thread(target=lambda: stream.read(), daemon=True).start()
-                return match
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                if match := pattern.search(line.decode(errors="replace")):
+                    threading.Thread(target=_drain, args=(fd,), daemon=True).start()
+                    return match
     raise RuntimeError(f"the sidecar printed no ready line within {timeout_s:g}s")
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(fd, 65536):
+            pass
 
 
 def stop(proc: subprocess.Popen[Any], sig: signal.Signals = signal.SIGTERM) -> None:
@@ -309,7 +320,9 @@ def running_nginx(workdir: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def running_sidecar(workdir: Path, nginx_port: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def running_sidecar(
+    workdir: Path, nginx_port: int
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
     config = workdir / "sidecar.toml"
     config.write_text(sidecar_config(port, nginx_port))
@@ -319,13 +332,12 @@ def running_sidecar(workdir: Path, nginx_port: int) -> Iterator[tuple[int, subpr
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
             ["taskset", "-c", SIDECAR_CORE, *command, "serve", "--config", str(config)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
             start_new_session=True,
         )
     try:
         try:
-            assert proc.stdout is not None
-            match = wait_for_line(proc, proc.stdout, READY_LINE, timeout_s=30)
+            match = wait_for_line(proc, READY_LINE, timeout_s=30)
         except RuntimeError:
             log(stderr_path.read_text())
             raise
@@ -413,9 +425,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
     for r in rows:
         cells = [
             r.mode, str(r.concurrency),
-            f"{r.direct.requests_per_s:,.0f}", f"{r.direct.p50_ms:.2f}", f"{r.direct.p99_ms:.2f}",
-            f"{r.sidecar.requests_per_s:,.0f}", f"{r.sidecar.p50_ms:.2f}",
-            f"{r.sidecar.p99_ms:.2f}", f"{r.sidecar.p50_ms - r.direct.p50_ms:.2f}",
+            f"{r.direct.requests_per_s:,.0f}", f"{r.direct.p50_ms:.3f}", f"{r.direct.p99_ms:.3f}",
+            f"{r.sidecar.requests_per_s:,.0f}", f"{r.sidecar.p50_ms:.3f}",
+            f"{r.sidecar.p99_ms:.3f}", f"{r.sidecar.p50_ms - r.direct.p50_ms:.3f}",
         ]
         if with_errors:
             errors = [f"{side}: {e}" for side, e in

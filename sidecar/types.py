@@ -16,7 +16,7 @@ import enum
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 
 class Op(enum.Enum):
@@ -141,6 +141,7 @@ class Call(msgspec.Struct, frozen=True):
 
 
 # --- responses ------------------------------------------------------------------------------
+# Fields that OpenAI leaves out when empty are UNSET (never encoded); the rest always are.
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -152,7 +153,7 @@ class Usage(msgspec.Struct, omit_defaults=True):
 class ResponseMessage(msgspec.Struct):
     role: str = "assistant"
     content: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
 class Choice(msgspec.Struct):
@@ -194,7 +195,7 @@ class ChatChunk(msgspec.Struct):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | UnsetType = UNSET
     object: str = "chat.completion.chunk"
 
 

@@ -22,15 +22,34 @@ ROOT = Path(__file__).resolve().parent.parent
 class SidecarProcess:
     """A real ``sidecar serve`` child process on a free loopback port."""
 
-    def __init__(self, config_text: str, tmp_path: Path, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config_text: str,
+        tmp_path: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.config_path = tmp_path / f"sidecar-{time.monotonic_ns()}.toml"
         self.config_path.write_text(textwrap.dedent(config_text))
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--config", str(self.config_path),
-             "--port", "0", "--grpc-port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                "0",
+                "--grpc-port",
+                "0",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=ROOT,
         )
         self.output: list[str] = []
         self.port = self._wait_ready(timeout=30)
@@ -54,8 +73,7 @@ class SidecarProcess:
                 return int(line.rsplit(":", 1)[1])
         sel.close()
         self.proc.kill()
-        raise RuntimeError("sidecar did not start:\n" + "".join(self.output)
-                           + self._rest())
+        raise RuntimeError("sidecar did not start:\n" + "".join(self.output) + self._rest())
 
     def _rest(self) -> str:
         assert self.proc.stdout is not None
@@ -96,9 +114,14 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
         p.stop()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True,
-        timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )

@@ -22,27 +22,43 @@ from sidecar.types import Call, ChatChunk, ChatCompletion, ChatRequest, Op
 from tests.fakes.provider import FakeProvider, garbage, ok, reset, status, stream_error
 
 MODEL = "claude-test"
-TOOLS = [{"type": "function", "function": {
-    "name": "search", "description": "Search the web",
-    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "description": "Search the web",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+]
 
 
 @pytest.fixture
 async def provider(fake: FakeProvider) -> AsyncIterator[AnthropicMessages]:
-    config = msgspec.convert({
-        "name": "claude", "base_url": fake.anthropic_base_url, "api_key": "sk-ant-test",
-        "headers": {"anthropic-beta": "test-beta"},
-    }, AnthropicProvider)
+    config = msgspec.convert(
+        {
+            "name": "claude",
+            "base_url": fake.anthropic_base_url,
+            "api_key": "sk-ant-test",
+            "headers": {"anthropic-beta": "test-beta"},
+        },
+        AnthropicProvider,
+    )
     p = AnthropicMessages(config)
     yield p
     await p.aclose()
 
 
 def chat(**fields: Any) -> Call:
-    raw: dict[str, Any] = {"model": "chat", "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hello"},
-    ], **fields}
+    raw: dict[str, Any] = {
+        "model": "chat",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello"},
+        ],
+        **fields,
+    }
     return Call(Op.CHAT, msgspec.convert(raw, ChatRequest), raw)
 
 
@@ -62,8 +78,7 @@ def test_only_chat_is_supported(provider: AnthropicMessages):
     assert not provider.supports(Op.EMBEDDINGS)
 
 
-async def test_send_translates_request_and_answer(provider: AnthropicMessages,
-                                                  fake: FakeProvider):
+async def test_send_translates_request_and_answer(provider: AnthropicMessages, fake: FakeProvider):
     fake.script(MODEL, ok("Hi there, friend.", prompt_tokens=9, completion_tokens=4))
     reply = await provider.send(chat(temperature=1.5), MODEL, 10.0)
 
@@ -73,8 +88,11 @@ async def test_send_translates_request_and_answer(provider: AnthropicMessages,
     assert completion.choices[0].message.content == "Hi there, friend."
     assert completion.choices[0].finish_reason == "stop"
     assert reply.usage is not None
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens,
-            reply.usage.total_tokens) == (9, 4, 13)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (
+        9,
+        4,
+        13,
+    )
 
     [request] = fake.requests()
     assert request["method"] == "POST"
@@ -113,18 +131,17 @@ async def test_send_tool_call(provider: AnthropicMessages, fake: FakeProvider):
 
 
 async def test_stream_text_with_usage(provider: AnthropicMessages, fake: FakeProvider):
-    fake.script(MODEL, ok("one two three four five", chunks=5, prompt_tokens=11,
-                          completion_tokens=5))
-    chunks = await collect(provider, chat(stream=True,
-                                          stream_options={"include_usage": True}))
+    fake.script(
+        MODEL, ok("one two three four five", chunks=5, prompt_tokens=11, completion_tokens=5)
+    )
+    chunks = await collect(provider, chat(stream=True, stream_options={"include_usage": True}))
 
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
     assert text == "one two three four five"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 5,
-                                   "total_tokens": 16}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
     assert fake.requests()[0]["body"]["stream"] is True
 
 
@@ -143,8 +160,9 @@ async def test_stream_tool_call(provider: AnthropicMessages, fake: FakeProvider)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_429_is_rate_limited_with_retry_after(provider: AnthropicMessages,
-                                                    fake: FakeProvider, stream: bool):
+async def test_429_is_rate_limited_with_retry_after(
+    provider: AnthropicMessages, fake: FakeProvider, stream: bool
+):
     fake.script(MODEL, status(429, retry_after="3", message="slow down"))
     with pytest.raises(UpstreamRateLimited) as info:
         if stream:
@@ -159,8 +177,9 @@ async def test_429_is_rate_limited_with_retry_after(provider: AnthropicMessages,
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_400_is_rejected_and_final(provider: AnthropicMessages, fake: FakeProvider,
-                                         stream: bool):
+async def test_400_is_rejected_and_final(
+    provider: AnthropicMessages, fake: FakeProvider, stream: bool
+):
     fake.script(MODEL, status(400, message="max_tokens: too large"))
     with pytest.raises(UpstreamRejected) as info:
         if stream:
@@ -174,10 +193,19 @@ async def test_400_is_rejected_and_final(provider: AnthropicMessages, fake: Fake
     assert "max_tokens: too large" in err.message
 
 
-async def test_untranslatable_request_is_rejected_before_sending(provider: AnthropicMessages,
-                                                                 fake: FakeProvider):
-    call = chat(messages=[{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}])
+async def test_untranslatable_request_is_rejected_before_sending(
+    provider: AnthropicMessages, fake: FakeProvider
+):
+    call = chat(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+                ],
+            }
+        ]
+    )
     with pytest.raises(UpstreamRejected) as info:
         await provider.send(call, MODEL, 10.0)
     assert info.value.status == 400
@@ -191,10 +219,12 @@ async def test_5xx_is_retryable_server_error(provider: AnthropicMessages, fake: 
         await provider.send(chat(), MODEL, 10.0)
 
 
-@pytest.mark.parametrize(("code", "error"), [(529, UpstreamRateLimited),
-                                             (500, UpstreamServerError)])
-async def test_error_event_mid_stream(provider: AnthropicMessages, fake: FakeProvider,
-                                      code: int, error: type[Exception]):
+@pytest.mark.parametrize(
+    ("code", "error"), [(529, UpstreamRateLimited), (500, UpstreamServerError)]
+)
+async def test_error_event_mid_stream(
+    provider: AnthropicMessages, fake: FakeProvider, code: int, error: type[Exception]
+):
     fake.script(MODEL, stream_error(after_chunks=2, code=code))
     seen: list[bytes] = []
     with pytest.raises(error):
@@ -204,8 +234,7 @@ async def test_error_event_mid_stream(provider: AnthropicMessages, fake: FakePro
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_garbage_is_malformed(provider: AnthropicMessages, fake: FakeProvider,
-                                    stream: bool):
+async def test_garbage_is_malformed(provider: AnthropicMessages, fake: FakeProvider, stream: bool):
     fake.script(MODEL, garbage())
     with pytest.raises(UpstreamMalformed):
         if stream:
@@ -214,8 +243,7 @@ async def test_garbage_is_malformed(provider: AnthropicMessages, fake: FakeProvi
             await provider.send(chat(), MODEL, 10.0)
 
 
-async def test_stream_cut_short_is_unreachable(provider: AnthropicMessages,
-                                               fake: FakeProvider):
+async def test_stream_cut_short_is_unreachable(provider: AnthropicMessages, fake: FakeProvider):
     fake.script(MODEL, reset(after_chunks=2))
     with pytest.raises(UpstreamUnreachable):
         await collect(provider, chat(stream=True))

@@ -58,72 +58,109 @@ def test_minimal_request_defaults():
 
 
 def test_system_and_developer_messages_become_top_level_system():
-    body = build(messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "developer", "content": [{"type": "text", "text": "Answer in French."},
-                                          {"type": "text", "text": "No emoji."}]},
-        {"role": "user", "content": "hello"},
-        {"role": "system", "content": ""},
-    ])
+    body = build(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "developer",
+                "content": [
+                    {"type": "text", "text": "Answer in French."},
+                    {"type": "text", "text": "No emoji."},
+                ],
+            },
+            {"role": "user", "content": "hello"},
+            {"role": "system", "content": ""},
+        ]
+    )
     assert body["system"] == "Be brief.\n\nAnswer in French.\nNo emoji."
     assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
 
 
 def test_consecutive_same_role_messages_are_merged_and_empty_ones_dropped():
-    body = build(messages=[
-        {"role": "user", "content": "one"},
-        {"role": "user", "content": [{"type": "text", "text": "two"}]},
-        {"role": "assistant", "content": "three"},
-        {"role": "assistant", "content": ""},
-        {"role": "assistant", "content": None},
-        {"role": "assistant", "content": "four"},
-        {"role": "user", "content": "five"},
-    ])
+    body = build(
+        messages=[
+            {"role": "user", "content": "one"},
+            {"role": "user", "content": [{"type": "text", "text": "two"}]},
+            {"role": "assistant", "content": "three"},
+            {"role": "assistant", "content": ""},
+            {"role": "assistant", "content": None},
+            {"role": "assistant", "content": "four"},
+            {"role": "user", "content": "five"},
+        ]
+    )
     assert body["messages"] == [
-        {"role": "user", "content": [{"type": "text", "text": "one"},
-                                     {"type": "text", "text": "two"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "three"},
-                                          {"type": "text", "text": "four"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
+        },
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "three"}, {"type": "text", "text": "four"}],
+        },
         {"role": "user", "content": [{"type": "text", "text": "five"}]},
     ]
 
 
 def test_images_data_url_and_http_url():
-    body = build(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "What is in these?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg",
-                                            "detail": "high"}},
-    ]}])
+    body = build(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in these?"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+                    },
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "https://example.com/cat.jpg", "detail": "high"},
+                    },
+                ],
+            }
+        ]
+    )
     assert body["messages"][0]["content"] == [
         {"type": "text", "text": "What is in these?"},
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                     "data": "iVBORw0KGgo="}},
+        {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+        },
         {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
     ]
 
 
-@pytest.mark.parametrize("url", [
-    "data:image/png,rawbytes",            # not base64
-    "data:image/bmp;base64,Qk0=",         # a type Anthropic does not take
-    "data:image/png;base64,",             # no data
-    "ftp://example.com/cat.png",
-    "file:///etc/passwd",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:image/png,rawbytes",  # not base64
+        "data:image/bmp;base64,Qk0=",  # a type Anthropic does not take
+        "data:image/png;base64,",  # no data
+        "ftp://example.com/cat.png",
+        "file:///etc/passwd",
+    ],
+)
 def test_bad_image_urls_are_rejected(url: str):
-    err = rejected_by(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}]}])
+    err = rejected_by(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+    )
     assert err.param == "messages[0].content[0]"
 
 
 def test_unsupported_content_parts_are_rejected_with_their_path():
-    err = rejected_by(messages=[
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "yes?"},
-        {"role": "user", "content": [
-            {"type": "text", "text": "listen"},
-            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]},
-    ])
+    err = rejected_by(
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yes?"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "listen"},
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                ],
+            },
+        ]
+    )
     assert err.param == "messages[2].content[1]"
     assert "input_audio" in err.message
 
@@ -132,62 +169,108 @@ def test_malformed_parts_and_images_outside_user_messages_are_rejected():
     rejected_by(messages=[{"role": "user", "content": [{"type": "text"}]}])
     rejected_by(messages=[{"role": "user", "content": [{"type": "image_url"}]}])
     image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
-    rejected_by(messages=[{"role": "system", "content": [image]},
-                          {"role": "user", "content": "hi"}])
-    rejected_by(messages=[{"role": "user", "content": "hi"},
-                          {"role": "assistant", "content": [image]}])
+    rejected_by(
+        messages=[{"role": "system", "content": [image]}, {"role": "user", "content": "hi"}]
+    )
+    rejected_by(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": [image]}]
+    )
 
 
 def test_assistant_tool_calls_become_tool_use_and_tool_results_are_merged():
-    body = build(messages=[
-        {"role": "user", "content": "Weather in Paris and Rome?"},
-        {"role": "assistant", "content": "Let me check.", "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-            {"id": "call_2", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
-            {"id": "call_3", "type": "function", "function": {"name": "now", "arguments": ""}},
-        ]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
-        {"role": "tool", "tool_call_id": "call_2",
-         "content": [{"type": "text", "text": "22C"}]},
-        {"role": "tool", "tool_call_id": "call_3", "content": ""},
-        {"role": "user", "content": "Thanks, and tomorrow?"},
-    ])
+    body = build(
+        messages=[
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {
+                "role": "assistant",
+                "content": "Let me check.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    {
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                    },
+                    {
+                        "id": "call_3",
+                        "type": "function",
+                        "function": {"name": "now", "arguments": ""},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            {
+                "role": "tool",
+                "tool_call_id": "call_2",
+                "content": [{"type": "text", "text": "22C"}],
+            },
+            {"role": "tool", "tool_call_id": "call_3", "content": ""},
+            {"role": "user", "content": "Thanks, and tomorrow?"},
+        ]
+    )
     assert body["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Rome?"}]},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": "Let me check."},
-            {"type": "tool_use", "id": "call_1", "name": "get_weather",
-             "input": {"city": "Paris"}},
-            {"type": "tool_use", "id": "call_2", "name": "get_weather",
-             "input": {"city": "Rome"}},
-            {"type": "tool_use", "id": "call_3", "name": "now", "input": {}},
-        ]},
-        {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "call_1",
-             "content": [{"type": "text", "text": "18C"}]},
-            {"type": "tool_result", "tool_use_id": "call_2",
-             "content": [{"type": "text", "text": "22C"}]},
-            {"type": "tool_result", "tool_use_id": "call_3"},
-            {"type": "text", "text": "Thanks, and tomorrow?"},
-        ]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me check."},
+                {
+                    "type": "tool_use",
+                    "id": "call_1",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                },
+                {
+                    "type": "tool_use",
+                    "id": "call_2",
+                    "name": "get_weather",
+                    "input": {"city": "Rome"},
+                },
+                {"type": "tool_use", "id": "call_3", "name": "now", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "call_1",
+                    "content": [{"type": "text", "text": "18C"}],
+                },
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "call_2",
+                    "content": [{"type": "text", "text": "22C"}],
+                },
+                {"type": "tool_result", "tool_use_id": "call_3"},
+                {"type": "text", "text": "Thanks, and tomorrow?"},
+            ],
+        },
     ]
 
 
 @pytest.mark.parametrize("arguments", ['{"city": "Par', "[1, 2]", '"text"'])
 def test_tool_call_arguments_that_are_not_a_json_object_are_rejected(arguments: str):
-    err = rejected_by(messages=[
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "tool_calls": [
-            {"id": "call_1", "function": {"name": "f", "arguments": arguments}}]},
-    ])
+    err = rejected_by(
+        messages=[
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "call_1", "function": {"name": "f", "arguments": arguments}}],
+            },
+        ]
+    )
     assert err.param == "messages[1].tool_calls[0].function.arguments"
 
 
 def test_tool_message_without_id_and_function_role_are_rejected():
-    err = rejected_by(messages=[{"role": "user", "content": "hi"},
-                                {"role": "tool", "content": "x"}])
+    err = rejected_by(
+        messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]
+    )
     assert err.param == "messages[1].tool_call_id"
     err = rejected_by(messages=[{"role": "function", "name": "f", "content": "x"}])
     assert err.param == "messages[0].role"
@@ -198,28 +281,47 @@ def test_only_system_messages_is_rejected():
 
 
 def test_tools_are_translated():
-    body = build(tools=[
-        {"type": "function", "function": {
-            "name": "get_weather", "description": "Current weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                           "required": ["city"]}}},
-        {"type": "function", "function": {"name": "now"}},
-    ])
+    body = build(
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Current weather",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                },
+            },
+            {"type": "function", "function": {"name": "now"}},
+        ]
+    )
     assert body["tools"] == [
-        {"name": "get_weather", "description": "Current weather",
-         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
-                          "required": ["city"]}},
+        {
+            "name": "get_weather",
+            "description": "Current weather",
+            "input_schema": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
         {"name": "now", "input_schema": {"type": "object", "properties": {}}},
     ]
     assert "tool_choice" not in body
 
 
-@pytest.mark.parametrize(("choice", "expected"), [
-    ("auto", {"type": "auto"}),
-    ("none", {"type": "none"}),
-    ("required", {"type": "any"}),
-    ({"type": "function", "function": {"name": "now"}}, {"type": "tool", "name": "now"}),
-])
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ("auto", {"type": "auto"}),
+        ("none", {"type": "none"}),
+        ("required", {"type": "any"}),
+        ({"type": "function", "function": {"name": "now"}}, {"type": "tool", "name": "now"}),
+    ],
+)
 def test_tool_choice(choice: Any, expected: dict[str, Any]):
     tools = [{"type": "function", "function": {"name": "now"}}]
     assert build(tools=tools, tool_choice=choice)["tool_choice"] == expected
@@ -227,14 +329,12 @@ def test_tool_choice(choice: Any, expected: dict[str, Any]):
 
 @pytest.mark.parametrize("choice", ["sometimes", {"type": "function"}, {"name": "now"}])
 def test_bad_tool_choice_is_rejected(choice: Any):
-    err = rejected_by(tools=[{"type": "function", "function": {"name": "now"}}],
-                      tool_choice=choice)
+    err = rejected_by(tools=[{"type": "function", "function": {"name": "now"}}], tool_choice=choice)
     assert err.param == "tool_choice"
 
 
 def test_sampling_limits_and_flags():
-    body = build(max_tokens=50, temperature=1.7, top_p=0.9, stop="END", stream=True,
-                 user="u-42")
+    body = build(max_tokens=50, temperature=1.7, top_p=0.9, stop="END", stream=True, user="u-42")
     assert body["max_tokens"] == 50
     assert body["temperature"] == 1.0
     assert body["top_p"] == 0.9
@@ -287,9 +387,6 @@ def test_text_message_translates_to_chat_completion():
     }
 
 
-@pytest.mark.xfail(strict=False, reason="sidecar/types.py: omit_defaults=True drops fields "
-                   "equal to their default (ChatCompletion.object, ChatChunk.object, "
-                   "ResponseMessage.role), which OpenAI clients expect on the wire")
 def test_wire_format_names_object_and_role():
     wire = json.loads(msgspec.json.encode(translate_message(message(), target=TARGET)))
     assert wire["object"] == "chat.completion"
@@ -304,46 +401,60 @@ def test_created_defaults_to_now():
 
 
 def test_tool_use_message_translates_to_tool_calls():
-    completion = translate_message(message(
-        content=[
-            {"type": "thinking", "thinking": "hmm", "signature": "sig"},
-            {"type": "text", "text": "Checking "},
-            {"type": "text", "text": "the weather."},
-            {"type": "tool_use", "id": "toolu_01A", "name": "get_weather",
-             "input": {"city": "Paris", "unit": "c"}},
-            {"type": "tool_use", "id": "toolu_01B", "name": "now", "input": {}},
-        ],
-        stop_reason="tool_use",
-    ), target=TARGET)
+    completion = translate_message(
+        message(
+            content=[
+                {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                {"type": "text", "text": "Checking "},
+                {"type": "text", "text": "the weather."},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01A",
+                    "name": "get_weather",
+                    "input": {"city": "Paris", "unit": "c"},
+                },
+                {"type": "tool_use", "id": "toolu_01B", "name": "now", "input": {}},
+            ],
+            stop_reason="tool_use",
+        ),
+        target=TARGET,
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content == "Checking the weather."
     calls = choice.message.tool_calls
     assert calls is not None
     assert [(c.id, c.type, c.function.name) for c in calls] == [
-        ("toolu_01A", "function", "get_weather"), ("toolu_01B", "function", "now")]
+        ("toolu_01A", "function", "get_weather"),
+        ("toolu_01B", "function", "now"),
+    ]
     assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "c"}
     assert calls[1].function.arguments == "{}"
 
 
 def test_tool_only_message_has_null_content_and_empty_message_has_empty_content():
-    only_tools = translate_message(message(content=[
-        {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}]), target=TARGET)
+    only_tools = translate_message(
+        message(content=[{"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}]),
+        target=TARGET,
+    )
     assert only_tools.choices[0].message.content is None
     empty = translate_message(message(content=[]), target=TARGET)
     assert empty.choices[0].message.content == ""
-    assert empty.choices[0].message.tool_calls is None
+    assert empty.choices[0].message.tool_calls is msgspec.UNSET
 
 
-@pytest.mark.parametrize(("stop_reason", "expected"), [
-    ("end_turn", "stop"),
-    ("stop_sequence", "stop"),
-    ("max_tokens", "length"),
-    ("tool_use", "tool_calls"),
-    ("refusal", "content_filter"),
-    ("something_new", "stop"),
-    (None, "stop"),
-])
+@pytest.mark.parametrize(
+    ("stop_reason", "expected"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        ("something_new", "stop"),
+        (None, "stop"),
+    ],
+)
 def test_stop_reasons(stop_reason: str | None, expected: str):
     assert finish_reason(stop_reason) == expected
     completion = translate_message(message(stop_reason=stop_reason), target=TARGET)
@@ -351,28 +462,44 @@ def test_stop_reasons(stop_reason: str | None, expected: str):
 
 
 def test_usage_counts_cache_tokens_as_prompt():
-    completion = translate_message(message(usage={
-        "input_tokens": 10, "output_tokens": 20,
-        "cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000,
-    }), target=TARGET)
+    completion = translate_message(
+        message(
+            usage={
+                "input_tokens": 10,
+                "output_tokens": 20,
+                "cache_creation_input_tokens": 100,
+                "cache_read_input_tokens": 1000,
+            }
+        ),
+        target=TARGET,
+    )
     usage = completion.usage
     assert usage is not None
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
-        1110, 20, 1130)
-    completion = translate_message(message(usage={
-        "input_tokens": 5, "output_tokens": 1,
-        "cache_creation_input_tokens": None, "cache_read_input_tokens": None,
-    }), target=TARGET)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (1110, 20, 1130)
+    completion = translate_message(
+        message(
+            usage={
+                "input_tokens": 5,
+                "output_tokens": 1,
+                "cache_creation_input_tokens": None,
+                "cache_read_input_tokens": None,
+            }
+        ),
+        target=TARGET,
+    )
     assert completion.usage is not None
     assert completion.usage.total_tokens == 6
 
 
-@pytest.mark.parametrize("body", [
-    b"not json",
-    b'{"choices": []}',
-    b'{"id": "msg_1", "model": "m", "content": "text"}',
-    b'{"type": "error", "error": {"type": "api_error", "message": "boom"}}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'{"choices": []}',
+        b'{"id": "msg_1", "model": "m", "content": "text"}',
+        b'{"type": "error", "error": {"type": "api_error", "message": "boom"}}',
+    ],
+)
 def test_malformed_messages_raise_upstream_malformed(body: bytes):
     with pytest.raises(UpstreamMalformed) as info:
         translate_message(body, target=TARGET)
@@ -384,48 +511,48 @@ def test_malformed_messages_raise_upstream_malformed(body: bytes):
 # An Anthropic stream as the API sends it (shape from the Messages streaming docs): text,
 # a ping, then a tool call whose input arrives as JSON fragments.
 RECORDED = (
-    b'event: message_start\n'
+    b"event: message_start\n"
     b'data: {"type":"message_start","message":{"id":"msg_014p7gG3wDgGV9EUtLvnow3U",'
     b'"type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929",'
     b'"stop_sequence":null,"usage":{"input_tokens":472,"output_tokens":2,'
     b'"cache_creation_input_tokens":10,"cache_read_input_tokens":100},'
     b'"content":[],"stop_reason":null}}\n\n'
-    b'event: content_block_start\n'
+    b"event: content_block_start\n"
     b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'
-    b'\n\n'
-    b'event: ping\n'
+    b"\n\n"
+    b"event: ping\n"
     b'data: {"type": "ping"}\n\n'
-    b'event: content_block_delta\n'
+    b"event: content_block_delta\n"
     b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta",'
     b'"text":"Okay, let\'s check"}}\n\n'
-    b'event: content_block_delta\n'
+    b"event: content_block_delta\n"
     b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta",'
     b'"text":" the weather."}}\n\n'
-    b'event: content_block_stop\n'
+    b"event: content_block_stop\n"
     b'data: {"type":"content_block_stop","index":0}\n\n'
-    b'event: content_block_start\n'
+    b"event: content_block_start\n"
     b'data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use",'
     b'"id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{}}}\n\n'
-    b'event: content_block_delta\n'
+    b"event: content_block_delta\n"
     b'data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta",'
     b'"partial_json":""}}\n\n'
-    b'event: content_block_delta\n'
+    b"event: content_block_delta\n"
     b'data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta",'
     b'"partial_json":"{\\"location\\": \\"San Fra"}}\n\n'
-    b'event: content_block_delta\n'
+    b"event: content_block_delta\n"
     b'data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta",'
     b'"partial_json":"ncisco, CA\\"}"}}\n\n'
-    b'event: content_block_stop\n'
+    b"event: content_block_stop\n"
     b'data: {"type":"content_block_stop","index":1}\n\n'
-    b'event: content_block_start\n'
+    b"event: content_block_start\n"
     b'data: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use",'
     b'"id":"toolu_02","name":"now","input":{}}}\n\n'
-    b'event: content_block_stop\n'
+    b"event: content_block_stop\n"
     b'data: {"type":"content_block_stop","index":2}\n\n'
-    b'event: message_delta\n'
+    b"event: message_delta\n"
     b'data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},'
     b'"usage":{"output_tokens":89}}\n\n'
-    b'event: message_stop\n'
+    b"event: message_stop\n"
     b'data: {"type":"message_stop"}\n\n'
 )
 
@@ -452,18 +579,26 @@ def test_recorded_stream_translates_to_openai_chunks():
         assert chunk["model"] == "claude-sonnet-4-5-20250929"
 
     assert chunks[0]["choices"] == [
-        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    ]
 
     deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
     text = "".join(d.get("content", "") for d in deltas)
     assert text == "Okay, let's check the weather."
 
     tool_deltas = [t for d in deltas for t in d.get("tool_calls", [])]
-    assert tool_deltas[0] == {"index": 0, "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
-                              "type": "function",
-                              "function": {"name": "get_weather", "arguments": ""}}
-    assert tool_deltas[3] == {"index": 1, "id": "toolu_02", "type": "function",
-                              "function": {"name": "now", "arguments": ""}}
+    assert tool_deltas[0] == {
+        "index": 0,
+        "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    assert tool_deltas[3] == {
+        "index": 1,
+        "id": "toolu_02",
+        "type": "function",
+        "function": {"name": "now", "arguments": ""},
+    }
     calls: dict[int, str] = {}
     for t in tool_deltas:
         calls[t["index"]] = calls.get(t["index"], "") + t["function"]["arguments"]
@@ -475,15 +610,18 @@ def test_recorded_stream_translates_to_openai_chunks():
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-2]] == [None] * (len(chunks) - 2)
 
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 582, "completion_tokens": 89,
-                                   "total_tokens": 671}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 582,
+        "completion_tokens": 89,
+        "total_tokens": 671,
+    }
     assert translator.usage.total_tokens == 671
 
 
 def test_stream_split_at_every_byte_gives_the_same_frames():
     whole = StreamTranslator(TARGET, include_usage=True, created=1).feed(RECORDED)
     translator = StreamTranslator(TARGET, include_usage=True, created=1)
-    pieces = [translator.feed(RECORDED[i:i + 1]) for i in range(len(RECORDED))]
+    pieces = [translator.feed(RECORDED[i : i + 1]) for i in range(len(RECORDED))]
     assert b"".join(pieces) == whole
     assert translator.finished
 
@@ -506,7 +644,7 @@ def test_no_usage_chunk_unless_asked():
 
 def test_events_after_message_stop_and_unknown_events_are_ignored():
     translator = StreamTranslator(TARGET, created=1)
-    extra = (b'event: brand_new_event\ndata: {"type":"brand_new_event","x":1}\n\n')
+    extra = b'event: brand_new_event\ndata: {"type":"brand_new_event","x":1}\n\n'
     start = RECORDED.index(b"event: ping")
     out = translator.feed(RECORDED[:start] + extra + RECORDED[start:])
     assert out == StreamTranslator(TARGET, created=1).feed(RECORDED)
@@ -544,17 +682,23 @@ def test_stop_reason_in_stream():
     assert translator.usage.total_tokens == 7
 
 
-@pytest.mark.parametrize(("kind", "error"), [
-    ("overloaded_error", UpstreamRateLimited),
-    ("rate_limit_error", UpstreamRateLimited),
-    ("api_error", UpstreamServerError),
-])
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("overloaded_error", UpstreamRateLimited),
+        ("rate_limit_error", UpstreamRateLimited),
+        ("api_error", UpstreamServerError),
+    ],
+)
 def test_error_event_mid_stream(kind: str, error: type[Exception]):
     translator = StreamTranslator(TARGET, created=1)
     cut = RECORDED.index(b"event: content_block_stop")
     assert translator.feed(RECORDED[:cut])
-    event = (b'event: error\ndata: {"type": "error", "error": {"type": "' + kind.encode()
-             + b'", "message": "Overloaded"}}\n\n')
+    event = (
+        b'event: error\ndata: {"type": "error", "error": {"type": "'
+        + kind.encode()
+        + b'", "message": "Overloaded"}}\n\n'
+    )
     with pytest.raises(error) as info:
         translator.feed(event)
     assert getattr(info.value, "retryable", False) is True
@@ -562,12 +706,15 @@ def test_error_event_mid_stream(kind: str, error: type[Exception]):
     assert not translator.finished
 
 
-@pytest.mark.parametrize("event", [
-    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,\n\n',
-    b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{}}\n\n',
-    b'data: {"type":"no_such_type"}\n\n',
-    b'data: [1, 2]\n\n',
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{}}\n\n',
+        b'data: {"type":"no_such_type"}\n\n',
+        b"data: [1, 2]\n\n",
+    ],
+)
 def test_malformed_stream_events(event: bytes):
     translator = StreamTranslator(TARGET, created=1)
     with pytest.raises(UpstreamMalformed):

@@ -15,8 +15,10 @@ GOOD = {
         {"name": "b", "type": "anthropic", "api_key": "${KEY_B}"},
     ],
     "routes": [
-        {"model": "chat", "targets": [{"provider": "a", "model": "x"},
-                                      {"provider": "b", "model": "y"}]},
+        {
+            "model": "chat",
+            "targets": [{"provider": "a", "model": "x"}, {"provider": "b", "model": "y"}],
+        },
     ],
 }
 
@@ -32,16 +34,19 @@ def test_env_interpolation_and_defaults() -> None:
     config = parse_config(GOOD, env={"KEY_B": "sk-b"})
     assert isinstance(config.providers[0], OpenAIProvider)
     assert config.providers[1].api_key == "sk-b"
-    config = parse_config({"providers": [{"name": "a", "type": "openai",
-                                          "api_key": "${NOPE:-fallback}"}]}, env={})
+    config = parse_config(
+        {"providers": [{"name": "a", "type": "openai", "api_key": "${NOPE:-fallback}"}]}, env={}
+    )
     assert config.providers[0].api_key == "fallback"
 
 
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d["routes"][0]["targets"][1].update(provider="nope"),
-         "routes[0].targets[1].provider: unknown provider 'nope'"),
+        (
+            lambda d: d["routes"][0]["targets"][1].update(provider="nope"),
+            "routes[0].targets[1].provider: unknown provider 'nope'",
+        ),
         (lambda d: d.update(server={"port": "8088"}), "server.port: Expected `int`, got `str`"),
         (lambda d: d.update(server={"prot": 1}), "server: Object contains unknown field `prot`"),
         (lambda d: d.update(server={"port": 70000}), "server.port: Expected `int` <= 65535"),
@@ -49,10 +54,19 @@ def test_env_interpolation_and_defaults() -> None:
         (lambda d: d["providers"][0].update(timeout_s=0), "providers[0].timeout_s"),
         (lambda d: d["providers"][0].update(base_url="ftp://x"), "providers[0].base_url"),
         (lambda d: d["providers"][1].update(name="a"), "providers[1].name: duplicate"),
-        (lambda d: d["providers"][1].update(name="local"), "providers[1].name: 'local' is reserved"),
+        (
+            lambda d: d["providers"][1].update(name="local"),
+            "providers[1].name: 'local' is reserved",
+        ),
         (lambda d: d["routes"].append(dict(d["routes"][0])), "routes[1].model: duplicate route"),
-        (lambda d: d["routes"][0].update(targets=[]), "routes[0].targets: Expected `array` of length >= 1"),
-        (lambda d: d["routes"][0].update(strategy="fastest"), "routes[0].strategy: Invalid enum value"),
+        (
+            lambda d: d["routes"][0].update(targets=[]),
+            "routes[0].targets: Expected `array` of length >= 1",
+        ),
+        (
+            lambda d: d["routes"][0].update(strategy="fastest"),
+            "routes[0].strategy: Invalid enum value",
+        ),
         (lambda d: d["routes"][0]["targets"][0].update(weight=-1), "routes[0].targets[0].weight"),
     ],
 )
@@ -90,8 +104,10 @@ def test_check_cli_prints_routes_and_fails_clearly(tmp_path: Path) -> None:
     assert "route    chat" in ok.stdout and "openai/gpt-4o-mini -> claude/" in ok.stdout
 
     bad = tmp_path / "bad.toml"
-    bad.write_text('[[providers]]\nname = "a"\ntype = "openai"\n'
-                   '[[routes]]\nmodel = "m"\ntargets = [{ provider = "b", model = "x" }]\n')
+    bad.write_text(
+        '[[providers]]\nname = "a"\ntype = "openai"\n'
+        '[[routes]]\nmodel = "m"\ntargets = [{ provider = "b", model = "x" }]\n'
+    )
     res = run_cli("check", "--config", str(bad))
     assert res.returncode == 1
     assert "routes[0].targets[0].provider: unknown provider 'b'" in res.stderr

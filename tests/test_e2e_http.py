@@ -118,8 +118,9 @@ def fake_mod() -> Iterator[FakeProvider]:
 
 
 @pytest.fixture(scope="module")
-def sidecar(fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[SidecarProcess]:
+def sidecar(
+    fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarProcess]:
     text = CONFIG.format(url=fake_mod.url, closed_port=_closed_port()) + _fresh_routes()
     proc = SidecarProcess(text, tmp_path_factory.mktemp("e2e"))
     yield proc
@@ -170,15 +171,20 @@ def test_chat_non_stream_with_headers(client: openai.OpenAI, fp: FakeProvider) -
 
 
 def test_client_request_id_is_kept(sidecar: SidecarProcess, fp: FakeProvider) -> None:
-    r = httpx.post(f"{sidecar.base_url}/chat/completions", headers={"x-request-id": "abc-123"},
-                   json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        f"{sidecar.base_url}/chat/completions",
+        headers={"x-request-id": "abc-123"},
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
 
 
 def test_chat_stream_with_usage(client: openai.OpenAI, fp: FakeProvider) -> None:
     fp.script("a", ok(text="one two three four", chunks=4))
     with client.chat.completions.with_streaming_response.create(
-        model="chat", messages=[{"role": "user", "content": "hi"}], stream=True,
+        model="chat",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
         stream_options={"include_usage": True},
     ) as resp:
         assert resp.headers["x-sidecar-target"] == "p1/a"
@@ -190,12 +196,25 @@ def test_chat_stream_with_usage(client: openai.OpenAI, fp: FakeProvider) -> None
 
 
 def test_unknown_fields_pass_through_untouched(client: openai.OpenAI, fp: FakeProvider) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     client.chat.completions.create(
-        model="chat", messages=[{"role": "user", "content": "hi"}], tools=tools,  # type: ignore[arg-type]
-        tool_choice="auto", response_format={"type": "json_object"}, seed=7, logprobs=True,
-        user="u-1", extra_body={"vendor_knob": {"nested": [1, 2]}},
+        model="chat",
+        messages=[{"role": "user", "content": "hi"}],
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice="auto",
+        response_format={"type": "json_object"},
+        seed=7,
+        logprobs=True,
+        user="u-1",
+        extra_body={"vendor_knob": {"nested": [1, 2]}},
     )
     body = fp.requests()[0]["body"]
     assert body["model"] == "a"
@@ -213,12 +232,16 @@ def test_completions_and_embeddings(client: openai.OpenAI, fp: FakeProvider) -> 
     e = client.embeddings.create(model="embed", input=["a", "b"])
     assert len(e.data) == 2 and len(e.data[0].embedding) > 0
     assert [r["path"] for r in fp.requests()] == [
-        "/v1/completions", "/v1/completions", "/v1/embeddings"]
+        "/v1/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    ]
 
 
 def test_direct_provider_model_and_models_list(client: openai.OpenAI, fp: FakeProvider) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model="p2/direct-model", messages=[{"role": "user", "content": "hi"}])
+        model="p2/direct-model", messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-sidecar-target"] == "p2/direct-model"
     ids = [m.id for m in client.models.list()]
     assert ids[:6] == ["chat", "via-down", "retrying", "single", "claude-chat", "embed"]
@@ -227,8 +250,10 @@ def test_direct_provider_model_and_models_list(client: openai.OpenAI, fp: FakePr
 
 def test_anthropic_target_through_openai_sdk(client: openai.OpenAI, fp: FakeProvider) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model="claude-chat", messages=[{"role": "system", "content": "be brief"},
-                                       {"role": "user", "content": "hi"}], max_tokens=50)
+        model="claude-chat",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_tokens=50,
+    )
     completion = raw.parse()
     assert raw.headers["x-sidecar-target"] == "claude/claude-test"
     assert completion.choices[0].message.content
@@ -237,9 +262,14 @@ def test_anthropic_target_through_openai_sdk(client: openai.OpenAI, fp: FakeProv
     assert sent["path"] == "/v1/messages"
     assert sent["body"]["system"] == "be brief" and sent["body"]["max_tokens"] == 50
     assert sent["headers"]["x-api-key"] == "sk-ant-secret"
-    chunks = list(client.chat.completions.create(
-        model="claude-chat", messages=[{"role": "user", "content": "hi"}], stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="claude-chat",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage is not None
 
@@ -252,12 +282,14 @@ def test_anthropic_target_through_openai_sdk(client: openai.OpenAI, fp: FakeProv
     [status(500), status(503), status(429, retry_after="30"), garbage(), hang(), disconnect()],
     ids=["500", "503", "429", "garbage", "hang", "disconnect"],
 )
-def test_non_stream_fails_over(client: openai.OpenAI, fp: FakeProvider, fault: object,
-                               fresh: tuple[str, str, str]) -> None:
+def test_non_stream_fails_over(
+    client: openai.OpenAI, fp: FakeProvider, fault: object, fresh: tuple[str, str, str]
+) -> None:
     route, a, b = fresh
     fp.script(a, fault)
     raw = client.chat.completions.with_raw_response.create(
-        model=route, messages=[{"role": "user", "content": "hi"}])
+        model=route, messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-sidecar-target"] == f"p2/{b}"
     assert raw.headers["x-sidecar-attempts"] == "2"
     assert raw.parse().choices[0].message.content
@@ -265,13 +297,30 @@ def test_non_stream_fails_over(client: openai.OpenAI, fp: FakeProvider, fault: o
 
 @pytest.mark.parametrize(
     "fault",
-    [status(500), status(429, retry_after="30"), garbage(), hang(), reset(after_chunks=None),
-     reset(after_chunks=0), hang(after_chunks=0), disconnect()],
-    ids=["500", "429", "garbage", "hang", "reset", "reset-after-role", "hang-after-role",
-         "disconnect"],
+    [
+        status(500),
+        status(429, retry_after="30"),
+        garbage(),
+        hang(),
+        reset(after_chunks=None),
+        reset(after_chunks=0),
+        hang(after_chunks=0),
+        disconnect(),
+    ],
+    ids=[
+        "500",
+        "429",
+        "garbage",
+        "hang",
+        "reset",
+        "reset-after-role",
+        "hang-after-role",
+        "disconnect",
+    ],
 )
-def test_stream_fails_over_before_first_chunk(client: openai.OpenAI, fp: FakeProvider,
-                                              fault: object, fresh: tuple[str, str, str]) -> None:
+def test_stream_fails_over_before_first_chunk(
+    client: openai.OpenAI, fp: FakeProvider, fault: object, fresh: tuple[str, str, str]
+) -> None:
     route, a, b = fresh
     fp.script(a, fault)
     with client.chat.completions.with_streaming_response.create(
@@ -285,14 +334,16 @@ def test_stream_fails_over_before_first_chunk(client: openai.OpenAI, fp: FakePro
 
 def test_connect_refused_fails_over(client: openai.OpenAI, fp: FakeProvider) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model="via-down", messages=[{"role": "user", "content": "hi"}])
+        model="via-down", messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-sidecar-target"] == "p2/down-b"
     assert raw.headers["x-sidecar-attempts"] == "2"
 
 
 @pytest.mark.parametrize("code", [400, 401, 403, 404, 422])
-def test_client_errors_are_not_retried(client: openai.OpenAI, fp: FakeProvider,
-                                       code: int, fresh: tuple[str, str, str]) -> None:
+def test_client_errors_are_not_retried(
+    client: openai.OpenAI, fp: FakeProvider, code: int, fresh: tuple[str, str, str]
+) -> None:
     route, a, _ = fresh
     fp.script(a, status(code))
     with pytest.raises(openai.APIStatusError) as e:
@@ -304,7 +355,8 @@ def test_client_errors_are_not_retried(client: openai.OpenAI, fp: FakeProvider,
 def test_retry_same_target_with_backoff(client: openai.OpenAI, fp: FakeProvider) -> None:
     fp.script("r1", status(502), status(500))
     raw = client.chat.completions.with_raw_response.create(
-        model="retrying", messages=[{"role": "user", "content": "hi"}])
+        model="retrying", messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-sidecar-target"] == "p1/r1"
     assert raw.headers["x-sidecar-attempts"] == "3"
     assert _models(fp) == ["r1", "r1", "r1"]
@@ -314,17 +366,20 @@ def test_retry_after_is_honoured(client: openai.OpenAI, fp: FakeProvider) -> Non
     fp.script("r1", status(429, retry_after="0.4"))
     started = time.monotonic()
     raw = client.chat.completions.with_raw_response.create(
-        model="retrying", messages=[{"role": "user", "content": "hi"}])
+        model="retrying", messages=[{"role": "user", "content": "hi"}]
+    )
     assert time.monotonic() - started >= 0.4
     assert raw.headers["x-sidecar-target"] == "p1/r1"
     assert raw.headers["x-sidecar-attempts"] == "2"
 
 
-def test_long_retry_after_moves_on_instead_of_waiting(client: openai.OpenAI,
-                                                      fp: FakeProvider) -> None:
+def test_long_retry_after_moves_on_instead_of_waiting(
+    client: openai.OpenAI, fp: FakeProvider
+) -> None:
     fp.script("r1", status(429, retry_after="60"))
     raw = client.chat.completions.with_raw_response.create(
-        model="retrying", messages=[{"role": "user", "content": "hi"}])
+        model="retrying", messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-sidecar-target"] == "p2/r2"
 
 
@@ -334,9 +389,12 @@ def test_long_retry_after_moves_on_instead_of_waiting(client: openai.OpenAI,
 def test_deadline_bounds_a_hanging_provider(sidecar: SidecarProcess, fp: FakeProvider) -> None:
     fp.script("only", hang())
     started = time.monotonic()
-    r = httpx.post(f"{sidecar.base_url}/chat/completions", headers={"x-sidecar-timeout": "0.5"},
-                   json={"model": "single", "messages": [{"role": "user", "content": "x"}]},
-                   timeout=10)
+    r = httpx.post(
+        f"{sidecar.base_url}/chat/completions",
+        headers={"x-sidecar-timeout": "0.5"},
+        json={"model": "single", "messages": [{"role": "user", "content": "x"}]},
+        timeout=10,
+    )
     elapsed = time.monotonic() - started
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "deadline_exceeded"
@@ -346,13 +404,18 @@ def test_deadline_bounds_a_hanging_provider(sidecar: SidecarProcess, fp: FakePro
 
 def test_slow_drip_stream_is_cut_at_deadline(sidecar: SidecarProcess, fp: FakeProvider) -> None:
     fp.script("only", slow_drip(interval_s=0.2, chunks=50))
-    client = openai.OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0,
-                           default_headers={"x-sidecar-timeout": "1"})
+    client = openai.OpenAI(
+        base_url=sidecar.base_url,
+        api_key="x",
+        max_retries=0,
+        default_headers={"x-sidecar-timeout": "1"},
+    )
     started = time.monotonic()
     got = []
     with pytest.raises(openai.APIError) as e:
         for chunk in client.chat.completions.create(
-                model="single", messages=[{"role": "user", "content": "x"}], stream=True):
+            model="single", messages=[{"role": "user", "content": "x"}], stream=True
+        ):
             got.append(chunk)
     assert 0.9 < time.monotonic() - started < 2.5
     assert got, "chunks before the deadline were relayed"
@@ -365,16 +428,19 @@ def test_reset_mid_stream_ends_with_error_event(client: openai.OpenAI, fp: FakeP
     got = []
     with pytest.raises(openai.APIError):
         for chunk in client.chat.completions.create(
-                model="single", messages=[{"role": "user", "content": "x"}], stream=True):
+            model="single", messages=[{"role": "user", "content": "x"}], stream=True
+        ):
             got.append(chunk)
     assert got and all(c.choices[0].finish_reason is None for c in got if c.choices)
 
 
 def test_bad_timeout_header(sidecar: SidecarProcess) -> None:
     for value in ("abc", "-1", "999999"):
-        r = httpx.post(f"{sidecar.base_url}/chat/completions",
-                       headers={"x-sidecar-timeout": value},
-                       json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+        r = httpx.post(
+            f"{sidecar.base_url}/chat/completions",
+            headers={"x-sidecar-timeout": value},
+            json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert r.status_code == 400, value
         assert r.json()["error"]["param"] == "x-sidecar-timeout"
 
@@ -382,11 +448,20 @@ def test_bad_timeout_header(sidecar: SidecarProcess) -> None:
 # --- errors ---------------------------------------------------------------------------------
 
 
-def _post(sidecar: SidecarProcess, body: bytes | dict[str, object],
-          path: str = "/chat/completions", **kw: object) -> httpx.Response:
+def _post(
+    sidecar: SidecarProcess,
+    body: bytes | dict[str, object],
+    path: str = "/chat/completions",
+    **kw: object,
+) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(sidecar.base_url + path, content=content,
-                      headers={"content-type": "application/json"}, timeout=10, **kw)  # type: ignore[arg-type]
+    return httpx.post(
+        sidecar.base_url + path,
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=10,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def _assert_envelope(r: httpx.Response, status_code: int) -> dict[str, object]:
@@ -409,16 +484,23 @@ def _assert_envelope(r: httpx.Response, status_code: int) -> dict[str, object]:
         ({"model": "chat", "messages": []}, "messages"),
         ({"model": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
         ({"model": "chat", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-        ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
-         "temperature"),
-        ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
-         "max_tokens"),
-        ({"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
-         "stream"),
+        (
+            {"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+            "temperature",
+        ),
+        (
+            {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
+            "max_tokens",
+        ),
+        (
+            {"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+            "stream",
+        ),
     ],
 )
-def test_malformed_requests_get_400(sidecar: SidecarProcess, fp: FakeProvider,
-                                    body: bytes | dict[str, object], param: str | None) -> None:
+def test_malformed_requests_get_400(
+    sidecar: SidecarProcess, fp: FakeProvider, body: bytes | dict[str, object], param: str | None
+) -> None:
     err = _assert_envelope(_post(sidecar, body), 400)
     assert err["type"] == "invalid_request_error"
     if param:
@@ -434,8 +516,9 @@ def test_oversized_body_gets_413(sidecar: SidecarProcess, fp: FakeProvider) -> N
 
 def test_unknown_model_gets_404(client: openai.OpenAI, fp: FakeProvider) -> None:
     with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-nope",
-                                       messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="gpt-nope", messages=[{"role": "user", "content": "x"}]
+        )
     assert "gpt-nope" in str(e.value)
 
 
@@ -444,18 +527,21 @@ def test_unknown_path_and_method(sidecar: SidecarProcess) -> None:
     _assert_envelope(httpx.get(sidecar.base_url + "/chat/completions"), 405)
 
 
-def test_every_target_failed_gets_502(sidecar: SidecarProcess, fp: FakeProvider,
-                                      fresh: tuple[str, str, str]) -> None:
+def test_every_target_failed_gets_502(
+    sidecar: SidecarProcess, fp: FakeProvider, fresh: tuple[str, str, str]
+) -> None:
     route, a, b = fresh
     fp.script(a, status(500))
     fp.script(b, garbage())
-    err = _assert_envelope(_post(sidecar, {"model": route, "messages": [
-        {"role": "user", "content": "x"}]}), 502)
+    err = _assert_envelope(
+        _post(sidecar, {"model": route, "messages": [{"role": "user", "content": "x"}]}), 502
+    )
     assert err["code"] == "all_targets_failed"
 
 
-def test_every_target_rate_limited_gets_429(sidecar: SidecarProcess, fp: FakeProvider,
-                                            fresh: tuple[str, str, str]) -> None:
+def test_every_target_rate_limited_gets_429(
+    sidecar: SidecarProcess, fp: FakeProvider, fresh: tuple[str, str, str]
+) -> None:
     route, a, b = fresh
     fp.script(a, status(429, retry_after="20"))
     fp.script(b, status(429, retry_after="7"))
@@ -464,14 +550,18 @@ def test_every_target_rate_limited_gets_429(sidecar: SidecarProcess, fp: FakePro
     assert r.headers["retry-after"] == "7"
 
 
-def test_garbage_streams_everywhere_get_502(client: openai.OpenAI, fp: FakeProvider,
-                                            fresh: tuple[str, str, str]) -> None:
+def test_garbage_streams_everywhere_get_502(
+    client: openai.OpenAI, fp: FakeProvider, fresh: tuple[str, str, str]
+) -> None:
     route, a, b = fresh
     fp.script(a, garbage())
     fp.script(b, garbage())
     with pytest.raises(openai.APIStatusError) as e:
-        list(client.chat.completions.create(model=route, stream=True,
-                                            messages=[{"role": "user", "content": "x"}]))
+        list(
+            client.chat.completions.create(
+                model=route, stream=True, messages=[{"role": "user", "content": "x"}]
+            )
+        )
     assert e.value.status_code == 502
 
 
@@ -501,8 +591,9 @@ def test_api_keys(start_sidecar, fake: FakeProvider) -> None:  # type: ignore[no
     assert fake.requests() == []
     good = openai.OpenAI(base_url=sc.base_url, api_key="sk-client-2", max_retries=0)
     assert good.chat.completions.create(model="p/m", messages=[{"role": "user", "content": "x"}])
-    r = httpx.post(sc.base_url + "/chat/completions", json=body,
-                   headers={"x-api-key": "sk-client-1"})
+    r = httpx.post(
+        sc.base_url + "/chat/completions", json=body, headers={"x-api-key": "sk-client-1"}
+    )
     assert r.status_code == 200
     assert "sk-client" not in "".join(sc.output)
 
@@ -559,8 +650,11 @@ def test_all_circuits_open_gets_503(start_sidecar, fake: FakeProvider) -> None: 
     assert len(fake.requests()) == 1
 
 
-def test_sigterm_drains_inflight_stream(start_sidecar, fake: FakeProvider,  # type: ignore[no-untyped-def]
-                                        tmp_path: Path) -> None:
+def test_sigterm_drains_inflight_stream(
+    start_sidecar,
+    fake: FakeProvider,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     import signal
 
     sc = start_sidecar(f"""
@@ -571,8 +665,9 @@ def test_sigterm_drains_inflight_stream(start_sidecar, fake: FakeProvider,  # ty
     """)
     fake.script("m", slow_drip(interval_s=0.05, chunks=10))
     client = openai.OpenAI(base_url=sc.base_url, api_key="x", max_retries=0)
-    stream = client.chat.completions.create(model="p/m", stream=True,
-                                            messages=[{"role": "user", "content": "x"}])
+    stream = client.chat.completions.create(
+        model="p/m", stream=True, messages=[{"role": "user", "content": "x"}]
+    )
     first = next(iter(stream))
     sc.proc.send_signal(signal.SIGTERM)
     rest = list(stream)

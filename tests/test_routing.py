@@ -11,16 +11,26 @@ from sidecar.config import parse_config
 from sidecar.errors import ModelNotFound
 from sidecar.routing import Router, plan
 
-CONFIG = parse_config({
-    "providers": [{"name": "a", "type": "openai"}, {"name": "b", "type": "openai"}],
-    "routes": [
-        {"model": "chat", "targets": [{"provider": "a", "model": "x"},
-                                      {"provider": "b", "model": "y"}]},
-        {"model": "w", "strategy": "weighted",
-         "targets": [{"provider": "a", "model": "x", "weight": 3},
-                     {"provider": "b", "model": "y", "weight": 1}]},
-    ],
-}, env={})
+CONFIG = parse_config(
+    {
+        "providers": [{"name": "a", "type": "openai"}, {"name": "b", "type": "openai"}],
+        "routes": [
+            {
+                "model": "chat",
+                "targets": [{"provider": "a", "model": "x"}, {"provider": "b", "model": "y"}],
+            },
+            {
+                "model": "w",
+                "strategy": "weighted",
+                "targets": [
+                    {"provider": "a", "model": "x", "weight": 3},
+                    {"provider": "b", "model": "y", "weight": 1},
+                ],
+            },
+        ],
+    },
+    env={},
+)
 
 
 def test_resolve_route_and_direct_target() -> None:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 
 from sidecar.config import AnthropicProvider
 from sidecar.errors import (
@@ -334,7 +335,7 @@ def translate_message(body: bytes, *, target: str, created: int | None = None) -
             function = FunctionCall(name=block.name, arguments=arguments)
             calls.append(ToolCall(id=block.id, function=function))
     message = ResponseMessage(content="".join(texts) if texts or not calls else None,
-                              tool_calls=calls or None)
+                              tool_calls=calls or UNSET)
     return ChatCompletion(
         id=msg.id,
         created=int(time.time()) if created is None else created,

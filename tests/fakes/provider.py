@@ -1265,7 +1265,7 @@ class _Server:
                 "outcome": None,
             }
         )
-        respond = self._respond(conn, req, route, body, model, behaviour, stream, bad_json)
+        respond = self._respond(conn, req, route, body, model, behaviour, stream, bad_json, rec)
         resp: asyncio.Task[tuple[bool, str]] = asyncio.ensure_future(respond)
         watch = asyncio.ensure_future(conn.watch_eof())
         outcome = "aborted"
@@ -1306,7 +1306,13 @@ class _Server:
         b: Behaviour,
         stream: bool,
         bad_json: bool,
+        rec: _Record,
     ) -> tuple[bool, str]:
+        # The outcome is recorded *before* the last byte goes out (or the connection is
+        # closed/aborted), so a client never sees the end of an answer before its record.
+        def fin(outcome: str) -> None:
+            self.state.finish(rec, outcome)
+
         keep = req.keep_alive
         dialect = route.dialect
         rid = "req_" + _rid()
@@ -1319,18 +1325,22 @@ class _Server:
             conn.write(payload)
 
         if bad_json or not isinstance(body, dict):
+            fin("completed")
             error(400, "fake provider: request body must be a JSON object")
             await conn.drain()
             return keep, "completed"
         if model is None:
+            fin("completed")
             error(400, "fake provider: 'model' is required")
             await conn.drain()
             return keep, "completed"
 
         if isinstance(b, Disconnect):
+            fin("disconnected")
             conn.close()
             return False, "disconnected"
         if isinstance(b, Reset) and (not stream or b.after_chunks is None):
+            fin("reset")
             conn.abort_rst()
             return False, "reset"
         if isinstance(b, Hang) and (not stream or b.after_chunks is None):
@@ -1346,16 +1356,19 @@ class _Server:
                 if b.body is not None:
                     payload = b.body.encode() if isinstance(b.body, str) else _encode(b.body)
                     hdrs = {**id_headers, **extra}
+                    fin("completed")
                     conn.write(
                         conn.head(b.status, _JSON, length=len(payload), keep_alive=keep, extra=hdrs)
                         + payload
                     )
                     await conn.drain()
                     return keep, "completed"
+            fin("completed")
             error(b.status, b.message, extra)
             await conn.drain()
             return keep, "completed"
         if isinstance(b, Garbage):
+            fin("completed")
             if stream:
                 conn.write(conn.head(200, _SSE, keep_alive=keep, extra=id_headers))
                 frame = (
@@ -1381,6 +1394,7 @@ class _Server:
         try:
             plan = route.plan(model, body, _Params(b, model, body), stream)
         except _ApiError as e:
+            fin("completed")
             error(e.code, e.message)
             await conn.drain()
             return keep, "completed"
@@ -1390,12 +1404,16 @@ class _Server:
                 conn.write(
                     conn.head(200, _JSON, length=len(plan.body), keep_alive=keep, extra=id_headers)
                 )
-                for i, piece in enumerate(_split_bytes(plan.body, b.chunks)):
+                pieces = _split_bytes(plan.body, b.chunks)
+                for i, piece in enumerate(pieces):
                     if i and b.interval_s:
                         await asyncio.sleep(b.interval_s)
+                    if i == len(pieces) - 1:
+                        fin("completed")
                     conn.write(piece)
                     await conn.drain()
             else:
+                fin("completed")
                 conn.write(
                     conn.head(200, _JSON, length=len(plan.body), keep_alive=keep, extra=id_headers)
                     + plan.body
@@ -1431,14 +1449,17 @@ class _Server:
             # Make sure the bytes reached the kernel before the RST discards the buffer.
             conn.transport.set_write_buffer_limits(high=0)
             await conn.drain()
+            fin("reset")
             conn.abort_rst()
             return False, "reset"
         if isinstance(b, StreamError):
             err = _error_obj(dialect, b.status, b.message)
             frame = _event("error", err) if dialect == "anthropic" else _sse(err)
+            fin("completed")
             conn.write(_chunk(frame) + _LAST_CHUNK)
             await conn.drain()
             return keep, "completed"
+        fin("completed")
         conn.write(b"".join(_chunk(f) for f in plan.epilogue) + _LAST_CHUNK)
         await conn.drain()
         return keep, "completed"
