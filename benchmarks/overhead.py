@@ -482,9 +482,14 @@ def check_tools() -> None:
         raise SystemExit("needs two cores (the sidecar on core 0, nginx and wrk on core 1)")
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the context managers: nginx and sidecar stop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     modes: list[Mode] = args.modes
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:

@@ -21,6 +21,11 @@ from collections.abc import Callable
 import msgspec
 
 
+#: Timers may fire a little early (uvloop's resolution is 1 ms): a caller that slept until
+#: a target's Retry-After must not find it still blocked.
+_SLACK_S = 0.005
+
+
 class CircuitState(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
@@ -58,7 +63,7 @@ class Circuit:
     def try_acquire(self, now: float) -> bool:
         """Claim the right to call the target now. A half-open circuit lets one caller in;
         that caller must end with :meth:`success`, :meth:`failure` or :meth:`release`."""
-        if self.available_at(now) > now:
+        if self.available_at(now) > now + _SLACK_S:
             return False
         if self.state is CircuitState.OPEN:
             self.state = CircuitState.HALF_OPEN

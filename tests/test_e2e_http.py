@@ -423,6 +423,16 @@ def test_slow_drip_stream_is_cut_at_deadline(sidecar: SidecarProcess, fp: FakePr
     assert fp.wait_for_cancelled(1, timeout=5)
 
 
+def test_client_disconnect_mid_stream_closes_upstream(sidecar: SidecarProcess,
+                                                      fp: FakeProvider) -> None:
+    fp.script("only", slow_drip(interval_s=0.1, chunks=100))
+    body = {"model": "single", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", f"{sidecar.base_url}/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_raw())
+    assert fp.wait_for_cancelled(1, timeout=5)
+
+
 def test_reset_mid_stream_ends_with_error_event(client: openai.OpenAI, fp: FakeProvider) -> None:
     fp.script("only", reset(after_chunks=2))
     got = []
@@ -673,3 +683,24 @@ def test_sigterm_drains_inflight_stream(
     rest = list(stream)
     assert first and len(rest) >= 5  # the in-flight stream finished
     assert sc.stop() == 0
+
+
+def test_retry_budget_stops_retry_storms(start_sidecar, fake: FakeProvider) -> None:  # type: ignore[no-untyped-def]
+    sc = start_sidecar(f"""
+        [routing]
+        retries = 3
+        backoff_base_s = 0.001
+        retry_budget_ratio = 0.1
+        retry_budget_min = 1
+        circuit_failures = 1000
+        [[providers]]
+        name = "p"
+        type = "openai"
+        base_url = "{fake.openai_base_url}"
+    """)
+    fake.set_default("down", status(500))
+    body = {"model": "p/down", "messages": [{"role": "user", "content": "x"}]}
+    for _ in range(20):
+        assert httpx.post(sc.base_url + "/chat/completions", json=body).status_code == 502
+    # without a budget this would be 20 * 4 = 80 upstream calls
+    assert len(fake.requests()) <= 20 + 1 + 2
