@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import msgspec
 
-
 #: Timers may fire a little early (uvloop's resolution is 1 ms): a caller that slept until
 #: a target's Retry-After must not find it still blocked.
 _SLACK_S = 0.005

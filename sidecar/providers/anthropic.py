@@ -36,13 +36,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     rejected,
 )
-from sidecar.providers.base import (
-    Reply,
-    attempt_timeout,
-    http_client,
-    status_error,
-    transport_errors,
-)
+from sidecar.providers.base import Reply, Upstream
 from sidecar.providers.sse import Event, SSEDecoder
 from sidecar.types import (
     Call,
@@ -547,11 +541,11 @@ class AnthropicMessages:
         }
         if config.api_key:
             headers["x-api-key"] = config.api_key
-        self._client = http_client(
+        self._http = Upstream(
             config.base_url,
             headers=headers,
-            connect_timeout_s=config.connect_timeout_s,
             timeout_s=config.timeout_s,
+            connect_timeout_s=config.connect_timeout_s,
             max_connections=config.max_connections,
         )
 
@@ -570,13 +564,8 @@ class AnthropicMessages:
     async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
         target = f"{self.name}/{model}"
         content = self._body(_chat(call, target), model, target, stream=False)
-        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
-                                  self._config.connect_timeout_s)
-        with transport_errors(target):
-            resp = await self._client.post(_PATH, content=content, timeout=timeout)
-        if resp.status_code != 200:
-            raise status_error(resp.status_code, resp.content, resp.headers, target)
-        completion = translate_message(resp.content, target=target)
+        body = await self._http.post(_PATH, content, timeout_s, target)
+        completion = translate_message(body, target=target)
         return Reply(_encoder.encode(completion), completion.usage)
 
     async def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
@@ -585,30 +574,18 @@ class AnthropicMessages:
         content = self._body(request, model, target, stream=True)
         options = request.stream_options
         translator = StreamTranslator(target, include_usage=bool(options and options.include_usage))
-        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
-                                  self._config.connect_timeout_s)
-        http_request = self._client.build_request("POST", _PATH, content=content, timeout=timeout)
-        with transport_errors(target):
-            resp = await self._client.send(http_request, stream=True)
-        try:
-            if resp.status_code != 200:
-                with transport_errors(target):
-                    body = await resp.aread()
-                raise status_error(resp.status_code, body, resp.headers, target)
-            with transport_errors(target):
-                async for piece in resp.aiter_bytes():
-                    if translator.finished:
-                        continue  # drain to the end so the connection can be reused
-                    out = translator.feed(piece)
-                    if out:
-                        yield out
-            if not translator.finished:
-                raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
-        finally:
-            await resp.aclose()
+        async with self._http.open_stream(_PATH, content, timeout_s, target) as pieces:
+            async for piece in pieces:
+                if translator.finished:
+                    continue  # drain to the end so the connection can be reused
+                out = translator.feed(piece)
+                if out:
+                    yield out
+        if not translator.finished:
+            raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._http.aclose()
 
 
 def _chat(call: Call, target: str) -> ChatRequest:

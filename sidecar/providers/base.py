@@ -66,27 +66,64 @@ class Provider(Protocol):
         ...
 
 
-def http_client(
-    base_url: str,
-    *,
-    headers: dict[str, str],
-    connect_timeout_s: float,
-    timeout_s: float,
-    max_connections: int,
-) -> httpx.AsyncClient:
-    """One pooled client per provider; keep-alive connections are reused across requests."""
-    return httpx.AsyncClient(
-        base_url=base_url.rstrip("/"),
-        headers=headers,
-        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        transport=PooledTransport(max_connections=max_connections, keepalive_expiry_s=30.0),
-        follow_redirects=False,
-        trust_env=False,
-    )
+class Upstream:
+    """One provider's pooled HTTP client and the request mechanics every provider shares.
+
+    ``post`` and ``open_stream`` raise only upstream errors: a transport failure or a
+    non-200 answer is translated here. Safe for concurrent use from one event loop.
+    """
+
+    def __init__(self, base_url: str, *, headers: dict[str, str], timeout_s: float,
+                 connect_timeout_s: float, max_connections: int) -> None:
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            transport=PooledTransport(max_connections=max_connections, keepalive_expiry_s=30.0),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    def _timeout(self, timeout_s: float) -> httpx.Timeout:
+        t = min(timeout_s, self._timeout_s)
+        return httpx.Timeout(t, connect=min(self._connect_timeout_s, t))
+
+    async def post(self, path: str, content: bytes, timeout_s: float, target: str) -> bytes:
+        """POST and return the body of a 200 answer."""
+        with transport_errors(target):
+            resp = await self._client.post(path, content=content, timeout=self._timeout(timeout_s))
+        if resp.status_code != 200:
+            raise status_error(resp.status_code, resp.content, resp.headers, target)
+        return resp.content
+
+    @contextlib.asynccontextmanager
+    async def open_stream(self, path: str, content: bytes, timeout_s: float, target: str
+                          ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """POST and yield the body of a 200 answer as it arrives; closes the response."""
+        request = self._client.build_request(
+            "POST", path, content=content, timeout=self._timeout(timeout_s)
+        )
+        with transport_errors(target):
+            resp = await self._client.send(request, stream=True)
+        try:
+            if resp.status_code != 200:
+                with transport_errors(target):
+                    body = await resp.aread()
+                raise status_error(resp.status_code, body, resp.headers, target)
+            yield _translated(resp.aiter_bytes(), target)
+        finally:
+            await resp.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
-def attempt_timeout(timeout_s: float, connect_timeout_s: float) -> httpx.Timeout:
-    return httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
+async def _translated(pieces: AsyncIterator[bytes], target: str) -> AsyncIterator[bytes]:
+    with transport_errors(target):
+        async for piece in pieces:
+            yield piece
 
 
 @contextlib.contextmanager

@@ -12,14 +12,7 @@ import msgspec
 
 from sidecar.config import OpenAIProvider as OpenAIConfig
 from sidecar.errors import UpstreamMalformed, UpstreamServerError, UpstreamUnreachable
-from sidecar.providers.base import (
-    Reply,
-    attempt_timeout,
-    check_shape,
-    http_client,
-    status_error,
-    transport_errors,
-)
+from sidecar.providers.base import Reply, Upstream, check_shape
 from sidecar.providers.sse import SSEDecoder
 from sidecar.types import BodyShape, Call, Op, Usage
 
@@ -66,11 +59,11 @@ class OpenAICompatible:
         headers = {"content-type": "application/json", **config.headers}
         if config.api_key:
             headers["authorization"] = f"Bearer {config.api_key}"
-        self._client = http_client(
+        self._http = Upstream(
             config.base_url,
             headers=headers,
-            connect_timeout_s=config.connect_timeout_s,
             timeout_s=config.timeout_s,
+            connect_timeout_s=config.connect_timeout_s,
             max_connections=config.max_connections,
         )
 
@@ -84,66 +77,47 @@ class OpenAICompatible:
 
     async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
         target = f"{self.name}/{model}"
-        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
-                                  self._config.connect_timeout_s)
-        with transport_errors(target):
-            resp = await self._client.post(
-                "/" + call.op.value, content=self._body(call, model), timeout=timeout
-            )
-        if resp.status_code != 200:
-            raise status_error(resp.status_code, resp.content, resp.headers, target)
+        body = await self._http.post("/" + call.op.value, self._body(call, model), timeout_s,
+                                     target)
         try:
-            shape = _body_decoder.decode(resp.content)
+            shape = _body_decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise UpstreamMalformed(f"{target} answered with invalid JSON", target=target) from None
         check_shape(call.op, shape, target)
-        return Reply(resp.content, shape.usage)
+        return Reply(body, shape.usage)
 
     async def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
         target = f"{self.name}/{model}"
-        timeout = attempt_timeout(min(timeout_s, self._config.timeout_s),
-                                  self._config.connect_timeout_s)
-        request = self._client.build_request(
-            "POST", "/" + call.op.value, content=self._body(call, model), timeout=timeout
-        )
-        with transport_errors(target):
-            resp = await self._client.send(request, stream=True)
-        try:
-            if resp.status_code != 200:
-                with transport_errors(target):
-                    body = await resp.aread()
-                raise status_error(resp.status_code, body, resp.headers, target)
+        async with self._http.open_stream(
+            "/" + call.op.value, self._body(call, model), timeout_s, target
+        ) as pieces:
             decoder = SSEDecoder()
             done = finished = started = False
             out: list[bytes] = []
-            with transport_errors(target):
-                async for piece in resp.aiter_bytes():
-                    if done:
-                        continue  # drain to the end so the connection can be reused
-                    for event in decoder.feed(piece):
-                        if event.data == _DONE:
-                            done = True
-                            break
-                        if event.data:
-                            token, end = _check_chunk(event.data, target)
-                            started |= token
-                            finished |= end
-                            out.append(b"data: " + event.data + b"\n\n")
-                    # Frames before the first token (the role preamble) are held back, so
-                    # a failure before the first token can still be replaced by another target.
-                    if out and (started or done):
-                        yield out[0] if len(out) == 1 else b"".join(out)
-                        out = []
+            async for piece in pieces:
+                if done:
+                    continue  # drain to the end so the connection can be reused
+                for event in decoder.feed(piece):
+                    if event.data == _DONE:
+                        done = True
+                        break
+                    if event.data:
+                        token, end = _check_chunk(event.data, target)
+                        started |= token
+                        finished |= end
+                        out.append(b"data: " + event.data + b"\n\n")
+                # Frames before the first token (the role preamble) are held back, so
+                # a failure before the first token can still be replaced by another target.
+                if out and (started or done):
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                    out = []
             if out:
                 yield b"".join(out)
             if not (done or finished):
                 raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
-        finally:
-            await resp.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-
+        await self._http.aclose()
 
 
 def _check_chunk(data: bytes, target: str) -> tuple[bool, bool]:
