@@ -1,10 +1,12 @@
-"""An httpx transport with an O(1) HTTP/1.1 keep-alive pool.
+"""An httpx transport with an O(1) HTTP/1.1 keep-alive pool on asyncio streams.
 
 httpcore's own pool checks every pooled connection for expiry on every request (one
 ``poll()`` each), so with 64 busy upstream connections half of the gateway's CPU went to
 pool bookkeeping (measured with py-spy; see docs/benchmarks.md). This pool keeps idle
 connections per origin on a LIFO stack and checks only the one it hands out. The HTTP/1.1
-protocol itself is still httpcore's.
+protocol itself is still httpcore's, but its sockets are plain asyncio streams: httpcore's
+default anyio backend opens a cancel scope per read and write, which was a fifth of the
+CPU of a request at concurrency 1.
 
 Contract: at most ``max_connections`` requests are in flight; more wait (FIFO) for a slot,
 bounded by the caller's own timeout. A connection returns to the stack when its response
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import httpcore
 import httpx
@@ -54,6 +59,108 @@ def _httpx_errors() -> Iterator[None]:
         raise
 
 
+class AsyncioStream(httpcore.AsyncNetworkStream):
+    """One TCP (or TLS) connection as httpcore needs it; timeouts with ``asyncio.timeout``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            if timeout is None:
+                return await self._reader.read(max_bytes)
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)
+        except TimeoutError:
+            raise httpcore.ReadTimeout("read timed out") from None
+        except OSError as e:
+            raise httpcore.ReadError(str(e) or type(e).__name__) from e
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        try:
+            self._writer.write(buffer)
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            raise httpcore.WriteTimeout("write timed out") from None
+        except OSError as e:
+            raise httpcore.WriteError(str(e) or type(e).__name__) from e
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("TLS handshake timed out") from None
+        except (OSError, ssl.SSLError) as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        sock: socket.socket | None = self._writer.get_extra_info("socket")
+        match info:
+            case "is_readable":
+                # An idle keep-alive connection that is readable was closed by the server.
+                if sock is None:
+                    return True
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLIN)
+                return bool(poller.poll(0))
+            case "socket":
+                return sock
+            case "ssl_object":
+                return self._writer.get_extra_info("ssl_object")
+            case "client_addr":
+                return self._writer.get_extra_info("sockname")
+            case "server_addr":
+                return self._writer.get_extra_info("peername")
+        return None
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """Opens :class:`AsyncioStream` connections."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, local_addr=(local_address, 0) if local_address else None
+                )
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"connect to {host}:{port} timed out") from None
+        except OSError as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return AsyncioStream(reader, writer)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(path)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"connect to {path} timed out") from None
+        except OSError as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        return AsyncioStream(reader, writer)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
 class _Idle:
     __slots__ = ("conn", "since")
 
@@ -73,6 +180,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[bytes, bytes, int], list[_Idle]] = {}
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
+        self._backend = AsyncioBackend()
 
     def _close_soon(self, conn: httpcore.AsyncHTTPConnection) -> None:
         """Close a connection without making the caller wait for it."""
@@ -94,7 +202,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
         if origin.scheme == b"https" and ssl_context is None:
             ssl_context = self._ssl = httpx.create_ssl_context()
         return httpcore.AsyncHTTPConnection(
-            origin, ssl_context=ssl_context, keepalive_expiry=self._expiry
+            origin, ssl_context=ssl_context, keepalive_expiry=self._expiry,
+            network_backend=self._backend,
         )
 
     def _checkin(self, origin: httpcore.Origin, conn: httpcore.AsyncHTTPConnection) -> None:
