@@ -20,8 +20,11 @@ its gRPC status code (by name, so this module does not import grpc), the OpenAI 
         ├── UpstreamRateLimited 429  retryable  carries Retry-After
         ├── UpstreamServerError 502  retryable  5xx
         ├── UpstreamMalformed   502  retryable  a body that is not the promised wire format
-        └── UpstreamRejected    4xx  final      the provider refused the request itself
-                                                 (400/401/403/404/422): returned to the client
+        ├── UpstreamRejected    4xx  final      the provider refused the request itself
+        │                                        (400/401/403/404/422): returned to the client
+        └── UpstreamUnsupported 400  next target  this provider cannot express the request
+                                                 (e.g. audio parts for Anthropic); not a
+                                                 health failure; 400 if no target can
 
 Messages never contain secrets or stack traces: they are written for the client.
 """
@@ -171,6 +174,19 @@ class UpstreamRejected(UpstreamError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class UpstreamUnsupported(UpstreamError):
+    """The adapter cannot translate the request for this provider; another target may.
+
+    Raised before anything is sent, so it says nothing about the provider's health.
+    """
+
+    retryable = True
+    status = 400
+    type = "invalid_request_error"
+    grpc_code = "INVALID_ARGUMENT"
+    code = "unsupported_by_target"
+
+
 _REASONS: dict[type[UpstreamError], str] = {
     UpstreamUnreachable: "upstream_unreachable",
     UpstreamTimeout: "upstream_timeout",
@@ -178,6 +194,7 @@ _REASONS: dict[type[UpstreamError], str] = {
     UpstreamServerError: "upstream_5xx",
     UpstreamMalformed: "upstream_malformed",
     UpstreamRejected: "upstream_rejected",
+    UpstreamUnsupported: "unsupported_by_target",
 }
 
 _GRPC_BY_STATUS = {

@@ -37,6 +37,7 @@ from sidecar.errors import (
     UpstreamMalformed,
     UpstreamRateLimited,
     UpstreamTimeout,
+    UpstreamUnsupported,
 )
 from sidecar.health import Circuit, Health, RetryBudget
 from sidecar.providers.base import Provider, Reply
@@ -224,8 +225,11 @@ class Gateway:
                     if not e.retryable:
                         circuit.success()  # it answered; the request itself was refused
                         raise
-                    circuit.failure(self._clock(), e.retry_after_s)
                     failures.append(e)
+                    if isinstance(e, UpstreamUnsupported):
+                        circuit.release()  # nothing was sent: no verdict on its health
+                        break
+                    circuit.failure(self._clock(), e.retry_after_s)
                     delay = self._retry_delay(e, tries, route, ctx)
                     if delay is None:
                         break
@@ -271,6 +275,8 @@ class Gateway:
                 retry_after_s=round(retry, 3),
             )
         last = failures[-1]
+        if all(isinstance(f, UpstreamUnsupported) for f in failures):
+            return InvalidRequest(last.message, param=last.param)
         if all(isinstance(f, UpstreamRateLimited) for f in failures):
             waits = [f.retry_after_s for f in failures if f.retry_after_s is not None]
             return RateLimited(

@@ -16,6 +16,7 @@ from sidecar.errors import (
     UpstreamRejected,
     UpstreamServerError,
     UpstreamUnreachable,
+    UpstreamUnsupported,
 )
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.types import Call, ChatChunk, ChatCompletion, ChatRequest, Op
@@ -206,10 +207,10 @@ async def test_untranslatable_request_is_rejected_before_sending(
             }
         ]
     )
-    with pytest.raises(UpstreamRejected) as info:
+    with pytest.raises(UpstreamUnsupported) as info:
         await provider.send(call, MODEL, 10.0)
     assert info.value.status == 400
-    assert info.value.retryable is False
+    assert info.value.retryable is True  # another target may take it
     assert fake.requests() == []
 
 

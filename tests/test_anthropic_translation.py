@@ -11,8 +11,8 @@ import pytest
 from sidecar.errors import (
     UpstreamMalformed,
     UpstreamRateLimited,
-    UpstreamRejected,
     UpstreamServerError,
+    UpstreamUnsupported,
 )
 from sidecar.providers.anthropic import (
     StreamTranslator,
@@ -35,12 +35,12 @@ def build(**fields: Any) -> dict[str, Any]:
     return build_request(req(**fields), "claude-test", default_max_tokens=1024, target=TARGET)
 
 
-def rejected_by(**fields: Any) -> UpstreamRejected:
-    with pytest.raises(UpstreamRejected) as info:
+def rejected_by(**fields: Any) -> UpstreamUnsupported:
+    with pytest.raises(UpstreamUnsupported) as info:
         build(**fields)
     err = info.value
     assert err.status == 400
-    assert err.retryable is False
+    assert err.retryable is True  # the next target may take it
     assert err.target == TARGET
     return err
 

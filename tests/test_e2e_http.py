@@ -704,3 +704,33 @@ def test_retry_budget_stops_retry_storms(start_sidecar, fake: FakeProvider) -> N
         assert httpx.post(sc.base_url + "/chat/completions", json=body).status_code == 502
     # without a budget this would be 20 * 4 = 80 upstream calls
     assert len(fake.requests()) <= 20 + 1 + 2
+
+
+def test_request_one_target_cannot_express_goes_to_the_next(start_sidecar, fake: FakeProvider  # type: ignore[no-untyped-def]
+                                                             ) -> None:
+    sc = start_sidecar(f"""
+        [[providers]]
+        name = "claude"
+        type = "anthropic"
+        base_url = "{fake.url}"
+        [[providers]]
+        name = "p"
+        type = "openai"
+        base_url = "{fake.openai_base_url}"
+        [[routes]]
+        model = "mixed"
+        targets = [{{ provider = "claude", model = "c" }}, {{ provider = "p", model = "o" }}]
+        [[routes]]
+        model = "claude-only"
+        targets = [{{ provider = "claude", model = "c" }}]
+    """)
+    audio = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]
+    r = httpx.post(sc.base_url + "/chat/completions", json={"model": "mixed", "messages": audio})
+    assert r.status_code == 200 and r.headers["x-sidecar-target"] == "p/o"
+    r = httpx.post(sc.base_url + "/chat/completions",
+                   json={"model": "claude-only", "messages": audio})
+    assert _assert_envelope(r, 400)["type"] == "invalid_request_error"
+    assert [q["model"] for q in fake.requests()] == ["o"]  # nothing reached Anthropic
+    ready = httpx.get(sc.url + "/readyz").json()
+    assert ready["targets"]["claude/c"]["consecutive_failures"] == 0

@@ -105,8 +105,9 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def serve(op: Op, request: Request[Any, Any, Any]) -> Response[Any]:
         request_id = _request_id(request)
         request.state.request_id = request_id
-        ctx = Context(request_id, gateway.deadline(_timeout(request)), _api_key(request))
-        gateway.authenticate(ctx.api_key)
+        api_key = _api_key(request)
+        gateway.authenticate(api_key)  # before anything else looks at the request
+        ctx = Context(request_id, gateway.deadline(_timeout(request)), api_key)
         call = decode_call(op, await request.body())
         if call.stream:
             streaming = await gateway.stream(call, ctx)

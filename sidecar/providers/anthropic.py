@@ -12,9 +12,10 @@ adds only the HTTP exchange and the translation of failures.
 
 What the Messages API cannot express (``n`` > 1, audio or file parts, the legacy ``function``
 role, tool-call arguments that are not a JSON object) is refused before anything is sent, as a
-400 :class:`~sidecar.errors.UpstreamRejected` (final: another target would get the same
-request). OpenAI fields without an Anthropic equivalent (``response_format``, ``seed``,
-``logprobs``, ``presence_penalty``, ...) are not sent.
+400 :class:`~sidecar.errors.UpstreamUnsupported`: the gateway tries the route's next target,
+and answers 400 when no target can take the request. OpenAI fields without an Anthropic
+equivalent (``response_format``, ``seed``, ``logprobs``, ``presence_penalty``, ...) are not
+sent.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamMalformed,
     UpstreamRateLimited,
-    UpstreamRejected,
     UpstreamServerError,
     UpstreamUnreachable,
-    rejected,
+    UpstreamUnsupported,
 )
 from sidecar.providers.base import Reply, Upstream
 from sidecar.providers.sse import Event, SSEDecoder
@@ -78,9 +78,8 @@ class _ImagePart(msgspec.Struct):
     image_url: _ImageURL
 
 
-def _bad(message: str, target: str, param: str | None = None) -> UpstreamRejected:
-    return rejected(400, f"{target}: {message}", target=target, code="invalid_request",
-                    param=param)
+def _bad(message: str, target: str, param: str | None = None) -> UpstreamUnsupported:
+    return UpstreamUnsupported(f"{target}: {message}", target=target, param=param)
 
 
 def build_request(
@@ -90,7 +89,7 @@ def build_request(
 
     System and developer messages are joined into ``system``; ``tool`` messages become user
     ``tool_result`` blocks; consecutive messages of one role are merged, as Anthropic
-    requires alternating roles. Raises a 400 :class:`UpstreamRejected` naming the offending
+    requires alternating roles. Raises a 400 :class:`UpstreamUnsupported` naming the offending
     field (``param``) for anything Anthropic cannot be asked.
     """
     if request.n is not None and request.n > 1:
