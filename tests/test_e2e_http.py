@@ -709,10 +709,13 @@ def test_retry_budget_stops_retry_storms(start_sidecar, fake: FakeProvider) -> N
 def test_request_one_target_cannot_express_goes_to_the_next(start_sidecar, fake: FakeProvider  # type: ignore[no-untyped-def]
                                                              ) -> None:
     sc = start_sidecar(f"""
+        [routing]
+        retries = 0
         [[providers]]
         name = "claude"
         type = "anthropic"
         base_url = "{fake.url}"
+        timeout_s = 1
         [[providers]]
         name = "p"
         type = "openai"
@@ -734,3 +737,11 @@ def test_request_one_target_cannot_express_goes_to_the_next(start_sidecar, fake:
     assert [q["model"] for q in fake.requests()] == ["o"]  # nothing reached Anthropic
     ready = httpx.get(sc.url + "/readyz").json()
     assert ready["targets"]["claude/c"]["consecutive_failures"] == 0
+    # an Anthropic stream that dies after its preamble, before a token, is replaced
+    fake.script("c", hang(after_chunks=0))
+    client = openai.OpenAI(base_url=sc.base_url, api_key="x", max_retries=0)
+    with client.chat.completions.with_streaming_response.create(
+        model="mixed", messages=[{"role": "user", "content": "hi"}], stream=True
+    ) as resp:
+        assert resp.headers["x-sidecar-target"] == "p/o"
+        assert "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)

@@ -416,6 +416,8 @@ class StreamTranslator:
     def __init__(self, target: str, *, include_usage: bool = False,
                  created: int | None = None) -> None:
         self.finished = False
+        self.started = False
+        """Whether a frame with a token (text, tool call or finish) has been produced."""
         self._target = target
         self._include_usage = include_usage
         self._created = int(time.time()) if created is None else created
@@ -441,12 +443,15 @@ class StreamTranslator:
         out: list[bytes] = []
         for event in self._sse.feed(piece):
             if not self.finished:
-                self._translate(event, out)
+                before = len(out)
+                if self._translate(event, out) and len(out) > before:
+                    self.started = True
         return b"".join(out)
 
-    def _translate(self, event: Event, out: list[bytes]) -> None:
+    def _translate(self, event: Event, out: list[bytes]) -> bool:
+        """Append the frames for ``event``; return False for the role preamble."""
         if event.name and event.name not in _KNOWN_EVENTS:
-            return
+            return False
         try:
             decoded = _event_decoder.decode(event.data)
         except msgspec.DecodeError:
@@ -457,6 +462,7 @@ class StreamTranslator:
                 self._id, self._model = msg.id, msg.model
                 self._add_usage(msg.usage)
                 out.append(self._chunk(Delta(role="assistant", content="")))
+                return False
             case _BlockStart(index=i, content_block=block):
                 if block.type == "text" and block.text:
                     out.append(self._chunk(Delta(content=block.text)))
@@ -492,6 +498,7 @@ class StreamTranslator:
                 raise _stream_error(error, self._target)
             case _Ping():
                 pass
+        return True
 
     def _add_usage(self, usage: _Usage) -> None:
         # message_delta counts are cumulative; a field it leaves out keeps its earlier value
@@ -574,12 +581,20 @@ class AnthropicMessages:
         options = request.stream_options
         translator = StreamTranslator(target, include_usage=bool(options and options.include_usage))
         async with self._http.open_stream(_PATH, content, timeout_s, target) as pieces:
+            held = b""
             async for piece in pieces:
                 if translator.finished:
                     continue  # drain to the end so the connection can be reused
                 out = translator.feed(piece)
-                if out:
-                    yield out
+                # The role preamble is held back until the first token, so a failure before
+                # it can still be replaced by another target.
+                if out and translator.started:
+                    yield held + out if held else out
+                    held = b""
+                else:
+                    held += out
+            if held:
+                yield held
         if not translator.finished:
             raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
 
