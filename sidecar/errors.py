@@ -130,11 +130,6 @@ class UpstreamError(SidecarError):
         if code is not None:
             self.code = code
 
-    @property
-    def reason(self) -> str:
-        """Short machine-readable label for logs, metrics and route reasons."""
-        return _REASONS.get(type(self), "upstream_error")
-
 
 class UpstreamUnreachable(UpstreamError):
     retryable = True
@@ -186,16 +181,6 @@ class UpstreamUnsupported(UpstreamError):
     grpc_code = "INVALID_ARGUMENT"
     code = "unsupported_by_target"
 
-
-_REASONS: dict[type[UpstreamError], str] = {
-    UpstreamUnreachable: "upstream_unreachable",
-    UpstreamTimeout: "upstream_timeout",
-    UpstreamRateLimited: "upstream_429",
-    UpstreamServerError: "upstream_5xx",
-    UpstreamMalformed: "upstream_malformed",
-    UpstreamRejected: "upstream_rejected",
-    UpstreamUnsupported: "unsupported_by_target",
-}
 
 _GRPC_BY_STATUS = {
     400: "INVALID_ARGUMENT",

@@ -5,8 +5,10 @@
         -> on retryable failure: record health, retry with backoff (within the retry
            budget, honouring Retry-After) or fail over to the next target
 
-Front ends turn client bytes into a :class:`~sidecar.types.Call` and a :class:`Context`, call
-:meth:`Gateway.complete` or :meth:`Gateway.stream`, and encode what comes back. Every error
+Front ends call :meth:`Gateway.authenticate` first (before they decode a body, so an
+unauthenticated client learns nothing about its request), turn client bytes into a
+:class:`~sidecar.types.Call` and a :class:`Context`, call :meth:`Gateway.complete` or
+:meth:`Gateway.stream`, and encode what comes back. Every error
 raised to them is a :class:`~sidecar.errors.SidecarError`.
 
 Concurrency: all methods run on one event loop and are safe to call concurrently.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import msgspec
@@ -161,7 +163,7 @@ class Gateway:
 
         async def attempt(
             provider: Provider, target: Target, timeout_s: float
-        ) -> tuple[bytes, AsyncIterator[bytes]]:
+        ) -> tuple[bytes, AsyncGenerator[bytes, None]]:
             frames = provider.stream(call, target.model, timeout_s)
             try:
                 first = await anext(frames)
@@ -170,7 +172,7 @@ class Gateway:
                     f"{target.key} sent an empty stream", target=target.key
                 ) from None
             except BaseException:
-                await _aclose(frames)
+                await frames.aclose()
                 raise
             return first, frames
 
@@ -181,7 +183,6 @@ class Gateway:
     # --- the pipeline ---------------------------------------------------------------------
 
     def _admit(self, call: Call, ctx: Context) -> Route:
-        self.authenticate(ctx.api_key)
         if self.draining:
             raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
         route = self.router.resolve(call.request.model)
@@ -292,7 +293,7 @@ class Gateway:
         )
 
     async def _relay(
-        self, first: bytes, frames: AsyncIterator[bytes], ctx: Context, circuit: Circuit
+        self, first: bytes, frames: AsyncGenerator[bytes, None], ctx: Context, circuit: Circuit
     ) -> AsyncIterator[bytes]:
         try:
             yield first
@@ -309,7 +310,7 @@ class Gateway:
             circuit.failure(self._clock(), e.retry_after_s)
             yield error_frame(e)
         finally:
-            await _aclose(frames)
+            await frames.aclose()
 
     async def aclose(self) -> None:
         await asyncio.gather(*(p.aclose() for p in self.providers.values()))
@@ -320,9 +321,3 @@ def _deadline(failures: list[UpstreamError]) -> DeadlineExceeded:
     if failures:
         msg += f" Last failure: {failures[-1].message}"
     return DeadlineExceeded(msg)
-
-
-async def _aclose(it: AsyncIterator[bytes]) -> None:
-    aclose: Callable[[], Awaitable[object]] | None = getattr(it, "aclose", None)
-    if aclose is not None:
-        await aclose()

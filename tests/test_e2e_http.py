@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SidecarProcess
+from tests.conftest import SidecarProcess, closed_port
 from tests.fakes.provider import (
     FakeProvider,
     disconnect,
@@ -101,16 +101,6 @@ targets = [{{ provider = "p1", model = "fo{i}-a" }}, {{ provider = "p2", model =
     )
 
 
-def _closed_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def fake_mod() -> Iterator[FakeProvider]:
     with FakeProvider() as f:
@@ -121,7 +111,7 @@ def fake_mod() -> Iterator[FakeProvider]:
 def sidecar(
     fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
-    text = CONFIG.format(url=fake_mod.url, closed_port=_closed_port()) + _fresh_routes()
+    text = CONFIG.format(url=fake_mod.url, closed_port=closed_port()) + _fresh_routes()
     proc = SidecarProcess(text, tmp_path_factory.mktemp("e2e"))
     yield proc
     proc.stop()

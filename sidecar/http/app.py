@@ -92,6 +92,19 @@ def _served_headers(request_id: str, target: str, attempts: int) -> dict[str, st
     }
 
 
+def _models_body(gateway: Gateway) -> bytes:
+    """``GET /v1/models``: every route, then every ``provider/model`` target once."""
+    routes = gateway.router.routes
+    data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "sidecar"}
+            for r in routes]
+    seen = {r.model for r in routes}
+    for t in (t for r in routes for t in r.targets):
+        if t.key not in seen:
+            seen.add(t.key)
+            data.append({"id": t.key, "object": "model", "created": 0, "owned_by": t.provider})
+    return _encoder.encode({"object": "list", "data": data})
+
+
 def error_response(err: SidecarError, request_id: str | None = None) -> Response[bytes]:
     headers = {"x-request-id": request_id or uuid.uuid4().hex}
     if err.retry_after_s is not None:
@@ -134,22 +147,12 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
         return await serve(Op.EMBEDDINGS, request)
 
+    models_body = _models_body(gateway)
+
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
         gateway.authenticate(_api_key(request))
-        data: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        for route in gateway.router.routes:
-            data.append({"id": route.model, "object": "model", "created": 0,
-                         "owned_by": "sidecar"})
-            seen.add(route.model)
-        for route in gateway.router.routes:
-            for t in route.targets:
-                if t.key not in seen:
-                    seen.add(t.key)
-                    data.append({"id": t.key, "object": "model", "created": 0,
-                                 "owned_by": t.provider})
-        return Response(_encoder.encode({"object": "list", "data": data}), media_type=_JSON)
+        return Response(models_body, media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:

@@ -21,7 +21,7 @@ sent.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
@@ -540,20 +540,10 @@ class AnthropicMessages:
     def __init__(self, config: AnthropicProvider) -> None:
         self.name = config.name
         self._config = config
-        headers = {
-            "content-type": "application/json",
-            "anthropic-version": config.version,
-            **config.headers,
-        }
+        headers = {"anthropic-version": config.version}
         if config.api_key:
             headers["x-api-key"] = config.api_key
-        self._http = Upstream(
-            config.base_url,
-            headers=headers,
-            timeout_s=config.timeout_s,
-            connect_timeout_s=config.connect_timeout_s,
-            max_connections=config.max_connections,
-        )
+        self._http = Upstream(config, headers)
 
     def supports(self, op: Op) -> bool:
         return op is Op.CHAT
@@ -574,7 +564,8 @@ class AnthropicMessages:
         completion = translate_message(body, target=target)
         return Reply(_encoder.encode(completion), completion.usage)
 
-    async def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
+    async def stream(self, call: Call, model: str, timeout_s: float
+                     ) -> AsyncGenerator[bytes, None]:
         target = f"{self.name}/{model}"
         request = _chat(call, target)
         content = self._body(request, model, target, stream=True)

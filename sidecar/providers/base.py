@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, Protocol
 
 import httpx
 import msgspec
 
+from sidecar.config import ProviderConfig
 from sidecar.errors import (
     UpstreamError,
     UpstreamMalformed,
@@ -57,7 +58,7 @@ class Provider(Protocol):
         """Answer a non-stream call. ``timeout_s`` bounds the whole attempt."""
         ...
 
-    def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
+    def stream(self, call: Call, model: str, timeout_s: float) -> AsyncGenerator[bytes, None]:
         """Stream SSE frames. ``timeout_s`` bounds connecting and each wait for data."""
         ...
 
@@ -73,15 +74,17 @@ class Upstream:
     non-200 answer is translated here. Safe for concurrent use from one event loop.
     """
 
-    def __init__(self, base_url: str, *, headers: dict[str, str], timeout_s: float,
-                 connect_timeout_s: float, max_connections: int) -> None:
-        self._timeout_s = timeout_s
-        self._connect_timeout_s = connect_timeout_s
+    def __init__(self, config: ProviderConfig, headers: dict[str, str]) -> None:
+        """``headers`` (protocol and credentials) are sent with every request, after
+        ``content-type: application/json`` and the provider's configured headers."""
+        self._timeout_s = config.timeout_s
+        self._connect_timeout_s = config.connect_timeout_s
         self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            transport=PooledTransport(max_connections=max_connections, keepalive_expiry_s=30.0),
+            base_url=config.base_url.rstrip("/"),
+            headers={"content-type": "application/json", **config.headers, **headers},
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            transport=PooledTransport(max_connections=config.max_connections,
+                                      keepalive_expiry_s=30.0),
             follow_redirects=False,
             trust_env=False,
         )

@@ -6,7 +6,7 @@ but relayed as the provider's own bytes: non-stream bodies whole, stream frames 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 
@@ -55,17 +55,8 @@ class OpenAICompatible:
 
     def __init__(self, config: OpenAIConfig) -> None:
         self.name = config.name
-        self._config = config
-        headers = {"content-type": "application/json", **config.headers}
-        if config.api_key:
-            headers["authorization"] = f"Bearer {config.api_key}"
-        self._http = Upstream(
-            config.base_url,
-            headers=headers,
-            timeout_s=config.timeout_s,
-            connect_timeout_s=config.connect_timeout_s,
-            max_connections=config.max_connections,
-        )
+        auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._http = Upstream(config, auth)
 
     def supports(self, op: Op) -> bool:
         return True
@@ -86,7 +77,8 @@ class OpenAICompatible:
         check_shape(call.op, shape, target)
         return Reply(body, shape.usage)
 
-    async def stream(self, call: Call, model: str, timeout_s: float) -> AsyncIterator[bytes]:
+    async def stream(self, call: Call, model: str, timeout_s: float
+                     ) -> AsyncGenerator[bytes, None]:
         target = f"{self.name}/{model}"
         async with self._http.open_stream(
             "/" + call.op.value, self._body(call, model), timeout_s, target
