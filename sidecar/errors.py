@@ -22,9 +22,11 @@ its gRPC status code (by name, so this module does not import grpc), the OpenAI 
         ├── UpstreamMalformed   502  retryable  a body that is not the promised wire format
         ├── UpstreamRejected    4xx  final      the provider refused the request itself
         │                                        (400/401/403/404/422): returned to the client
-        └── UpstreamUnsupported 400  next target  this provider cannot express the request
-                                                 (e.g. audio parts for Anthropic); not a
-                                                 health failure; 400 if no target can
+        ├── UpstreamUnsupported 400  next target  this provider cannot express the request
+        │                                        (e.g. audio parts for Anthropic); not a
+        │                                        health failure; 400 if no target can
+        └── UpstreamOverloaded  503  next target  a local model's queue is full; not a
+                                                 health failure; carries Retry-After
 
 Messages never contain secrets or stack traces: they are written for the client.
 """
@@ -180,6 +182,14 @@ class UpstreamUnsupported(UpstreamError):
     type = "invalid_request_error"
     grpc_code = "INVALID_ARGUMENT"
     code = "unsupported_by_target"
+
+
+class UpstreamOverloaded(UpstreamError):
+    """The target is healthy but has no room now (a local model's queue is full)."""
+
+    retryable = True
+    status = 503
+    code = "overloaded"
 
 
 _GRPC_BY_STATUS = {

@@ -21,7 +21,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from typing import TypeVar
 
 import msgspec
@@ -37,6 +44,7 @@ from sidecar.errors import (
     Unavailable,
     UpstreamError,
     UpstreamMalformed,
+    UpstreamOverloaded,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnsupported,
@@ -101,11 +109,14 @@ class Gateway:
         *,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        local_models: Iterable[str] = (),
     ) -> None:
+        """``providers`` by name (``local`` included when there are local models, whose
+        names are ``local_models``)."""
         self._config = config
         self._routing = config.routing
         self.providers = dict(providers)
-        self.router = Router(config, self.providers)
+        self.router = Router(config, self.providers, local_models)
         self._clock = clock or asyncio.get_running_loop().time
         self.health = Health(
             config.routing.circuit_failures, config.routing.circuit_cooldown_s, self._clock
@@ -227,8 +238,8 @@ class Gateway:
                         circuit.success()  # it answered; the request itself was refused
                         raise
                     failures.append(e)
-                    if isinstance(e, UpstreamUnsupported):
-                        circuit.release()  # nothing was sent: no verdict on its health
+                    if isinstance(e, UpstreamUnsupported | UpstreamOverloaded):
+                        circuit.release()  # no verdict on its health; move on
                         break
                     circuit.failure(self._clock(), e.retry_after_s)
                     delay = self._retry_delay(e, tries, route, ctx)
@@ -278,6 +289,8 @@ class Gateway:
         last = failures[-1]
         if all(isinstance(f, UpstreamUnsupported) for f in failures):
             return InvalidRequest(last.message, param=last.param)
+        if all(isinstance(f, UpstreamOverloaded) for f in failures):
+            return Unavailable(last.message, retry_after_s=last.retry_after_s)
         if all(isinstance(f, UpstreamRateLimited) for f in failures):
             waits = [f.retry_after_s for f in failures if f.retry_after_s is not None]
             return RateLimited(

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from sidecar.config import Config, Strategy
+from sidecar.config import LOCAL_PROVIDER, Config, Strategy
 from sidecar.errors import ModelNotFound
 
 
@@ -38,9 +38,13 @@ class Route(msgspec.Struct, frozen=True):
 class Router:
     """Resolves model names to routes. Immutable after construction; safe to share."""
 
-    def __init__(self, config: Config, providers: Iterable[str]) -> None:
+    def __init__(self, config: Config, providers: Iterable[str],
+                 local_models: Iterable[str] = ()) -> None:
+        """``providers``: remote provider names; ``local_models``: the local models' names,
+        each also served as a route of its own unless a configured route has that name."""
         self._retries = config.routing.retries
-        self._providers = frozenset(providers)
+        self._providers = frozenset(providers) - {LOCAL_PROVIDER}
+        self._local = frozenset(local_models)
         self._routes = {
             r.model: Route(
                 r.model,
@@ -50,6 +54,13 @@ class Router:
             )
             for r in config.routes
         }
+        for name in sorted(self._local - self._routes.keys()):
+            self._routes[name] = Route(name, "priority", (Target(LOCAL_PROVIDER, name),),
+                                       self._retries)
+
+    def _direct(self, provider: str, model: str) -> Route:
+        return Route(f"{provider}/{model}", "priority", (Target(provider, model),),
+                     self._retries)
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -61,11 +72,13 @@ class Router:
         if route is not None:
             return route
         provider, sep, upstream = model.partition("/")
-        if sep and upstream and provider in self._providers:
-            return Route(model, "priority", (Target(provider, upstream),), self._retries)
+        if sep and upstream and (
+            provider in self._providers or (provider == LOCAL_PROVIDER and upstream in self._local)
+        ):
+            return self._direct(provider, upstream)
         raise ModelNotFound(
-            f"The model '{model}' does not exist: it is neither a configured route nor "
-            "'provider/model' with a configured provider.",
+            f"The model '{model}' does not exist: it is neither a configured route, "
+            "a local model, nor 'provider/model' with a configured provider.",
             param="model",
         )
 

@@ -13,13 +13,24 @@ import signal
 import socket
 import sys
 
+import psutil
 import uvicorn
 
-from sidecar.config import AnthropicProvider, Config, OpenAIProvider, ProviderConfig
+from local_models.catalog import Catalog, ModelSpec
+from local_models.catalog import build_catalog as _build_catalog
+from local_models.pool import ModelPool, PoolSettings
+from sidecar.config import (
+    LOCAL_PROVIDER,
+    AnthropicProvider,
+    Config,
+    OpenAIProvider,
+    ProviderConfig,
+)
 from sidecar.gateway import Gateway
 from sidecar.http.app import create_app
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider
+from sidecar.providers.local import LocalProvider
 from sidecar.providers.openai import OpenAICompatible
 
 log = logging.getLogger("sidecar")
@@ -33,9 +44,58 @@ def build_provider(config: ProviderConfig) -> Provider:
             return AnthropicMessages(config)
 
 
+def build_catalog(config: Config) -> Catalog:
+    """Read the GGUF headers of every configured and scanned local model (no weights)."""
+    specs = [
+        ModelSpec(name=m.name, path=m.path, package=m.package, n_ctx=m.n_ctx,
+                  n_parallel=m.n_parallel, n_gpu_layers=m.n_gpu_layers)
+        for m in config.local_models
+    ]
+    local = config.local
+    return _build_catalog(specs, local.model_dirs, n_ctx=local.n_ctx,
+                          n_parallel=local.n_parallel)
+
+
+def memory_budget(config: Config) -> int:
+    """The local models' memory budget in bytes (75% of physical memory unless set)."""
+    mb = config.local.memory_budget_mb
+    return mb * 2**20 if mb else int(psutil.virtual_memory().total * 0.75)
+
+
+def build_pool(config: Config, catalog: Catalog) -> ModelPool:
+    local = config.local
+    return ModelPool(catalog.entries, PoolSettings(
+        memory_budget_bytes=memory_budget(config),
+        idle_unload_s=local.idle_unload_s,
+        max_queue=local.max_queue,
+        n_threads=local.threads,
+        load_timeout_s=local.load_timeout_s,
+    ))
+
+
 def build_gateway(config: Config) -> Gateway:
-    """Must run inside the event loop that will serve requests."""
-    return Gateway(config, {p.name: build_provider(p) for p in config.providers})
+    """Must run inside the event loop that will serve requests. Reports local models that
+    cannot be used on stderr; the rest of the sidecar serves regardless."""
+    providers = {p.name: build_provider(p) for p in config.providers}
+    names: list[str] = []
+    if config.local_models or config.local.model_dirs:
+        catalog = build_catalog(config)
+        for warning in catalog.warnings:
+            print(f"sidecar: warning: {warning}", file=sys.stderr, flush=True)
+        for entry in catalog.entries:
+            if entry.error is not None:
+                print(f"sidecar: local model '{entry.name}' is unavailable: {entry.error}",
+                      file=sys.stderr, flush=True)
+        names = [e.name for e in catalog.entries]
+        for route in config.routes:
+            for t in route.targets:
+                if t.provider == LOCAL_PROVIDER and t.model not in names:
+                    print(f"sidecar: warning: route '{route.model}' names local model "
+                          f"'{t.model}', which was not found", file=sys.stderr, flush=True)
+        pool = build_pool(config, catalog)
+        pool.start()
+        providers[LOCAL_PROVIDER] = LocalProvider(pool)
+    return Gateway(config, providers, local_models=names)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,0 +1,525 @@
+"""The worker process: owns one model's llama.cpp objects and runs its generations.
+
+Run as ``python -m local_models.worker``; the pool speaks :mod:`local_models.protocol` frames
+on the child's stdin and stdout (the real stdout; file descriptor 1 is pointed at stderr so
+nothing llama.cpp prints can corrupt the protocol).
+
+Contract:
+
+* Every llama.cpp call happens on the main thread (the OpenMP build loses about two thirds
+  of its speed once a second thread has called into it). A reader thread only decodes
+  frames into a queue.
+* Continuous batching: one llama.cpp context holds ``n_parallel`` sequences of ``n_ctx``
+  tokens each. Each decode step carries one token of every generating sequence plus prompt
+  tokens of newly admitted ones (prefill in chunks up to ``n_batch``), so a request joins
+  between steps and never waits for others to finish. Each sequence has its own sampler
+  chain, stop sequences and token limit.
+* A cancelled sequence is freed at the start of the next step. Requests beyond the free
+  sequences wait in arrival order (the pool bounds how many it sends; this only absorbs the
+  moment between a cancel and the slot being freed).
+* Embeddings use a second, lazily created context with mean pooling, on the same thread.
+* The worker exits when its stdin closes or on :class:`~local_models.protocol.Shutdown`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import math
+import os
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from local_models import protocol as p
+from local_models.chat_template import ChatTemplate, TemplateError
+
+Send = Callable[[p.FromWorker], None]
+
+
+class _LoadError(Exception):
+    pass
+
+
+class _RequestError(Exception):
+    def __init__(self, kind: p.ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind: p.ErrorKind = kind
+
+
+def _llama() -> Any:
+    import llama_cpp  # imported here: loading the shared library is the worker's job only
+
+    return llama_cpp
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One generating request in a sequence slot of the shared context."""
+
+    id: int
+    slot: int
+    prompt: list[int]
+    max_tokens: int
+    stop: tuple[str, ...]
+    sampler: Any
+    n_past: int = 0
+    n_generated: int = 0
+    next_token: int | None = None
+    batch_index: int = -1
+    pending: str = ""
+    cancelled: bool = False
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+
+class Engine:
+    """One loaded model and its batch loop. Not thread-safe: main thread only."""
+
+    def __init__(self, load: p.Load) -> None:
+        self.ll = ll = _llama()
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._log_cb = _quiet_logs(ll)
+        ll.llama_backend_init()
+        self.gpu_offload = bool(ll.llama_supports_gpu_offload())
+        self.model, self.n_gpu_layers = self._load_model(load)
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = ll.llama_model_n_embd(self.model)
+        self.n_parallel = load.n_parallel
+        self.n_batch = max(load.n_batch, load.n_parallel)
+        self.n_threads = load.n_threads
+        self.n_ctx_seq = min(load.n_ctx, ll.llama_model_n_ctx_train(self.model) or load.n_ctx)
+        params = ll.llama_context_default_params()
+        params.n_ctx = self.n_ctx_seq * load.n_parallel
+        params.n_batch = self.n_batch
+        params.n_ubatch = min(self.n_batch, 512)
+        params.n_seq_max = load.n_parallel
+        params.n_threads = params.n_threads_batch = load.n_threads
+        params.kv_unified = False
+        params.no_perf = True
+        self.ctx = ll.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise _LoadError(
+                f"llama.cpp could not create a context of {params.n_ctx} tokens "
+                f"({load.n_parallel} x {self.n_ctx_seq}); lower n_ctx or n_parallel"
+            )
+        self.n_ctx_seq = ll.llama_n_ctx_seq(self.ctx)
+        self.memory = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self.template = ChatTemplate(
+            _meta(ll, self.model, "tokenizer.chat_template"),
+            bos_token=self._piece(ll.llama_vocab_bos(self.vocab), special=True),
+            eos_token=self._piece(ll.llama_vocab_eos(self.vocab), special=True),
+        )
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.bos = ll.llama_vocab_bos(self.vocab)
+        self.free_slots = list(range(load.n_parallel - 1, -1, -1))
+        self.active: dict[int, _Seq] = {}
+        self.waiting: deque[p.Generate] = deque()
+        self._embed_ctx: Any = None
+        self._embed_n_ctx = 0
+
+    def _load_model(self, load: p.Load) -> tuple[Any, int]:
+        ll = self.ll
+        if load.n_gpu_layers is not None:
+            candidates = [load.n_gpu_layers]
+        elif self.gpu_offload:
+            # Offload what fits: all layers first, then fewer, then none.
+            n = max(load.n_layers, 1)
+            candidates = [-1, *sorted({n * 3 // 4, n // 2, n // 4}, reverse=True), 0]
+        else:
+            candidates = [0]
+        for layers in candidates:
+            mparams = ll.llama_model_default_params()
+            mparams.n_gpu_layers = layers if self.gpu_offload else 0
+            model = ll.llama_model_load_from_file(load.path.encode(), mparams)
+            if model:
+                offloaded = 0
+                if self.gpu_offload and layers != 0:
+                    total = ll.llama_model_n_layer(model)
+                    offloaded = total if layers < 0 else min(layers, total)
+                return model, offloaded
+        raise _LoadError(f"{load.path}: llama.cpp could not load the model")
+
+    # --- requests -----------------------------------------------------------------------
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        ll = self.ll
+        data = text.encode("utf-8", errors="replace")
+        n_max = len(data) + 8
+        buf = (ll.llama_token * n_max)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, special)
+        if n < 0:
+            n_max = -n
+            buf = (ll.llama_token * n_max)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, special)
+        tokens = list(buf[:n])
+        if len(tokens) > 1 and tokens[0] == self.bos and tokens[1] == self.bos:
+            tokens.pop(0)  # the template wrote BOS itself and the tokenizer added another
+        return tokens
+
+    def _piece(self, token: int, special: bool = False) -> str:
+        return self._piece_bytes(token, special).decode("utf-8", errors="replace")
+
+    def _piece_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = self.ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return bytes(buf.raw[:n])
+
+    def _prompt(self, req: p.Generate) -> list[int]:
+        if req.messages is not None:
+            try:
+                text = self.template.render(
+                    [{"role": m.role, "content": m.content} for m in req.messages]
+                )
+            except TemplateError as e:
+                raise _RequestError("invalid", str(e)) from None
+            tokens = self.tokenize(text, special=True)
+        else:
+            tokens = self.tokenize(req.prompt or "", special=False)
+        if not tokens:
+            raise _RequestError("invalid", "the prompt is empty")
+        if len(tokens) >= self.n_ctx_seq:
+            raise _RequestError(
+                "invalid",
+                f"the prompt is {len(tokens)} tokens; this model's context per request is "
+                f"{self.n_ctx_seq} tokens",
+            )
+        return tokens
+
+    def _sampler(self, s: p.Sampling) -> Any:
+        ll = self.ll
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if s.presence_penalty or s.frequency_penalty:
+            ll.llama_sampler_chain_add(
+                chain,
+                ll.llama_sampler_init_penalties(64, 1.0, s.frequency_penalty, s.presence_penalty),
+            )
+        if s.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
+        seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little")
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def admit(self, req: p.Generate, send: Send) -> None:
+        """Start a generation in a free slot (the caller checked there is one)."""
+        try:
+            tokens = self._prompt(req)
+        except _RequestError as e:
+            send(p.Failed(req.id, e.kind, str(e)))
+            return
+        room = self.n_ctx_seq - len(tokens)
+        limit = room if req.max_tokens is None else min(req.max_tokens, room)
+        seq = _Seq(req.id, self.free_slots.pop(), tokens, limit, req.stop,
+                   self._sampler(req.sampling))
+        self.active[req.id] = seq
+        send(p.Started(req.id, len(tokens)))
+
+    def cancel(self, request_id: int, send: Send) -> None:
+        seq = self.active.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
+            return
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                send(p.Done(req.id, "cancelled", 0, 0))
+                return
+
+    def _finish(self, seq: _Seq, reason: p.FinishReason, out: list[p.FromWorker]) -> None:
+        if reason != "cancelled":
+            tail = seq.pending + seq.decoder.decode(b"", final=True)
+            if reason == "stop" and seq.stop:
+                tail = _cut_at_stop(tail, seq.stop)[0]
+            if tail:
+                out.append(p.Tokens(seq.id, tail))
+        out.append(p.Done(seq.id, reason, len(seq.prompt), seq.n_generated))
+        self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        self.ll.llama_sampler_free(seq.sampler)
+        del self.active[seq.id]
+        self.free_slots.append(seq.slot)
+
+    def _accept(self, seq: _Seq, token: int, out: list[p.FromWorker]) -> None:
+        """Handle one sampled token: emit text, or finish the sequence."""
+        if self.ll.llama_vocab_is_eog(self.vocab, token):
+            self._finish(seq, "stop", out)
+            return
+        seq.n_generated += 1
+        seq.pending += seq.decoder.decode(self._piece_bytes(token))
+        if seq.stop:
+            text, hit = _cut_at_stop(seq.pending, seq.stop)
+            if hit:
+                seq.pending = text
+                self._finish(seq, "stop", out)
+                return
+            keep = _held_back(seq.pending, seq.stop)
+            emit, seq.pending = seq.pending[: len(seq.pending) - keep], seq.pending[
+                len(seq.pending) - keep :
+            ]
+        else:
+            emit, seq.pending = seq.pending, ""
+        if emit:
+            out.append(p.Tokens(seq.id, emit))
+        if seq.n_generated >= seq.max_tokens:
+            self._finish(seq, "length", out)
+        else:
+            seq.next_token = token
+
+    # --- the batch loop -----------------------------------------------------------------
+
+    def step(self, out: list[p.FromWorker]) -> None:
+        """One decode step over every active sequence."""
+        ll, batch = self.ll, self.batch
+        for seq in [s for s in self.active.values() if s.cancelled]:
+            self._finish(seq, "cancelled", out)
+        while self.waiting and self.free_slots:
+            self.admit(self.waiting.popleft(), out.append)
+        n = 0
+
+        def add(token: int, pos: int, slot: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot
+            batch.logits[n] = logits
+            n += 1
+
+        for seq in self.active.values():
+            seq.batch_index = -1
+            if seq.next_token is not None:
+                seq.batch_index = n
+                add(seq.next_token, seq.n_past, seq.slot, True)
+                seq.n_past += 1
+                seq.next_token = None
+        for seq in self.active.values():
+            if not seq.prefilling or n >= self.n_batch:
+                continue
+            take = min(len(seq.prompt) - seq.n_past, self.n_batch - n)
+            for i in range(seq.n_past, seq.n_past + take):
+                last = i == len(seq.prompt) - 1
+                if last:
+                    seq.batch_index = n
+                add(seq.prompt[i], i, seq.slot, last)
+            seq.n_past += take
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = ll.llama_decode(self.ctx, batch)
+        if rc != 0:
+            for seq in list(self.active.values()):
+                out.append(p.Failed(seq.id, "internal", f"llama_decode failed ({rc})"))
+                ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+                ll.llama_sampler_free(seq.sampler)
+                self.free_slots.append(seq.slot)
+            self.active.clear()
+            return
+        for seq in list(self.active.values()):
+            if seq.batch_index >= 0:
+                token = ll.llama_sampler_sample(seq.sampler, self.ctx, seq.batch_index)
+                self._accept(seq, token, out)
+
+    # --- embeddings ---------------------------------------------------------------------
+
+    def embed(self, req: p.Embed) -> p.Embeddings:
+        ll = self.ll
+        if self._embed_ctx is None:
+            n_ctx = min(ll.llama_model_n_ctx_train(self.model) or 2048, 8192)
+            params = ll.llama_context_default_params()
+            params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+            params.n_seq_max = 1
+            params.n_threads = params.n_threads_batch = self.n_threads
+            params.embeddings = True
+            params.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
+            params.no_perf = True
+            self._embed_ctx = ll.llama_init_from_model(self.model, params)
+            if not self._embed_ctx:
+                self._embed_ctx = None
+                raise _RequestError("internal", "llama.cpp could not create an embedding context")
+            self._embed_n_ctx = n_ctx
+        ctx = self._embed_ctx
+        memory = ll.llama_get_memory(ctx)
+        batch = ll.llama_batch_init(self._embed_n_ctx, 0, 1)
+        vectors: list[tuple[float, ...]] = []
+        used = 0
+        try:
+            for i, text in enumerate(req.inputs):
+                tokens = self.tokenize(text, special=False)
+                if not tokens or len(tokens) > self._embed_n_ctx:
+                    raise _RequestError(
+                        "invalid",
+                        f"input[{i}] is {len(tokens)} tokens; "
+                        f"embeddings take 1 to {self._embed_n_ctx}",
+                    )
+                used += len(tokens)
+                ll.llama_memory_clear(memory, True)
+                for j, token in enumerate(tokens):
+                    batch.token[j] = token
+                    batch.pos[j] = j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = True
+                batch.n_tokens = len(tokens)
+                if ll.llama_decode(ctx, batch) != 0:
+                    raise _RequestError("internal", "llama_decode failed for embeddings")
+                ptr = ll.llama_get_embeddings_seq(ctx, 0)
+                vec = [ptr[k] for k in range(self.n_embd)]
+                norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+                vectors.append(tuple(v / norm for v in vec))
+        finally:
+            ll.llama_batch_free(batch)
+        return p.Embeddings(req.id, tuple(vectors), used)
+
+    # --- main loop ----------------------------------------------------------------------
+
+    def run(self, inbox: queue.SimpleQueue[p.ToWorker | None], send_all: Callable[
+            [list[p.FromWorker]], None]) -> None:
+        """Serve requests until Shutdown or the end of the input pipe."""
+        while True:
+            out: list[p.FromWorker] = []
+            block = not self.active and not self.waiting
+            while True:
+                try:
+                    msg = inbox.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if msg is None or isinstance(msg, p.Shutdown):
+                    return
+                if isinstance(msg, p.Generate):
+                    self.waiting.append(msg)  # admitted at the start of the next step
+                elif isinstance(msg, p.Cancel):
+                    self.cancel(msg.id, out.append)
+                elif isinstance(msg, p.Embed):
+                    try:
+                        out.append(self.embed(msg))
+                    except _RequestError as e:
+                        out.append(p.Failed(msg.id, e.kind, str(e)))
+            self.step(out)
+            if out:
+                send_all(out)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the earliest stop sequence, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters could still grow into a stop sequence."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _meta(ll: Any, model: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return bytes(buf.value).decode("utf-8", errors="replace")
+
+
+def _quiet_logs(ll: Any) -> Any:
+    """Route llama.cpp's log to stderr, errors only unless SIDECAR_LLAMA_LOG=1."""
+    verbose = os.environ.get("SIDECAR_LLAMA_LOG") == "1"
+
+    last = [0]
+
+    @ll.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, _user: Any) -> None:
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message
+            last[0] = level
+        if verbose or last[0] >= 4:  # GGML_LOG_LEVEL_ERROR
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    ll.llama_log_set(callback, None)
+    return callback
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    parts: list[bytes] = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            return None
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def _read_frames(fd: int, inbox: queue.SimpleQueue[p.ToWorker | None]) -> None:
+    """Decode frames from ``fd`` into ``inbox``; None marks the end (or a broken frame)."""
+    try:
+        while (header := _read_exact(fd, p.HEADER.size)) is not None:
+            (size,) = p.HEADER.unpack(header)
+            body = _read_exact(fd, size) if size <= p.MAX_FRAME else None
+            if body is None:
+                break
+            inbox.put(p.to_worker_decoder.decode(body))
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    finally:
+        inbox.put(None)
+
+
+def main() -> int:
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # anything printed to stdout by native code goes to stderr instead
+    out = os.fdopen(out_fd, "wb", buffering=0)
+    lock = threading.Lock()
+
+    def send_all(messages: list[p.FromWorker]) -> None:
+        data = b"".join(p.frame(m) for m in messages)
+        with lock:
+            out.write(data)
+
+    inbox: queue.SimpleQueue[p.ToWorker | None] = queue.SimpleQueue()
+    threading.Thread(target=_read_frames, args=(0, inbox), daemon=True).start()
+    first = inbox.get()
+    if not isinstance(first, p.Load):
+        return 2
+    try:
+        engine = Engine(first)
+    except _LoadError as e:
+        send_all([p.LoadFailed(str(e))])
+        return 1
+    send_all([p.Loaded(engine.n_ctx_seq, engine.n_parallel, engine.n_gpu_layers,
+                       engine.gpu_offload, engine.n_vocab, engine.n_embd)])
+    engine.run(inbox, send_all)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
