@@ -1,7 +1,8 @@
 # The two commands: `make run` and `make test`. Both install what they need first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= $(or $(SIDECAR_CONFIG),config.example.toml)
+# With no config the sidecar serves its embedded default: the local SmolLM2 model.
+CONFIG ?= $(SIDECAR_CONFIG)
 
 .PHONY: run test install install-dev lint bench clean
 
@@ -17,7 +18,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
-	$(VENV)/bin/sidecar serve --config $(CONFIG)
+	$(VENV)/bin/sidecar serve $(if $(CONFIG),--config $(CONFIG))
 
 test: install-dev
 	$(PY) -m ruff check sidecar local_models tests benchmarks

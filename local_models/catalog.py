@@ -62,7 +62,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Context per sequence, in tokens."""
     n_parallel: int = 4
     """Sequences decoded together (the KV cache holds ``n_ctx * n_parallel`` tokens)."""
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None
+    """Layers to offload to a GPU: None offloads what fits when the build has a GPU backend
+    (else 0); -1 means all."""
 
 
 class MemoryEstimate(msgspec.Struct, frozen=True):
@@ -106,11 +108,11 @@ class Catalog(msgspec.Struct, frozen=True):
 
 # --- memory -------------------------------------------------------------------------------
 
-KV_BYTES_PER_VALUE = 2  # llama.cpp's default cache type is f16
-N_UBATCH = 512  # llama.cpp's default n_batch/n_ubatch: the widest graph it reserves for
-FLOAT_BYTES = 4
-KV_PAD = 256  # llama.cpp rounds each sequence's context up to a multiple of 256 cells
-ACTIVATION_ROWS = 4  # n_embd-wide f32 activations live at the graph's peak (calibrated)
+_KV_BYTES_PER_VALUE = 2  # llama.cpp's default cache type is f16
+_N_UBATCH = 512  # llama.cpp's default n_batch/n_ubatch: the widest graph it reserves for
+_FLOAT_BYTES = 4
+_KV_PAD = 256  # llama.cpp rounds each sequence's context up to a multiple of 256 cells
+_ACTIVATION_ROWS = 4  # n_embd-wide f32 activations live at the graph's peak (calibrated)
 
 
 def estimate_memory(
@@ -119,8 +121,9 @@ def estimate_memory(
     """Estimate the bytes llama.cpp needs to run ``info`` with ``n_parallel`` sequences of
     ``n_ctx`` tokens each, in one context of ``n_ctx * n_parallel`` cells with llama.cpp's
     defaults otherwise (f16 KV cache, one KV stream per sequence, n_batch/n_ubatch 512).
-    Flash attention is off unless ``flash_attn`` (llama-cpp-python's default is off; with it
-    on the compute buffer is smaller).
+    Flash attention is assumed off unless ``flash_attn``: that is llama-cpp-python's ``Llama``
+    default and the larger compute buffer, so the estimate is an upper bound for contexts
+    created with llama.cpp's own default (auto, which turns it on for the CPU backend).
 
     - weights: the file's tensor data, which llama.cpp maps or copies as is.
     - kv_cache: K and V for every layer and every cell, f16:
@@ -131,17 +134,17 @@ def estimate_memory(
 
     Pure arithmetic on the metadata: no I/O.
     """
-    n_ctx_seq = _pad(max(n_ctx, 1), KV_PAD)
+    n_ctx_seq = _pad(max(n_ctx, 1), _KV_PAD)
     cells = n_ctx_seq * max(n_parallel, 1)
     kv = (
         info.n_layers
         * cells
         * info.n_head_kv
         * (info.head_dim_k + info.head_dim_v)
-        * KV_BYTES_PER_VALUE
+        * _KV_BYTES_PER_VALUE
     )
     weights = max(info.file_size - info.tensor_data_offset, 0)
-    compute = _compute_bytes(info, n_ctx_seq, min(N_UBATCH, cells), flash_attn)
+    compute = _compute_bytes(info, n_ctx_seq, min(_N_UBATCH, cells), flash_attn)
     return MemoryEstimate(weights=weights, kv_cache=kv, compute=compute)
 
 
@@ -157,8 +160,8 @@ def _compute_bytes(info: GGUFInfo, n_kv: int, n_tokens: int, flash_attn: bool) -
     """
     logits = info.vocab_size * n_tokens
     scores = 0 if flash_attn else (info.n_head + 1) * n_kv * n_tokens
-    activations = ACTIVATION_ROWS * info.n_embd * n_tokens
-    return (max(logits, scores) + activations) * FLOAT_BYTES
+    activations = _ACTIVATION_ROWS * info.n_embd * n_tokens
+    return (max(logits, scores) + activations) * _FLOAT_BYTES
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -205,7 +208,7 @@ def build_catalog(
     *,
     n_ctx: int = 4096,
     n_parallel: int = 4,
-    n_gpu_layers: int = 0,
+    n_gpu_layers: int | None = None,
 ) -> Catalog:
     """Catalog the configured ``specs``, then the ``*.gguf`` files in ``scan_dirs``.
 
@@ -285,5 +288,7 @@ def _entry_for_file(spec: ModelSpec, path: str) -> CatalogEntry:
         check_supported(info)
     except GGUFError as e:  # keep what was read: listings still show the architecture
         return CatalogEntry(spec.name, path, spec, info=info, error=str(e))
-    memory = estimate_memory(info, spec.n_ctx, spec.n_parallel)
+    # The worker never gives a sequence more context than the model was trained for.
+    n_ctx = min(spec.n_ctx, info.context_length) if info.context_length else spec.n_ctx
+    memory = estimate_memory(info, n_ctx, spec.n_parallel)
     return CatalogEntry(spec.name, path, spec, info=info, memory=memory)

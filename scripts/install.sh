@@ -52,6 +52,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --quiet --upgrade pip
 
 # llama-cpp-python: built once per (version, flags), then installed from the wheelhouse.
+CMAKE_ARGS="$(echo $CMAKE_ARGS)"  # squeeze whitespace: the same flags give the same key
 KEY=$(printf '%s %s' "$LLAMA_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-12)
 WHEELHOUSE=".cache/wheels/llama-cpp-python-$KEY"
 if ! ls "$WHEELHOUSE"/llama_cpp_python-*.whl >/dev/null 2>&1; then

@@ -46,7 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(_config_path(args.config))
-    print(f"config OK: {len(config.providers)} providers, {len(config.routes)} routes")
+    print(f"config OK: {len(config.providers)} providers, {len(config.routes)} routes, "
+          f"{len(config.local_models)} local models")
     for p in config.providers:
         print(f"  provider {p.name:<16} {type(p).__name__:<18} {p.base_url}")
     for r in config.routes:
@@ -55,6 +56,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             for t in r.targets
         )
         print(f"  route    {r.model:<16} {r.strategy:<18} {targets}")
+    for m in config.local_models:
+        source = f"path {m.path}" if m.path else f"package {m.package}"
+        print(f"  local    {m.name:<16} {source} (n_ctx {m.n_ctx} x {m.n_parallel})")
+    for d in config.local.model_dirs:
+        print(f"  local    {'*.gguf':<16} scanned in {d}")
     return 0
 
 

