@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # With no config the sidecar serves its embedded default: the local SmolLM2 model.
 CONFIG ?= $(SIDECAR_CONFIG)
 
-.PHONY: run test install install-dev lint bench clean
+.PHONY: run test install install-dev lint bench bench-local clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	scripts/install.sh --venv $(VENV)
@@ -32,6 +32,10 @@ lint: install-dev
 bench: install-dev
 	scripts/bench-deps.sh
 	$(PY) benchmarks/overhead.py
+
+bench-local: install-dev
+	scripts/build-llama-server.sh
+	$(PY) benchmarks/local.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
