@@ -340,7 +340,7 @@ class ModelPool:
             if model.failed and since < self.settings.retry_failed_load_s:
                 raise ModelUnavailable(model.failed)
             model.loading = asyncio.ensure_future(self._load(model))
-            model.loading.add_done_callback(lambda _: setattr(model, "loading", None))
+            model.loading.add_done_callback(lambda f: _loaded(model, f))
         return await asyncio.shield(model.loading)
 
     async def _load(self, model: _Model) -> _Worker:
@@ -435,6 +435,12 @@ class ModelPool:
                     async with self._load_lock:
                         if model.in_flight == 0 and model.loading is None:
                             await self._unload(model)
+
+
+def _loaded(model: _Model, future: asyncio.Future[_Worker]) -> None:
+    model.loading = None
+    if not future.cancelled():
+        future.exception()  # retrieved here: every waiter may have gone away meanwhile
 
 
 async def _how(worker: _Worker) -> str:

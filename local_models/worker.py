@@ -347,7 +347,9 @@ class Engine:
     def embed(self, req: p.Embed) -> p.Embeddings:
         ll = self.ll
         if self._embed_ctx is None:
-            n_ctx = min(ll.llama_model_n_ctx_train(self.model) or 2048, 8192)
+            # One input per decode, as long as a generation's context: the compute buffer
+            # grows with the square of this, so it is not the model's full training context.
+            n_ctx = self.n_ctx_seq
             params = ll.llama_context_default_params()
             params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
             params.n_seq_max = 1

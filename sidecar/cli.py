@@ -6,9 +6,12 @@ Exit codes: 0 success, 1 invalid config or failed request, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import msgspec
 
@@ -110,6 +113,31 @@ def _size(n: int) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """Stream one answer from a running sidecar. When nothing listens at the default URL,
+    start one for this request (``$SIDECAR_CONFIG`` or the embedded default) and stop it."""
+    import httpx
+
+    url = args.url or os.environ.get("SIDECAR_URL")
+    try:
+        return _chat(url or DEFAULT_URL, args)
+    except httpx.ConnectError:
+        if url:
+            print(f"error: cannot reach the sidecar at {url}", file=sys.stderr)
+            return 1
+    print(f"sidecar: nothing listens at {DEFAULT_URL}; starting one for this request",
+          file=sys.stderr)
+    with _temporary_sidecar() as started:
+        if started is None:
+            print("error: the sidecar did not start", file=sys.stderr)
+            return 1
+        try:
+            return _chat(started, args)
+        except httpx.HTTPError as e:
+            print(f"error: {type(e).__name__}", file=sys.stderr)
+            return 1
+
+
+def _chat(url: str, args: argparse.Namespace) -> int:
     import httpx
 
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -117,7 +145,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             "messages": [{"role": "user", "content": args.text}]}
     decoder = msgspec.json.Decoder()
     try:
-        with httpx.stream("POST", f"{args.url.rstrip('/')}/v1/chat/completions", json=body,
+        with httpx.stream("POST", f"{url.rstrip('/')}/v1/chat/completions", json=body,
                           headers=headers, timeout=args.timeout) as resp:
             if resp.status_code != 200:
                 resp.read()
@@ -133,11 +161,37 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 for choice in event.get("choices", []):
                     print(choice.get("delta", {}).get("content") or "", end="", flush=True)
             print(f"\n[{resp.headers.get('x-sidecar-target')}]", file=sys.stderr)
+    except httpx.ConnectError:
+        raise
     except httpx.HTTPError as e:
-        print(f"error: cannot reach the sidecar at {args.url}: {type(e).__name__}",
+        print(f"error: request to the sidecar at {url} failed: {type(e).__name__}",
               file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _temporary_sidecar() -> Iterator[str | None]:
+    """A ``sidecar serve`` child on a free loopback port; yields its URL (None if it did
+    not start) and stops it afterwards."""
+    argv = [sys.executable, "-m", "sidecar", "serve", "--host", "127.0.0.1", "--port", "0",
+            "--grpc-port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"http listening on (\S+)$", line.strip())
+            if m:
+                yield f"http://{m.group(1)}"
+                return
+        yield None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -164,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="one-shot chat against a running sidecar")
     ch.add_argument("text")
     ch.add_argument("--model", default=os.environ.get("SIDECAR_MODEL", "smollm2"))
-    ch.add_argument("--url", default=os.environ.get("SIDECAR_URL", DEFAULT_URL))
+    ch.add_argument("--url", help=f"a running sidecar (default: $SIDECAR_URL, else {DEFAULT_URL}, "
+                    "else one started for this request)")
     ch.add_argument("--api-key", default=os.environ.get("SIDECAR_API_KEY"))
     ch.add_argument("--timeout", type=float, default=120.0)
     ch.set_defaults(func=cmd_chat)

@@ -19,6 +19,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
+from sidecar.config import LOCAL_PROVIDER
 from sidecar.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -27,6 +28,7 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.gateway import Completed, Context, Gateway, error_body
+from sidecar.providers.local import LocalProvider
 from sidecar.types import REQUEST_TYPES, Call, Op
 
 log = logging.getLogger("sidecar.http")
@@ -162,10 +164,13 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def readyz() -> Response[bytes]:
         views = gateway.health.views()
         ready = not gateway.draining
-        body = {
+        body: dict[str, Any] = {
             "status": "ready" if ready else "draining",
             "targets": {k: msgspec.structs.asdict(v) for k, v in views.items()},
         }
+        local = gateway.providers.get(LOCAL_PROVIDER)
+        if isinstance(local, LocalProvider):
+            body["local_models"] = local.pool.status()
         return Response(_encoder.encode(body), status_code=200 if ready else 503,
                         media_type=_JSON)
 
