@@ -54,3 +54,28 @@ def test_weighted_plan_follows_weights_and_keeps_fallbacks() -> None:
     firsts = Counter(plan(route, rng)[0].key for _ in range(4000))
     assert 0.70 < firsts["a/x"] / 4000 < 0.80  # 3:1
     assert all(len(plan(route, rng)) == 2 for _ in range(10))
+
+
+LOCAL = parse_config(
+    {
+        "providers": [{"name": "a", "type": "openai"}],
+        "local_models": [{"name": "tiny", "path": "/m/tiny.gguf"},
+                         {"name": "chat", "path": "/m/chat.gguf"}],
+        "routes": [{"model": "chat", "targets": [{"provider": "a", "model": "x"},
+                                                 {"provider": "local", "model": "tiny"}]}],
+    },
+    env={},
+)
+
+
+def test_local_models_are_routes_and_targets() -> None:
+    router = Router(LOCAL, ["a", "local"], local_models=["tiny", "chat"])
+    assert [t.key for t in router.resolve("tiny").targets] == ["local/tiny"]
+    assert router.resolve("tiny").model == "tiny"
+    assert [t.key for t in router.resolve("local/tiny").targets] == ["local/tiny"]
+    # A configured route of the same name wins over the bare local name...
+    assert [t.key for t in router.resolve("chat").targets] == ["a/x", "local/tiny"]
+    # ...and the model stays reachable as local/<name>.
+    assert [t.key for t in router.resolve("local/chat").targets] == ["local/chat"]
+    with pytest.raises(ModelNotFound):
+        router.resolve("local/unknown")
