@@ -93,28 +93,13 @@ class Engine:
         self._log_cb = _quiet_logs(ll)
         ll.llama_backend_init()
         self.gpu_offload = bool(ll.llama_supports_gpu_offload())
-        self.model, self.n_gpu_layers = self._load_model(load)
-        self.vocab = ll.llama_model_get_vocab(self.model)
-        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
-        self.n_embd = ll.llama_model_n_embd(self.model)
         self.n_parallel = load.n_parallel
         self.n_batch = max(load.n_batch, load.n_parallel)
         self.n_threads = load.n_threads
-        self.n_ctx_seq = min(load.n_ctx, ll.llama_model_n_ctx_train(self.model) or load.n_ctx)
-        params = ll.llama_context_default_params()
-        params.n_ctx = self.n_ctx_seq * load.n_parallel
-        params.n_batch = self.n_batch
-        params.n_ubatch = min(self.n_batch, 512)
-        params.n_seq_max = load.n_parallel
-        params.n_threads = params.n_threads_batch = load.n_threads
-        params.kv_unified = False
-        params.no_perf = True
-        self.ctx = ll.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            raise _LoadError(
-                f"llama.cpp could not create a context of {params.n_ctx} tokens "
-                f"({load.n_parallel} x {self.n_ctx_seq}); lower n_ctx or n_parallel"
-            )
+        self.model, self.ctx, self.n_gpu_layers = self._load(load)
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = ll.llama_model_n_embd(self.model)
         self.n_ctx_seq = ll.llama_n_ctx_seq(self.ctx)
         self.memory = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
@@ -123,7 +108,6 @@ class Engine:
             bos_token=self._piece(ll.llama_vocab_bos(self.vocab), special=True),
             eos_token=self._piece(ll.llama_vocab_eos(self.vocab), special=True),
         )
-        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self.bos = ll.llama_vocab_bos(self.vocab)
         self.free_slots = list(range(load.n_parallel - 1, -1, -1))
         self.active: dict[int, _Seq] = {}
@@ -131,27 +115,42 @@ class Engine:
         self._embed_ctx: Any = None
         self._embed_n_ctx = 0
 
-    def _load_model(self, load: p.Load) -> tuple[Any, int]:
+    def _load(self, load: p.Load) -> tuple[Any, Any, int]:
+        """Load the weights and create the batch context; returns (model, context, layers
+        offloaded). With a GPU build and no n_gpu_layers, offload what fits: all layers
+        first, then fewer, then none, until both the weights and the context fit."""
         ll = self.ll
-        if load.n_gpu_layers is not None:
-            candidates = [load.n_gpu_layers]
-        elif self.gpu_offload:
-            # Offload what fits: all layers first, then fewer, then none.
-            n = max(load.n_layers, 1)
-            candidates = [-1, *sorted({n * 3 // 4, n // 2, n // 4}, reverse=True), 0]
-        else:
+        if not self.gpu_offload:
             candidates = [0]
+        elif load.n_gpu_layers is not None:
+            candidates = [load.n_gpu_layers]
+        else:
+            n = max(load.n_layers, 1)
+            candidates = [-1, *sorted({n * 3 // 4, n // 2, n // 4} - {0}, reverse=True), 0]
+        why = "llama.cpp could not load the model"
         for layers in candidates:
             mparams = ll.llama_model_default_params()
-            mparams.n_gpu_layers = layers if self.gpu_offload else 0
+            mparams.n_gpu_layers = layers
             model = ll.llama_model_load_from_file(load.path.encode(), mparams)
-            if model:
-                offloaded = 0
-                if self.gpu_offload and layers != 0:
-                    total = ll.llama_model_n_layer(model)
-                    offloaded = total if layers < 0 else min(layers, total)
-                return model, offloaded
-        raise _LoadError(f"{load.path}: llama.cpp could not load the model")
+            if not model:
+                continue
+            n_ctx_seq = min(load.n_ctx, ll.llama_model_n_ctx_train(model) or load.n_ctx)
+            params = ll.llama_context_default_params()
+            params.n_ctx = n_ctx_seq * load.n_parallel
+            params.n_batch = self.n_batch
+            params.n_ubatch = min(self.n_batch, 512)
+            params.n_seq_max = load.n_parallel
+            params.n_threads = params.n_threads_batch = load.n_threads
+            params.kv_unified = False  # one KV stream per sequence, n_ctx_seq cells each
+            params.no_perf = True
+            ctx = ll.llama_init_from_model(model, params)
+            if ctx:
+                total = ll.llama_model_n_layer(model)
+                return model, ctx, total if layers < 0 else min(layers, total)
+            ll.llama_model_free(model)
+            why = (f"llama.cpp could not create a context of {params.n_ctx} tokens "
+                   f"({load.n_parallel} x {n_ctx_seq}); lower n_ctx or n_parallel")
+        raise _LoadError(f"{load.path}: {why}")
 
     # --- requests -----------------------------------------------------------------------
 
