@@ -4,8 +4,9 @@
 #
 #   scripts/install.sh [--dev] [--venv DIR]
 #
-# --dev also installs the test and lint tools. Needs only Python 3.11+; a C/C++ compiler is
-# installed with apt when missing (llama-cpp-python is compiled from source).
+# --dev also installs the test and lint tools (and redis-server, which the tests start).
+# Needs only Python 3.11+; a C/C++ compiler is installed with apt when missing
+# (llama-cpp-python is compiled from source).
 #
 # llama-cpp-python is built once into a wheelhouse whose name is a hash of its version and
 # CMAKE_ARGS (.cache/wheels/llama-cpp-python-<hash>/), because pip's own wheel cache ignores
@@ -38,6 +39,11 @@ apt_install() {
     return 1
   fi
 }
+
+# The tests start their own redis-server (shared budgets and rate limits of a fleet).
+if [ -n "$EXTRAS" ] && ! command -v redis-server >/dev/null; then
+  apt_install redis-server
+fi
 
 PYTHON="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import msgspec
 
+from sidecar.budget import LedgerUnavailable
 from sidecar.config import Config, ConfigError, default_config, load_config
 
 DEFAULT_URL = "http://127.0.0.1:8088"
@@ -232,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as e:
         print(f"error: invalid config: {e}", file=sys.stderr)
+        return 1
+    except LedgerUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

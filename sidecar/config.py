@@ -90,6 +90,15 @@ class OpenAIProvider(_Base, frozen=True, tag_field="type", tag="openai"):
     connect_timeout_s: PositiveFloat = 5.0
     max_connections: PositiveInt = 256
     headers: dict[str, str] = {}
+    rpm: PositiveFloat | None = None
+    """Outbound requests per minute to this provider; at the limit its targets are skipped."""
+    tpm: PositiveFloat | None = None
+    """Outbound tokens per minute (estimated prompt + max_tokens, corrected by the usage)."""
+    free: bool = False
+    """Its calls cost nothing (a model server on this host): budgets never skip it."""
+    stream_usage: bool = True
+    """Ask for usage in streams (``stream_options.include_usage``) so spend is exact; the
+    usage chunk is removed again when the client did not ask for it."""
 
 
 class AnthropicProvider(_Base, frozen=True, tag_field="type", tag="anthropic"):
@@ -102,6 +111,12 @@ class AnthropicProvider(_Base, frozen=True, tag_field="type", tag="anthropic"):
     connect_timeout_s: PositiveFloat = 5.0
     max_connections: PositiveInt = 256
     headers: dict[str, str] = {}
+    rpm: PositiveFloat | None = None
+    """Outbound requests per minute to this provider; at the limit its targets are skipped."""
+    tpm: PositiveFloat | None = None
+    """Outbound tokens per minute (estimated prompt + max_tokens, corrected by the usage)."""
+    free: bool = False
+    """Its calls cost nothing (a model server on this host): budgets never skip it."""
     version: str = "2023-06-01"
     default_max_tokens: PositiveInt = 4096
     """Anthropic requires max_tokens; this is sent when the client gives none."""
@@ -127,6 +142,10 @@ class RouteConfig(_Base, frozen=True):
     model: Annotated[str, Meta(min_length=1)]
     """The name clients send as ``model``."""
     targets: Annotated[tuple[TargetConfig, ...], Meta(min_length=1)]
+    rpm: PositiveFloat | None = None
+    """Inbound requests per minute to this route, all keys together."""
+    tpm: PositiveFloat | None = None
+    """Inbound tokens per minute to this route."""
     strategy: Strategy = "priority"
     retries: NonNegativeInt | None = None
     """Overrides ``[routing].retries`` for this route."""
@@ -169,6 +188,60 @@ class LocalConfig(_Base, frozen=True):
     load_timeout_s: PositiveFloat = 120.0
 
 
+class KeyConfig(_Base, frozen=True):
+    """A client key with a name (used in budgets, limits and logs; the key itself never is)."""
+
+    name: Name
+    key: Annotated[str, Meta(min_length=1)]
+    rpm: PositiveFloat | None = None
+    """Requests per minute for this key."""
+    tpm: PositiveFloat | None = None
+    """Tokens per minute for this key (estimated prompt + max_tokens, corrected after)."""
+
+
+class PriceConfig(_Base, frozen=True):
+    """USD per million tokens."""
+
+    input: NonNegativeFloat
+    output: NonNegativeFloat
+    cached_input: NonNegativeFloat | None = None
+
+
+Window = Literal["day", "month", "total"]
+
+
+class BudgetConfig(_Base, frozen=True):
+    name: Name
+    limit_usd: NonNegativeFloat
+    scope: Literal["global", "key", "provider"] = "global"
+    """global: all spend; key: each client key separately; provider: each provider."""
+    window: Window = "day"
+    """day / month reset at UTC midnight / the first of the month; total never resets."""
+    on_exhausted: Literal["local", "reject"] = "local"
+    """local: paid targets are skipped (free and local ones still serve); reject: 429."""
+    key: Name | None = None
+    """scope = "key": only this key (by name); unset: every key has its own."""
+    provider: Name | None = None
+    """scope = "provider": only this provider; unset: every provider has its own."""
+
+
+class StateConfig(_Base, frozen=True):
+    """Where budgets and rate limits live."""
+
+    backend: Literal["sqlite", "memory", "redis"] = "sqlite"
+    """sqlite: durable, this host; memory: lost on restart; redis: shared by a fleet."""
+    path: str = "${XDG_DATA_HOME:-~/.local/share}/sidecar/ledger.sqlite3"
+    """The SQLite ledger (backend = "sqlite")."""
+    redis_url: str | None = None
+    redis_prefix: str = "sidecar:"
+    redis_timeout_s: PositiveFloat = 0.5
+    budgets_on_unavailable: Literal["closed", "open"] = "closed"
+    """When the ledger cannot be reached: closed answers 503 for paid targets; open lets
+    calls through unrecorded."""
+    limits_on_unavailable: Literal["closed", "open"] = "open"
+    """When shared rate-limit state cannot be reached: open admits, closed answers 503."""
+
+
 class Config(_Base, frozen=True):
     server: ServerConfig = ServerConfig()
     routing: RoutingConfig = RoutingConfig()
@@ -176,6 +249,10 @@ class Config(_Base, frozen=True):
     routes: tuple[RouteConfig, ...] = ()
     local: LocalConfig = LocalConfig()
     local_models: tuple[LocalModelConfig, ...] = ()
+    keys: tuple[KeyConfig, ...] = ()
+    prices: dict[str, PriceConfig] = {}
+    budgets: tuple[BudgetConfig, ...] = ()
+    state: StateConfig = StateConfig()
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -266,6 +343,7 @@ def _check_references(config: Config) -> None:
         seen.add(p.name)
         if not re.match(r"^https?://[^/\s]+", p.base_url):
             raise ConfigError(f"providers[{i}].base_url: must be an http:// or https:// URL")
+    _check_money(config, seen)
     local: set[str] = set()
     for i, m in enumerate(config.local_models):
         if (m.path is None) == (m.package is None):
@@ -289,3 +367,33 @@ def _check_references(config: Config) -> None:
                 raise ConfigError(
                     f"routes[{i}].targets[{j}].provider: unknown provider '{t.provider}'"
                 )
+
+
+def _check_money(config: Config, providers: set[str]) -> None:
+    keys: set[str] = set()
+    secrets = set(config.server.api_keys)
+    for i, k in enumerate(config.keys):
+        if k.name in keys:
+            raise ConfigError(f"keys[{i}].name: duplicate key name '{k.name}'")
+        if k.key in secrets:
+            raise ConfigError(f"keys[{i}].key: the same key is configured twice")
+        keys.add(k.name)
+        secrets.add(k.key)
+    names: set[str] = set()
+    for i, b in enumerate(config.budgets):
+        if b.name in names:
+            raise ConfigError(f"budgets[{i}].name: duplicate budget '{b.name}'")
+        names.add(b.name)
+        if b.key is not None and (b.scope != "key" or b.key not in keys):
+            raise ConfigError(f"budgets[{i}].key: needs scope = \"key\" and a name from [[keys]]")
+        if b.provider is not None and (b.scope != "provider" or b.provider not in providers):
+            raise ConfigError(
+                f"budgets[{i}].provider: needs scope = \"provider\" and a configured provider"
+            )
+        if b.scope == "key" and not (keys or config.server.api_keys):
+            raise ConfigError(f"budgets[{i}].scope: per-key budgets need client keys")
+    state = config.state
+    if state.backend == "redis" and not state.redis_url:
+        raise ConfigError('state.redis_url: required when backend = "redis"')
+    if state.redis_url is not None and not re.match(r"^(rediss?|unix)://", state.redis_url):
+        raise ConfigError("state.redis_url: must be a redis://, rediss:// or unix:// URL")

@@ -25,8 +25,11 @@ its gRPC status code (by name, so this module does not import grpc), the OpenAI 
         ├── UpstreamUnsupported 400  next target  this provider cannot express the request
         │                                        (e.g. audio parts for Anthropic); not a
         │                                        health failure; 400 if no target can
-        └── UpstreamOverloaded  503  next target  a local model's queue is full; not a
-                                                 health failure; carries Retry-After
+        ├── UpstreamOverloaded  503  next target  a local model's queue is full; not a
+        │                                        health failure; carries Retry-After
+        ├── TargetLimited       429  next target  our own outbound limit for the provider
+        └── BudgetExhausted     429  next target  a budget cannot pay for a paid target
+                                                 (on_exhausted = "local"); free ones serve
 
 Messages never contain secrets or stack traces: they are written for the client.
 """
@@ -87,6 +90,13 @@ class RateLimited(SidecarError):
     code = "rate_limit_exceeded"
 
 
+class BudgetRejected(RateLimited):
+    """A budget with ``on_exhausted = "reject"`` is used up."""
+
+    type = "insufficient_quota"
+    code = "budget_exhausted"
+
+
 class Unavailable(SidecarError):
     status = 503
     grpc_code = "UNAVAILABLE"
@@ -109,11 +119,16 @@ class AllTargetsFailed(SidecarError):
 
 
 class UpstreamError(SidecarError):
-    """A failure of one provider call. ``target`` names the provider/model that failed."""
+    """A failure of one provider call. ``target`` names the provider/model that failed.
+
+    ``counts_against_health`` False: the target was skipped for a reason that says nothing
+    about its health (nothing was sent, or it is only busy): the next target is tried at
+    once, without retries or a circuit verdict."""
 
     type = "upstream_error"
     status = 502
     grpc_code = "UNAVAILABLE"
+    counts_against_health = True
 
     def __init__(
         self,
@@ -178,6 +193,7 @@ class UpstreamUnsupported(UpstreamError):
     """
 
     retryable = True
+    counts_against_health = False
     status = 400
     type = "invalid_request_error"
     grpc_code = "INVALID_ARGUMENT"
@@ -188,8 +204,29 @@ class UpstreamOverloaded(UpstreamError):
     """The target is healthy but has no room now (a local model's queue is full)."""
 
     retryable = True
+    counts_against_health = False
     status = 503
     code = "overloaded"
+
+
+class TargetLimited(UpstreamRateLimited):
+    """The sidecar's own outbound limit for this provider is reached (configured rpm/tpm,
+    or the provider said so earlier); nothing was sent."""
+
+    counts_against_health = False
+    code = "target_rate_limited"
+
+
+class BudgetExhausted(UpstreamError):
+    """A budget with ``on_exhausted = "local"`` cannot pay for this paid target; free and
+    local targets still serve. 429 with the window's reset time when none is left."""
+
+    retryable = True
+    counts_against_health = False
+    status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    type = "insufficient_quota"
+    code = "budget_exhausted"
 
 
 _GRPC_BY_STATUS = {

@@ -19,6 +19,7 @@ Budgets and rate limits will sit between "plan" and "provider call" (see the mon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import random
 from collections.abc import (
@@ -33,13 +34,17 @@ from typing import TypeVar
 
 import msgspec
 
+from sidecar.accounting import Accountant, Estimate, Ticket, estimate
 from sidecar.config import Config
 from sidecar.errors import (
     AllTargetsFailed,
+    BudgetExhausted,
+    BudgetRejected,
     DeadlineExceeded,
     InvalidRequest,
     RateLimited,
     SidecarError,
+    TargetLimited,
     Unauthenticated,
     Unavailable,
     UpstreamError,
@@ -50,9 +55,11 @@ from sidecar.errors import (
     UpstreamUnsupported,
 )
 from sidecar.health import Circuit, Health, RetryBudget
+from sidecar.limits import MemoryRateLimiter
+from sidecar.pricing import format_usd
 from sidecar.providers.base import Provider, Reply
 from sidecar.routing import Route, Router, Target, plan
-from sidecar.types import Call
+from sidecar.types import Call, Meter
 
 T = TypeVar("T")
 
@@ -60,11 +67,12 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 
 class Context(msgspec.Struct):
-    """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds."""
+    """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds;
+    ``identity`` is the client key's name from :meth:`Gateway.authenticate`."""
 
     request_id: str
     deadline: float
-    api_key: str | None = None
+    identity: str | None = None
 
 
 class Served(msgspec.Struct):
@@ -76,13 +84,27 @@ class Served(msgspec.Struct):
 
 class Completed(Served):
     reply: Reply
+    cost: int
+    """µ$ recorded for this answer."""
 
 
 class Streaming(Served):
     """A committed stream: its first frame has arrived. Iterate ``frames`` to the end (or
-    close it); it ends with ``data: [DONE]`` or with one error frame."""
+    close it); it ends with ``data: [DONE]`` or with one error frame. Its cost is recorded
+    when it ends and sent as an SSE comment (``: x-sidecar-cost-usd 0.000123``) before
+    ``[DONE]``; ``cost`` is known now only for free targets (0), else None."""
 
     frames: AsyncIterator[bytes]
+    cost: int | None
+
+
+class _Attempt(msgspec.Struct):
+    """The successful attempt of :meth:`Gateway._run`."""
+
+    target: Target
+    attempts: int
+    ticket: Ticket
+    meter: Meter
 
 
 _error_encoder = msgspec.json.Encoder()
@@ -107,12 +129,14 @@ class Gateway:
         config: Config,
         providers: Mapping[str, Provider],
         *,
+        accountant: Accountant | None = None,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         local_models: Iterable[str] = (),
     ) -> None:
         """``providers`` by name (``local`` included when there are local models, whose
-        names are ``local_models``)."""
+        names are ``local_models``); ``accountant`` applies budgets and rate limits (by
+        default an in-memory one, enough when no budgets are configured)."""
         self._config = config
         self._routing = config.routing
         self.providers = dict(providers)
@@ -125,24 +149,34 @@ class Gateway:
             config.routing.retry_budget_ratio, config.routing.retry_budget_min, self._clock
         )
         self._rng = rng or random.Random()
-        self._keys = [k.encode() for k in config.server.api_keys]
+        keys = [(f"key-{i + 1}", k) for i, k in enumerate(config.server.api_keys)]
+        keys += [(k.name, k.key) for k in config.keys]
+        self._keys = [(name, key.encode()) for name, key in keys]
+        self.accountant = accountant or Accountant(config, None, MemoryRateLimiter())
         self.draining = False
 
     # --- front-end facing -----------------------------------------------------------------
 
-    def authenticate(self, key: str | None) -> None:
-        """Raise :class:`Unauthenticated` unless auth is off or ``key`` is configured.
-        Compares against every key in constant time."""
+    @property
+    def auth(self) -> bool:
+        """Whether requests need a client key."""
+        return bool(self._keys)
+
+    def authenticate(self, key: str | None) -> str | None:
+        """The name of the client key ``key`` (None when auth is off); raises
+        :class:`Unauthenticated` otherwise. Compares against every key in constant time."""
         if not self._keys:
-            return
+            return None
         given = (key or "").encode()
-        ok = False
-        for k in self._keys:
-            ok |= hmac.compare_digest(k, given)
-        if not ok:
+        found = None
+        for name, k in self._keys:
+            if hmac.compare_digest(k, given):
+                found = name
+        if found is None:
             raise Unauthenticated(
                 "Missing API key." if not key else "Incorrect API key provided."
             )
+        return found
 
     def deadline(self, timeout_s: float | None) -> float:
         """The absolute deadline for a request given the client's requested timeout."""
@@ -158,24 +192,28 @@ class Gateway:
         return self._clock() + timeout_s
 
     async def complete(self, call: Call, ctx: Context) -> Completed:
-        """Serve a non-stream call. Raises :class:`SidecarError`."""
-        route = self._admit(call, ctx)
+        """Serve a non-stream call. Its cost is recorded before this returns. Raises
+        :class:`SidecarError`."""
+        route, est = await self._admit(call, ctx)
 
-        async def attempt(provider: Provider, target: Target, timeout_s: float) -> Reply:
-            return await provider.send(call, target.model, timeout_s)
+        async def attempt(provider: Provider, target: Target, timeout_s: float, call: Call,
+                          meter: Meter) -> Reply:
+            return await provider.send(call, target.model, timeout_s, meter)
 
-        reply, target, attempts = await self._run(call, route, ctx, attempt)
-        return Completed(target.key, attempts, reply)
+        reply, done = await self._run(call, route, ctx, est, attempt)
+        cost = await self.accountant.settle(done.ticket, est, reply.usage, None)
+        await self.accountant.used(ctx.identity, route, done.target, est, reply.usage)
+        return Completed(done.target.key, done.attempts, reply, cost)
 
     async def stream(self, call: Call, ctx: Context) -> Streaming:
         """Serve a stream call; returns once the first frame has arrived, so a target that
         fails before its first token is replaced without the client seeing it."""
-        route = self._admit(call, ctx)
+        route, est = await self._admit(call, ctx)
 
         async def attempt(
-            provider: Provider, target: Target, timeout_s: float
+            provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter
         ) -> tuple[bytes, AsyncGenerator[bytes, None]]:
-            frames = provider.stream(call, target.model, timeout_s)
+            frames = provider.stream(call, target.model, timeout_s, meter)
             try:
                 first = await anext(frames)
             except StopAsyncIteration:
@@ -187,26 +225,32 @@ class Gateway:
                 raise
             return first, frames
 
-        (first, frames), target, attempts = await self._run(call, route, ctx, attempt)
-        circuit = self.health.circuit(target.key)
-        return Streaming(target.key, attempts, self._relay(first, frames, ctx, circuit))
+        (first, frames), done = await self._run(call, route, ctx, est, attempt)
+        circuit = self.health.circuit(done.target.key)
+        free = done.ticket.price.input == done.ticket.price.output == 0
+        return Streaming(done.target.key, done.attempts,
+                         self._relay(first, frames, ctx, circuit, route, est, done),
+                         0 if free else None)
 
     # --- the pipeline ---------------------------------------------------------------------
 
-    def _admit(self, call: Call, ctx: Context) -> Route:
+    async def _admit(self, call: Call, ctx: Context) -> tuple[Route, Estimate]:
         if self.draining:
             raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
         route = self.router.resolve(call.request.model)
+        est = estimate(call)
+        await self.accountant.admit(ctx.identity, route, est)
         self._retry_budget.record_request()
-        return route
+        return route, est
 
     async def _run(
         self,
         call: Call,
         route: Route,
         ctx: Context,
-        attempt: Callable[[Provider, Target, float], Awaitable[T]],
-    ) -> tuple[T, Target, int]:
+        est: Estimate,
+        attempt: Callable[[Provider, Target, float, Call, Meter], Awaitable[T]],
+    ) -> tuple[T, _Attempt]:
         attempts = 0
         failures: list[UpstreamError] = []
         next_open: float | None = None
@@ -226,19 +270,28 @@ class Gateway:
                 if remaining <= 0:
                     circuit.release()
                     raise _deadline(failures)
-                attempts += 1
+                ticket: Ticket | None = None
+                meter = Meter()
                 try:
                     async with asyncio.timeout_at(ctx.deadline):
-                        result = await attempt(provider, target, remaining)
+                        ticket = await self.accountant.reserve(call, target, ctx.identity, est)
+                        await self.accountant.outbound(target, est)
+                        attempts += 1
+                        this_call = (call if ticket.cap is None
+                                     else msgspec.structs.replace(call, token_cap=ticket.cap))
+                        result = await attempt(provider, target, remaining, this_call, meter)
                 except TimeoutError:
                     circuit.release()
+                    await self.accountant.release(ticket)
                     raise _deadline(failures) from None
                 except UpstreamError as e:
+                    await self.accountant.release(ticket)
+                    self._note_limits(target, meter)
                     if not e.retryable:
                         circuit.success()  # it answered; the request itself was refused
                         raise
                     failures.append(e)
-                    if isinstance(e, UpstreamUnsupported | UpstreamOverloaded):
+                    if not e.counts_against_health:
                         circuit.release()  # no verdict on its health; move on
                         break
                     circuit.failure(self._clock(), e.retry_after_s)
@@ -250,10 +303,18 @@ class Gateway:
                     continue
                 except BaseException:
                     circuit.release()
+                    await asyncio.shield(self.accountant.release(ticket))
                     raise
                 circuit.success()
-                return result, target, attempts
+                self._note_limits(target, meter)
+                return result, _Attempt(target, attempts, ticket, meter)
         raise self._exhausted(call, route, failures, next_open)
+
+    def _note_limits(self, target: Target, meter: Meter) -> None:
+        """Remember when a provider's headers said its limit is used up (x-ratelimit-*);
+        a 429's Retry-After already holds the target's circuit."""
+        if meter.limited_for_s:
+            self.accountant.provider_limited(target, meter.limited_for_s)
 
     def _retry_delay(self, err: UpstreamError, tries: int, route: Route, ctx: Context
                      ) -> float | None:
@@ -291,6 +352,12 @@ class Gateway:
             return InvalidRequest(last.message, param=last.param)
         if all(isinstance(f, UpstreamOverloaded) for f in failures):
             return Unavailable(last.message, retry_after_s=last.retry_after_s)
+        if any(isinstance(f, BudgetExhausted) for f in failures) and all(
+            isinstance(f, BudgetExhausted | UpstreamUnsupported | TargetLimited)
+            for f in failures
+        ):
+            budget = next(f for f in failures if isinstance(f, BudgetExhausted))
+            return BudgetRejected(budget.message, retry_after_s=budget.retry_after_s)
         if all(isinstance(f, UpstreamRateLimited) for f in failures):
             waits = [f.retry_after_s for f in failures if f.retry_after_s is not None]
             return RateLimited(
@@ -306,8 +373,20 @@ class Gateway:
         )
 
     async def _relay(
-        self, first: bytes, frames: AsyncGenerator[bytes, None], ctx: Context, circuit: Circuit
+        self, first: bytes, frames: AsyncGenerator[bytes, None], ctx: Context, circuit: Circuit,
+        route: Route, est: Estimate, done: _Attempt,
     ) -> AsyncIterator[bytes]:
+        """Relay the stream; record its cost before ``[DONE]`` (or, if the client left or
+        it failed, as soon as it ends)."""
+        settled = False
+
+        async def settle() -> int:
+            nonlocal settled
+            settled = True
+            cost = await self.accountant.settle(done.ticket, est, None, done.meter)
+            await self.accountant.used(ctx.identity, route, done.target, est, done.meter.usage)
+            return cost
+
         try:
             yield first
             while True:
@@ -316,17 +395,25 @@ class Gateway:
                 if frame is None:
                     break
                 yield frame
-            yield DONE_FRAME
+            await frames.aclose()
+            cost = await settle()
+            yield b": x-sidecar-cost-usd " + format_usd(cost).encode() + b"\n\n" + DONE_FRAME
         except TimeoutError:
             yield error_frame(DeadlineExceeded("The request deadline passed mid-stream."))
         except UpstreamError as e:
             circuit.failure(self._clock(), e.retry_after_s)
             yield error_frame(e)
+        except SidecarError as e:  # the cost could not be recorded
+            yield error_frame(e)
         finally:
             await frames.aclose()
+            if not settled:
+                with contextlib.suppress(SidecarError):
+                    await asyncio.shield(settle())
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(p.aclose() for p in self.providers.values()))
+        await asyncio.gather(*(p.aclose() for p in self.providers.values()),
+                             self.accountant.aclose())
 
 
 def _deadline(failures: list[UpstreamError]) -> DeadlineExceeded:

@@ -12,6 +12,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import psutil
 import uvicorn
@@ -19,6 +20,8 @@ import uvicorn
 from local_models.catalog import Catalog, ModelSpec
 from local_models.catalog import build_catalog as _build_catalog
 from local_models.pool import ModelPool, PoolSettings
+from sidecar.accounting import Accountant
+from sidecar.budget import BudgetStore, MemoryBudgetStore, SQLiteBudgetStore
 from sidecar.config import (
     LOCAL_PROVIDER,
     AnthropicProvider,
@@ -28,6 +31,7 @@ from sidecar.config import (
 )
 from sidecar.gateway import Gateway
 from sidecar.http.app import create_app
+from sidecar.limits import MemoryRateLimiter, RateLimiter
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider
 from sidecar.providers.local import LocalProvider
@@ -73,6 +77,28 @@ def build_pool(config: Config, catalog: Catalog) -> ModelPool:
     ))
 
 
+def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
+    """The ledger (only when budgets are configured) and the rate limiter of
+    ``[state]``. Raises :class:`LedgerUnavailable` when the SQLite ledger cannot be opened."""
+    state = config.state
+    if state.backend == "redis":
+        from sidecar.redis_state import RedisBudgetStore, RedisRateLimiter
+
+        assert state.redis_url is not None
+        limiter: RateLimiter = RedisRateLimiter(state.redis_url, prefix=state.redis_prefix,
+                                                timeout_s=state.redis_timeout_s)
+        store: BudgetStore | None = None
+        if config.budgets:
+            store = RedisBudgetStore(state.redis_url, prefix=state.redis_prefix,
+                                     timeout_s=state.redis_timeout_s)
+        return store, limiter
+    if not config.budgets:
+        return None, MemoryRateLimiter()
+    if state.backend == "memory":
+        return MemoryBudgetStore(), MemoryRateLimiter()
+    return SQLiteBudgetStore(Path(state.path).expanduser()), MemoryRateLimiter()
+
+
 def build_gateway(config: Config) -> Gateway:
     """Must run inside the event loop that will serve requests. Reports local models that
     cannot be used on stderr; the rest of the sidecar serves regardless."""
@@ -95,7 +121,9 @@ def build_gateway(config: Config) -> Gateway:
         pool = build_pool(config, catalog)
         pool.start()
         providers[LOCAL_PROVIDER] = LocalProvider(pool)
-    return Gateway(config, providers, local_models=names)
+    store, limiter = build_state(config)
+    return Gateway(config, providers, local_models=names,
+                   accountant=Accountant(config, store, limiter))
 
 
 def _bind(host: str, port: int) -> socket.socket:

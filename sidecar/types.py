@@ -129,11 +129,15 @@ REQUEST_TYPES: dict[Op, type[ChatRequest] | type[CompletionRequest] | type[Embed
 
 
 class Call(msgspec.Struct, frozen=True):
-    """One validated client request: the operation, its typed form, the original object."""
+    """One validated client request: the operation, its typed form, the original object.
+
+    ``token_cap`` is set by the gateway when the client gave no token limit and a budget
+    can pay for at most that many completion tokens: providers must send it upstream."""
 
     op: Op
     request: Request
     raw: dict[str, Any]
+    token_cap: int | None = None
 
     @property
     def stream(self) -> bool:
@@ -144,10 +148,41 @@ class Call(msgspec.Struct, frozen=True):
 # Fields that OpenAI leaves out when empty are UNSET (never encoded); the rest always are.
 
 
+class PromptTokensDetails(msgspec.Struct, omit_defaults=True):
+    cached_tokens: int = 0
+
+
 class Usage(msgspec.Struct, omit_defaults=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        d = self.prompt_tokens_details
+        return d.cached_tokens if d is not None else 0
+
+
+class Meter:
+    """What a provider call measured, for spend and limits; filled in by the provider as
+    it goes, so it is accurate however the call ends (finished, failed, cancelled)."""
+
+    __slots__ = ("content_chars", "content_chunks", "limited_for_s", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        """The usage the provider reported, if it did."""
+        self.content_chunks = 0
+        """Stream chunks that carried content (about one token each)."""
+        self.content_chars = 0
+        self.limited_for_s: float | None = None
+        """The provider said its rate limit is used up for this many seconds."""
+
+    def completion_estimate(self) -> int:
+        """Completion tokens when the provider reported none: the larger of the chunks
+        relayed and a quarter of the characters."""
+        return max(self.content_chunks, -(-self.content_chars // 4))
 
 
 class ResponseMessage(msgspec.Struct):

@@ -476,6 +476,7 @@ def test_usage_counts_cache_tokens_as_prompt():
     usage = completion.usage
     assert usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (1110, 20, 1130)
+    assert usage.cached_tokens == 1000  # cache reads are priced as cached input
     completion = translate_message(
         message(
             usage={
@@ -614,6 +615,7 @@ def test_recorded_stream_translates_to_openai_chunks():
         "prompt_tokens": 582,
         "completion_tokens": 89,
         "total_tokens": 671,
+        "prompt_tokens_details": {"cached_tokens": 100},
     }
     assert translator.usage.total_tokens == 671
 

@@ -28,6 +28,7 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.gateway import Completed, Context, Gateway, error_body
+from sidecar.pricing import format_usd
 from sidecar.providers.local import LocalProvider
 from sidecar.types import REQUEST_TYPES, Call, Op
 
@@ -86,12 +87,18 @@ def _timeout(request: Request[Any, Any, Any]) -> float | None:
         ) from None
 
 
-def _served_headers(request_id: str, target: str, attempts: int) -> dict[str, str]:
-    return {
+def _served_headers(request_id: str, target: str, attempts: int, cost: int | None
+                    ) -> dict[str, str]:
+    """Who served it; ``x-sidecar-cost-usd`` when known now (a paid stream's cost comes as
+    an SSE comment at its end)."""
+    headers = {
         "x-request-id": request_id,
         "x-sidecar-target": target,
         "x-sidecar-attempts": str(attempts),
     }
+    if cost is not None:
+        headers["x-sidecar-cost-usd"] = format_usd(cost)
+    return headers
 
 
 def _models_body(gateway: Gateway) -> bytes:
@@ -120,13 +127,14 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def serve(op: Op, request: Request[Any, Any, Any]) -> Response[Any]:
         request_id = _request_id(request)
         request.state.request_id = request_id
-        api_key = _api_key(request)
-        gateway.authenticate(api_key)  # before anything else looks at the request
-        ctx = Context(request_id, gateway.deadline(_timeout(request)), api_key)
+        # Authentication comes before anything else looks at the request.
+        identity = gateway.authenticate(_api_key(request))
+        ctx = Context(request_id, gateway.deadline(_timeout(request)), identity)
         call = decode_call(op, await request.body())
         if call.stream:
             streaming = await gateway.stream(call, ctx)
-            headers = _served_headers(request_id, streaming.target, streaming.attempts)
+            headers = _served_headers(request_id, streaming.target, streaming.attempts,
+                                      streaming.cost)
             return Stream(
                 streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
             )
@@ -134,7 +142,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         return Response(
             done.reply.body,
             media_type=_JSON,
-            headers=_served_headers(request_id, done.target, done.attempts),
+            headers=_served_headers(request_id, done.target, done.attempts, done.cost),
         )
 
     @post("/v1/chat/completions", status_code=200)
@@ -155,6 +163,12 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
         gateway.authenticate(_api_key(request))
         return Response(models_body, media_type=_JSON)
+
+    @get("/v1/sidecar/budgets")
+    async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
+        identity = gateway.authenticate(_api_key(request))
+        views = await gateway.accountant.views(identity, gateway.auth)
+        return Response(_encoder.encode({"object": "list", "data": views}), media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:
@@ -199,7 +213,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         return error_response(err, getattr(request.state, "request_id", None))
 
     return Litestar(
-        route_handlers=[chat, completions, embeddings, models, healthz, readyz],
+        route_handlers=[chat, completions, embeddings, models, budgets, healthz, readyz],
         exception_handlers={
             SidecarError: on_sidecar_error,
             HTTPException: on_http_error,

@@ -48,7 +48,9 @@ from sidecar.types import (
     Delta,
     FunctionCall,
     Message,
+    Meter,
     Op,
+    PromptTokensDetails,
     ResponseMessage,
     Stop,
     Tool,
@@ -298,12 +300,15 @@ def finish_reason(stop_reason: str | None) -> str:
 
 
 def usage_of(usage: _Usage) -> Usage:
-    """OpenAI usage; cache writes and reads are input tokens too, so they count as prompt."""
+    """OpenAI usage; cache writes and reads are input tokens too, so they count as prompt;
+    cache reads are also ``prompt_tokens_details.cached_tokens`` (priced as cached input)."""
     prompt = ((usage.input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
               + (usage.cache_read_input_tokens or 0))
     completion = usage.output_tokens or 0
+    cached = usage.cache_read_input_tokens or 0
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)
+                 total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached) if cached else None)
 
 
 def translate_message(body: bytes, *, target: str, created: int | None = None) -> ChatCompletion:
@@ -418,6 +423,8 @@ class StreamTranslator:
         self.finished = False
         self.started = False
         """Whether a frame with a token (text, tool call or finish) has been produced."""
+        self.content_chunks = 0
+        self.content_chars = 0
         self._target = target
         self._include_usage = include_usage
         self._created = int(time.time()) if created is None else created
@@ -476,6 +483,8 @@ class StreamTranslator:
                         index=n, id=block.id, type="function", function=function)))
             case _BlockDelta(index=i, delta=delta):
                 if delta.type == "text_delta" and delta.text:
+                    self.content_chunks += 1
+                    self.content_chars += len(delta.text)
                     out.append(self._chunk(Delta(content=delta.text)))
                 elif delta.type == "input_json_delta" and delta.partial_json and i in self._tools:
                     self._no_args.discard(i)
@@ -548,35 +557,42 @@ class AnthropicMessages:
     def supports(self, op: Op) -> bool:
         return op is Op.CHAT
 
-    def _body(self, request: ChatRequest, model: str, target: str, *, stream: bool) -> bytes:
-        body = build_request(request, model, default_max_tokens=self._config.default_max_tokens,
-                             target=target)
+    def _body(self, call: Call, model: str, target: str, *, stream: bool) -> bytes:
+        body = build_request(_chat(call, target), model,
+                             default_max_tokens=self._config.default_max_tokens, target=target)
+        if call.token_cap is not None:
+            body["max_tokens"] = call.token_cap
         if stream:
             body["stream"] = True
         else:
             body.pop("stream", None)
         return _encoder.encode(body)
 
-    async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
+    async def send(self, call: Call, model: str, timeout_s: float,
+                   meter: Meter | None = None) -> Reply:
         target = f"{self.name}/{model}"
-        content = self._body(_chat(call, target), model, target, stream=False)
-        body = await self._http.post(_PATH, content, timeout_s, target)
+        content = self._body(call, model, target, stream=False)
+        body = await self._http.post(_PATH, content, timeout_s, target, meter)
         completion = translate_message(body, target=target)
         return Reply(_encoder.encode(completion), completion.usage)
 
-    async def stream(self, call: Call, model: str, timeout_s: float
-                     ) -> AsyncGenerator[bytes, None]:
+    async def stream(self, call: Call, model: str, timeout_s: float,
+                     meter: Meter | None = None) -> AsyncGenerator[bytes, None]:
         target = f"{self.name}/{model}"
-        request = _chat(call, target)
-        content = self._body(request, model, target, stream=True)
-        options = request.stream_options
+        content = self._body(call, model, target, stream=True)
+        options = _chat(call, target).stream_options
         translator = StreamTranslator(target, include_usage=bool(options and options.include_usage))
-        async with self._http.open_stream(_PATH, content, timeout_s, target) as pieces:
+        meter = meter or Meter()
+        async with self._http.open_stream(_PATH, content, timeout_s, target, meter) as pieces:
             held = b""
             async for piece in pieces:
                 if translator.finished:
                     continue  # drain to the end so the connection can be reused
                 out = translator.feed(piece)
+                meter.content_chunks = translator.content_chunks
+                meter.content_chars = translator.content_chars
+                if translator.finished:
+                    meter.usage = translator.usage
                 # The role preamble is held back until the first token, so a failure before
                 # it can still be replaced by another target.
                 if out and translator.started:

@@ -16,7 +16,9 @@ to call concurrently; cancelling the caller closes the upstream connection.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, Protocol
@@ -35,7 +37,7 @@ from sidecar.errors import (
     rejected,
 )
 from sidecar.providers.pool import PooledTransport
-from sidecar.types import Call, Op, Usage
+from sidecar.types import Call, Meter, Op, Usage
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -54,12 +56,17 @@ class Provider(Protocol):
         """Whether this provider can serve ``op`` at all (checked when routes are planned)."""
         ...
 
-    async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
-        """Answer a non-stream call. ``timeout_s`` bounds the whole attempt."""
+    async def send(self, call: Call, model: str, timeout_s: float,
+                   meter: Meter | None = None) -> Reply:
+        """Answer a non-stream call. ``timeout_s`` bounds the whole attempt. ``meter``
+        receives what the provider said about its rate limits."""
         ...
 
-    def stream(self, call: Call, model: str, timeout_s: float) -> AsyncGenerator[bytes, None]:
-        """Stream SSE frames. ``timeout_s`` bounds connecting and each wait for data."""
+    def stream(self, call: Call, model: str, timeout_s: float, meter: Meter | None = None
+               ) -> AsyncGenerator[bytes, None]:
+        """Stream SSE frames. ``timeout_s`` bounds connecting and each wait for data.
+        ``meter`` receives the usage, the content relayed and the rate-limit state as the
+        stream goes, however it ends."""
         ...
 
     async def aclose(self) -> None:
@@ -93,23 +100,28 @@ class Upstream:
         t = min(timeout_s, self._timeout_s)
         return httpx.Timeout(t, connect=min(self._connect_timeout_s, t))
 
-    async def post(self, path: str, content: bytes, timeout_s: float, target: str) -> bytes:
+    async def post(self, path: str, content: bytes, timeout_s: float, target: str,
+                   meter: Meter | None = None) -> bytes:
         """POST and return the body of a 200 answer."""
         with transport_errors(target):
             resp = await self._client.post(path, content=content, timeout=self._timeout(timeout_s))
+        if meter is not None:
+            meter.limited_for_s = exhausted_for_s(resp.headers)
         if resp.status_code != 200:
             raise status_error(resp.status_code, resp.content, resp.headers, target)
         return resp.content
 
     @contextlib.asynccontextmanager
-    async def open_stream(self, path: str, content: bytes, timeout_s: float, target: str
-                          ) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def open_stream(self, path: str, content: bytes, timeout_s: float, target: str,
+                          meter: Meter | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
         """POST and yield the body of a 200 answer as it arrives; closes the response."""
         request = self._client.build_request(
             "POST", path, content=content, timeout=self._timeout(timeout_s)
         )
         with transport_errors(target):
             resp = await self._client.send(request, stream=True)
+        if meter is not None:
+            meter.limited_for_s = exhausted_for_s(resp.headers)
         try:
             if resp.status_code != 200:
                 with transport_errors(target):
@@ -160,6 +172,34 @@ def retry_after_s(headers: httpx.Headers, now: float | None = None) -> float | N
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def exhausted_for_s(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds until the provider's request limit resets, when it says none are left.
+
+    OpenAI style: ``x-ratelimit-remaining-requests: 0`` with ``x-ratelimit-reset-requests:
+    6m0s`` (Go durations); Anthropic style: ``anthropic-ratelimit-requests-remaining: 0``
+    with ``anthropic-ratelimit-requests-reset`` (an RFC 3339 time)."""
+    if headers.get("x-ratelimit-remaining-requests") == "0":
+        reset = headers.get("x-ratelimit-reset-requests", "")
+        parts = _DURATION.findall(reset)
+        if parts:
+            return sum(float(n) * _UNIT_S[u] for n, u in parts)
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(reset))
+        return 1.0
+    if headers.get("anthropic-ratelimit-requests-remaining") == "0":
+        reset = headers.get("anthropic-ratelimit-requests-reset", "")
+        try:
+            when = datetime.datetime.fromisoformat(reset.replace("Z", "+00:00"))
+        except ValueError:
+            return 1.0
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return None
 
 
 class _ErrorDetail(msgspec.Struct):

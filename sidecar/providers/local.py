@@ -44,6 +44,7 @@ from sidecar.types import (
     CompletionRequest,
     Delta,
     EmbeddingRequest,
+    Meter,
     Op,
     ResponseMessage,
     Usage,
@@ -115,7 +116,8 @@ class LocalProvider:
     def supports(self, op: Op) -> bool:
         return True
 
-    async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
+    async def send(self, call: Call, model: str, timeout_s: float,
+                   meter: Meter | None = None) -> Reply:
         target = f"{NAME}/{model}"
         if call.op is Op.EMBEDDINGS:
             return await self._embed(call, model, target)
@@ -140,8 +142,8 @@ class LocalProvider:
             body = _TextCompletion(rid, created, model, [_TextChoice(0, text, reason)], usage)
         return Reply(_encoder.encode(body), usage)
 
-    async def stream(self, call: Call, model: str, timeout_s: float
-                     ) -> AsyncGenerator[bytes, None]:
+    async def stream(self, call: Call, model: str, timeout_s: float,
+                     meter: Meter | None = None) -> AsyncGenerator[bytes, None]:
         target = f"{NAME}/{model}"
         if call.op is Op.EMBEDDINGS:
             raise UpstreamUnsupported("embeddings cannot be streamed", target=target)
@@ -249,7 +251,8 @@ def _job(call: Call, target: str) -> _Job:
             raise UpstreamUnsupported(f"{target}: local models return one choice (n=1)",
                                       target=target, param="n")
         messages = tuple(_message(m.role, m.content, target) for m in req.messages)
-        return _Job(messages, None, req.token_limit, stop, sampling, include_usage)
+        limit = req.token_limit or call.token_cap
+        return _Job(messages, None, limit, stop, sampling, include_usage)
     assert isinstance(req, CompletionRequest)
     prompt = req.prompt
     if isinstance(prompt, list):
@@ -257,7 +260,8 @@ def _job(call: Call, target: str) -> _Job:
             raise UpstreamUnsupported(f"{target}: local completions take one text prompt",
                                       target=target, param="prompt")
         prompt = prompt[0]
-    return _Job(None, prompt, req.max_tokens or 16, stop, sampling, include_usage)
+    return _Job(None, prompt, req.max_tokens or call.token_cap or 16, stop, sampling,
+                include_usage)
 
 
 def _number(value: Any) -> float:

@@ -6,6 +6,7 @@ but relayed as the provider's own bytes: non-stream bodies whole, stream frames 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator
 
 import msgspec
@@ -14,7 +15,7 @@ from sidecar.config import OpenAIProvider as OpenAIConfig
 from sidecar.errors import UpstreamMalformed, UpstreamServerError, UpstreamUnreachable
 from sidecar.providers.base import Reply, Upstream, check_shape
 from sidecar.providers.sse import SSEDecoder
-from sidecar.types import BodyShape, Call, Op, Usage
+from sidecar.types import BodyShape, Call, EmbeddingRequest, Meter, Op, Usage
 
 _DONE = b"[DONE]"
 
@@ -31,6 +32,11 @@ class _ChoiceEnd(msgspec.Struct):
     text: str | None = None  # legacy completions
 
     @property
+    def content_chars(self) -> int:
+        d = self.delta
+        return len(self.text or "") + len((d.content or "") if d is not None else "")
+
+    @property
     def has_token(self) -> bool:
         d = self.delta
         return bool(
@@ -45,6 +51,7 @@ class _ChunkShape(msgspec.Struct):
     error: object = None
 
 
+_REASONING = re.compile(r"^(o\d|gpt-5)")
 _body_decoder = msgspec.json.Decoder(BodyShape)
 _chunk_decoder = msgspec.json.Decoder(_ChunkShape)
 _encoder = msgspec.json.Encoder()
@@ -57,6 +64,7 @@ class OpenAICompatible:
         self.name = config.name
         auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._http = Upstream(config, auth)
+        self._stream_usage = config.stream_usage
 
     def supports(self, op: Op) -> bool:
         return True
@@ -64,12 +72,21 @@ class OpenAICompatible:
     def _body(self, call: Call, model: str) -> bytes:
         raw = dict(call.raw)
         raw["model"] = model
+        if call.token_cap is not None:
+            # Reasoning models refuse max_tokens; most other servers only know max_tokens.
+            raw["max_completion_tokens" if _REASONING.match(model) else "max_tokens"] = (
+                call.token_cap)
+        if call.stream and self._stream_usage:
+            options = raw.get("stream_options")
+            raw["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                     "include_usage": True}
         return _encoder.encode(raw)
 
-    async def send(self, call: Call, model: str, timeout_s: float) -> Reply:
+    async def send(self, call: Call, model: str, timeout_s: float,
+                   meter: Meter | None = None) -> Reply:
         target = f"{self.name}/{model}"
         body = await self._http.post("/" + call.op.value, self._body(call, model), timeout_s,
-                                     target)
+                                     target, meter)
         try:
             shape = _body_decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -77,11 +94,15 @@ class OpenAICompatible:
         check_shape(call.op, shape, target)
         return Reply(body, shape.usage)
 
-    async def stream(self, call: Call, model: str, timeout_s: float
-                     ) -> AsyncGenerator[bytes, None]:
+    async def stream(self, call: Call, model: str, timeout_s: float,
+                     meter: Meter | None = None) -> AsyncGenerator[bytes, None]:
         target = f"{self.name}/{model}"
+        meter = meter or Meter()
+        options = call.request.stream_options if not isinstance(
+            call.request, EmbeddingRequest) else None
+        client_wants_usage = bool(options and options.include_usage)
         async with self._http.open_stream(
-            "/" + call.op.value, self._body(call, model), timeout_s, target
+            "/" + call.op.value, self._body(call, model), timeout_s, target, meter
         ) as pieces:
             decoder = SSEDecoder()
             done = finished = started = False
@@ -93,11 +114,21 @@ class OpenAICompatible:
                     if event.data == _DONE:
                         done = True
                         break
-                    if event.data:
-                        token, end = _check_chunk(event.data, target)
-                        started |= token
-                        finished |= end
-                        out.append(b"data: " + event.data + b"\n\n")
+                    if not event.data:
+                        continue
+                    shape = _check_chunk(event.data, target)
+                    chars = sum(c.content_chars for c in shape.choices or ())
+                    if chars:
+                        meter.content_chunks += 1
+                        meter.content_chars += chars
+                    started |= any(c.has_token for c in shape.choices or ())
+                    finished |= any(c.finish_reason for c in shape.choices or ())
+                    if shape.usage is not None:
+                        meter.usage = shape.usage
+                        started = True
+                        if not shape.choices and not client_wants_usage:
+                            continue  # asked for the ledger, not for this client
+                    out.append(b"data: " + event.data + b"\n\n")
                 # Frames before the first token (the role preamble) are held back, so
                 # a failure before the first token can still be replaced by another target.
                 if out and (started or done):
@@ -112,8 +143,8 @@ class OpenAICompatible:
         await self._http.aclose()
 
 
-def _check_chunk(data: bytes, target: str) -> tuple[bool, bool]:
-    """Validate one stream event; return whether it carries a token, and a finish_reason."""
+def _check_chunk(data: bytes, target: str) -> _ChunkShape:
+    """Validate one stream event."""
     try:
         shape = _chunk_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -122,7 +153,4 @@ def _check_chunk(data: bytes, target: str) -> tuple[bool, bool]:
         raise UpstreamServerError(f"{target} reported an error mid-stream", target=target)
     if shape.choices is None:
         raise UpstreamMalformed(f"{target} sent a stream event without 'choices'", target=target)
-    return (
-        any(c.has_token for c in shape.choices) or shape.usage is not None,
-        any(c.finish_reason for c in shape.choices),
-    )
+    return shape

@@ -1,0 +1,289 @@
+"""The spend ledger: budgets, windows, reservations, settlement.
+
+Money is integer micro-dollars (µ$) everywhere. A budget is tracked per :class:`BudgetKey`
+(budget name, subject, window): the subject is ``*`` for a global budget, the key's name for
+a per-key budget, the provider's name for a per-provider budget; the window is ``total``,
+``2026-11`` (month) or ``2026-11-25`` (day), UTC.
+
+Every store implements :class:`BudgetStore` with the same semantics (one contract test
+suite runs against all of them):
+
+* :meth:`~BudgetStore.reserve` is one atomic step for all the budgets of a request: it
+  reserves ``min(want_max, room)`` where ``room`` is the smallest ``limit - spent -
+  reserved`` among them, if that is at least ``want_min``; otherwise it reserves nothing
+  and returns the first budget without room. So concurrent requests can never push spend
+  past a limit.
+* :meth:`~BudgetStore.settle` replaces a reservation by the actual cost (which is spent
+  even if it exceeds the reservation: the provider charged it). It is idempotent: a
+  reservation settles once, a replay of the same id changes nothing.
+* :meth:`~BudgetStore.release` drops a reservation (the call failed; nothing was spent).
+* Reservations expire after ``ttl_s`` so a crashed process cannot pin budget forever.
+* :meth:`~BudgetStore.totals` reads spent and reserved per key.
+
+Stores raise :class:`LedgerUnavailable` when they cannot read or write (disk full,
+unwritable file, Redis down); the gateway decides what that means for the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal, Protocol, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+Window = Literal["day", "month", "total"]
+
+
+class LedgerUnavailable(Exception):
+    """The ledger cannot be read or written; the message says why (never a secret)."""
+
+
+class BudgetKey(msgspec.Struct, frozen=True, order=True):
+    budget: str
+    subject: str
+    window: str
+
+    def __str__(self) -> str:
+        return f"{self.budget}:{self.subject}:{self.window}"
+
+
+class Totals(msgspec.Struct, frozen=True):
+    spent: int = 0
+    reserved: int = 0
+
+
+class Reserved(msgspec.Struct, frozen=True):
+    """A successful reservation of ``amount`` µ$ on every key."""
+
+    amount: int
+
+
+class NoRoom(msgspec.Struct, frozen=True):
+    """The reservation failed: ``key`` has only ``room`` µ$ left (limit - spent - reserved)."""
+
+    key: BudgetKey
+    room: int
+
+
+class BudgetStore(Protocol):
+    async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
+                      want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
+        """Reserve on every ``(key, limit)`` at once; see the module contract."""
+        ...
+
+    async def settle(self, rid: str, actual: int) -> None:
+        """Turn reservation ``rid`` into ``actual`` µ$ spent on each of its keys, once."""
+        ...
+
+    async def release(self, rid: str) -> None:
+        """Drop reservation ``rid`` without spending."""
+        ...
+
+    async def totals(self, keys: Sequence[BudgetKey]) -> dict[BudgetKey, Totals]:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+def window_of(window: Window, now: float) -> str:
+    """The window label containing ``now`` (epoch seconds, UTC)."""
+    if window == "total":
+        return "total"
+    d = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    return d.strftime("%Y-%m") if window == "month" else d.strftime("%Y-%m-%d")
+
+
+def window_reset(window: Window, now: float) -> float | None:
+    """Epoch seconds when the window containing ``now`` ends (None for ``total``)."""
+    if window == "total":
+        return None
+    d = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    if window == "day":
+        start = datetime.datetime(d.year, d.month, d.day, tzinfo=datetime.UTC)
+        return (start + datetime.timedelta(days=1)).timestamp()
+    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    return datetime.datetime(year, month, 1, tzinfo=datetime.UTC).timestamp()
+
+
+# --- in memory --------------------------------------------------------------------------------
+
+
+class _Book:
+    """The shared bookkeeping of the in-process stores (memory, and SQLite's decisions)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.spent: dict[BudgetKey, int] = {}
+        self.reservations: dict[str, tuple[float, int, tuple[BudgetKey, ...]]] = {}
+        self.clock = clock
+
+    def reserved(self, key: BudgetKey) -> int:
+        return sum(a for _, a, keys in self.reservations.values() if key in keys)
+
+    def expire(self) -> list[str]:
+        now = self.clock()
+        gone = [rid for rid, (exp, _, _) in self.reservations.items() if exp <= now]
+        for rid in gone:
+            del self.reservations[rid]
+        return gone
+
+    def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]], want_max: int,
+                want_min: int, ttl_s: float) -> Reserved | NoRoom:
+        self.expire()
+        if rid in self.reservations:
+            return Reserved(self.reservations[rid][1])
+        amount = want_max
+        for key, limit in limits:
+            room = limit - self.spent.get(key, 0) - self.reserved(key)
+            if room < max(want_min, 1):
+                return NoRoom(key, max(0, room))
+            amount = min(amount, room)
+        amount = max(amount, want_min)
+        self.reservations[rid] = (self.clock() + ttl_s, amount, tuple(k for k, _ in limits))
+        return Reserved(amount)
+
+    def settle(self, rid: str, actual: int) -> tuple[BudgetKey, ...]:
+        entry = self.reservations.pop(rid, None)
+        if entry is None:
+            return ()
+        for key in entry[2]:
+            self.spent[key] = self.spent.get(key, 0) + actual
+        return entry[2]
+
+    def totals(self, keys: Sequence[BudgetKey]) -> dict[BudgetKey, Totals]:
+        self.expire()
+        return {k: Totals(self.spent.get(k, 0), self.reserved(k)) for k in keys}
+
+
+class MemoryBudgetStore:
+    """Budgets in process memory: exact and fast, gone on restart (tests, ephemeral use)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._book = _Book(clock)
+
+    async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
+                      want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
+        return self._book.reserve(rid, limits, want_max, want_min, ttl_s)
+
+    async def settle(self, rid: str, actual: int) -> None:
+        self._book.settle(rid, actual)
+
+    async def release(self, rid: str) -> None:
+        self._book.reservations.pop(rid, None)
+
+    async def totals(self, keys: Sequence[BudgetKey]) -> dict[BudgetKey, Totals]:
+        return self._book.totals(keys)
+
+    async def aclose(self) -> None:
+        pass
+
+
+# --- SQLite -----------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spend (
+    budget TEXT NOT NULL, subject TEXT NOT NULL, window TEXT NOT NULL,
+    micro_usd INTEGER NOT NULL,
+    PRIMARY KEY (budget, subject, window)
+);
+CREATE TABLE IF NOT EXISTS settled (rid TEXT PRIMARY KEY, at REAL NOT NULL);
+"""
+
+
+class SQLiteBudgetStore:
+    """Durable budgets in one SQLite file (WAL), for one sidecar process.
+
+    Spend is committed before :meth:`settle` returns, so a SIGKILL right after loses
+    nothing. Reservations live in memory: a restart starts with none, which is exactly
+    "reservations of a crashed process expire". Settled ids are kept for a day so a replay
+    does not count twice. The file is locked against a second process (SQLite's exclusive
+    locking mode). Every call runs on one dedicated thread, off the event loop.
+    """
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time,
+                 synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> None:
+        """Open or create the ledger; raises :class:`LedgerUnavailable`."""
+        self._path = Path(path)
+        self._book = _Book(clock)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sidecar-ledger")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self._path, check_same_thread=False,
+                                       isolation_level=None, timeout=0.5)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now
+            self._db.execute("DELETE FROM settled WHERE at < ?", (clock() - 86400,))
+            for budget, subject, window, amount in self._db.execute(
+                "SELECT budget, subject, window, micro_usd FROM spend"
+            ):
+                self._book.spent[BudgetKey(budget, subject, window)] = amount
+            self._settled = {r for (r,) in self._db.execute("SELECT rid FROM settled")}
+            self._db.execute("COMMIT")
+        except (sqlite3.Error, OSError) as e:
+            raise LedgerUnavailable(f"cannot open the budget ledger {self._path}: {e}") from None
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
+                      want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
+        with self._lock:
+            if rid in self._settled:
+                return NoRoom(limits[0][0], 0) if limits else Reserved(0)
+            return self._book.reserve(rid, limits, want_max, want_min, ttl_s)
+
+    async def settle(self, rid: str, actual: int) -> None:
+        def write() -> None:
+            with self._lock:
+                if rid in self._settled or rid not in self._book.reservations:
+                    return
+                keys = self._book.reservations[rid][2]
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany(
+                        "INSERT INTO spend VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                        "SET micro_usd = micro_usd + excluded.micro_usd",
+                        [(k.budget, k.subject, k.window, actual) for k in keys],
+                    )
+                    self._db.execute("INSERT INTO settled VALUES (?, ?)", (rid, self._clock()))
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as e:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise LedgerUnavailable(
+                        f"cannot write the budget ledger {self._path}: {e}"
+                    ) from None
+                self._book.settle(rid, actual)
+                self._settled.add(rid)
+
+        await self._run(write)
+
+    async def release(self, rid: str) -> None:
+        with self._lock:
+            self._book.reservations.pop(rid, None)
+
+    async def totals(self, keys: Sequence[BudgetKey]) -> dict[BudgetKey, Totals]:
+        with self._lock:
+            return self._book.totals(keys)
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            with self._lock:
+                self._db.close()
+
+        await self._run(close)
+        self._executor.shutdown(wait=True)
