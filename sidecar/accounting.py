@@ -11,7 +11,8 @@ The :class:`Accountant` is called by the gateway at four points of a request:
   what the budgets can pay for (up to ``default_max_tokens``) and ``Ticket.cap`` tells the
   provider the token limit to send. A budget without room raises :class:`BudgetExhausted`
   (``on_exhausted = "local"``: the gateway skips to free targets) or :class:`BudgetRejected`
-  (``"reject"``: 429 with the window's reset time).
+  (``"reject"``: 429 with the window's reset time); an unreachable ledger raises
+  :class:`LedgerDown` (skip to free targets) unless budgets fail open.
 * :meth:`~Accountant.outbound` before each attempt: the provider's outbound rpm/tpm, and
   what the provider itself said about its limits. Raises :class:`TargetLimited`.
 * :meth:`~Accountant.settle` after a success (the actual cost from the usage, durably
@@ -45,6 +46,7 @@ from sidecar.config import LOCAL_PROVIDER, BudgetConfig, Config
 from sidecar.errors import (
     BudgetExhausted,
     BudgetRejected,
+    LedgerDown,
     RateLimited,
     TargetLimited,
     Unavailable,
@@ -287,8 +289,8 @@ class Accountant:
                                                self._ttl_s)
         except LedgerUnavailable as e:
             if self._budgets_closed:
-                raise Unavailable(f"The budget ledger is unavailable: {e}",
-                                  retry_after_s=1.0) from None
+                raise LedgerDown(f"{target.key} is paid and the budget ledger is "
+                                 f"unavailable: {e}", target=target.key) from None
             log.warning("budgets not applied: %s", e)
             return Ticket(target, price)
         if isinstance(result, NoRoom):

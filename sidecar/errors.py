@@ -28,8 +28,9 @@ its gRPC status code (by name, so this module does not import grpc), the OpenAI 
         ├── UpstreamOverloaded  503  next target  a local model's queue is full; not a
         │                                        health failure; carries Retry-After
         ├── TargetLimited       429  next target  our own outbound limit for the provider
-        └── BudgetExhausted     429  next target  a budget cannot pay for a paid target
-                                                 (on_exhausted = "local"); free ones serve
+        ├── BudgetExhausted     429  next target  a budget cannot pay for a paid target
+        │                                        (on_exhausted = "local"); free ones serve
+        └── LedgerDown          503  next target  the ledger is unreachable (fail closed)
 
 Messages never contain secrets or stack traces: they are written for the client.
 """
@@ -227,6 +228,16 @@ class BudgetExhausted(UpstreamError):
     grpc_code = "RESOURCE_EXHAUSTED"
     type = "insufficient_quota"
     code = "budget_exhausted"
+
+
+class LedgerDown(UpstreamError):
+    """The budget ledger cannot be reached and budgets fail closed: paid targets are
+    skipped (free and local ones still serve); 503 when none is left."""
+
+    retryable = True
+    counts_against_health = False
+    status = 503
+    code = "ledger_unavailable"
 
 
 _GRPC_BY_STATUS = {

@@ -42,9 +42,9 @@ from sidecar.errors import (
     BudgetRejected,
     DeadlineExceeded,
     InvalidRequest,
+    LedgerDown,
     RateLimited,
     SidecarError,
-    TargetLimited,
     Unauthenticated,
     Unavailable,
     UpstreamError,
@@ -352,12 +352,14 @@ class Gateway:
             return InvalidRequest(last.message, param=last.param)
         if all(isinstance(f, UpstreamOverloaded) for f in failures):
             return Unavailable(last.message, retry_after_s=last.retry_after_s)
-        if any(isinstance(f, BudgetExhausted) for f in failures) and all(
-            isinstance(f, BudgetExhausted | UpstreamUnsupported | TargetLimited)
-            for f in failures
-        ):
-            budget = next(f for f in failures if isinstance(f, BudgetExhausted))
-            return BudgetRejected(budget.message, retry_after_s=budget.retry_after_s)
+        if all(not f.counts_against_health for f in failures):
+            # Every target was skipped: say why, budget first (it is the client's to fix).
+            for kind in (BudgetExhausted, LedgerDown):
+                skipped = next((f for f in failures if isinstance(f, kind)), None)
+                if isinstance(skipped, BudgetExhausted):
+                    return BudgetRejected(skipped.message, retry_after_s=skipped.retry_after_s)
+                if skipped is not None:
+                    return Unavailable(skipped.message, retry_after_s=1.0)
         if all(isinstance(f, UpstreamRateLimited) for f in failures):
             waits = [f.retry_after_s for f in failures if f.retry_after_s is not None]
             return RateLimited(
