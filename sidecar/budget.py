@@ -17,7 +17,8 @@ suite runs against all of them):
   even if it exceeds the reservation: the provider charged it). It is idempotent: a
   reservation settles once, a replay of the same id changes nothing.
 * :meth:`~BudgetStore.release` drops a reservation (the call failed; nothing was spent).
-* Reservations expire after ``ttl_s`` so a crashed process cannot pin budget forever.
+* Reservations expire after ``ttl_s`` so a crashed process cannot pin budget forever;
+  an expired reservation settles nothing.
 * :meth:`~BudgetStore.totals` reads spent and reserved per key.
 
 Stores raise :class:`LedgerUnavailable` when they cannot read or write (disk full,
@@ -152,6 +153,7 @@ class _Book:
         return Reserved(amount)
 
     def settle(self, rid: str, actual: int) -> tuple[BudgetKey, ...]:
+        self.expire()  # an expired reservation settles nothing, purged yet or not
         entry = self.reservations.pop(rid, None)
         if entry is None:
             return ()
@@ -169,13 +171,26 @@ class MemoryBudgetStore:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._book = _Book(clock)
+        self._settled: dict[str, float] = {}  # rid -> when, oldest first; kept for a day
 
     async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
                       want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
+        if rid in self._settled:
+            return NoRoom(limits[0][0], 0) if limits else Reserved(0)
         return self._book.reserve(rid, limits, want_max, want_min, ttl_s)
 
     async def settle(self, rid: str, actual: int) -> None:
+        self._book.expire()
+        if rid not in self._book.reservations:
+            return
         self._book.settle(rid, actual)
+        now = self._book.clock()
+        self._settled[rid] = now
+        while self._settled:
+            oldest = next(iter(self._settled))
+            if self._settled[oldest] >= now - 86400:
+                break
+            del self._settled[oldest]
 
     async def release(self, rid: str) -> None:
         self._book.reservations.pop(rid, None)
@@ -249,6 +264,7 @@ class SQLiteBudgetStore:
     async def settle(self, rid: str, actual: int) -> None:
         def write() -> None:
             with self._lock:
+                self._book.expire()  # an expired reservation settles nothing
                 if rid in self._settled or rid not in self._book.reservations:
                     return
                 keys = self._book.reservations[rid][2]

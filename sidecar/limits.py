@@ -57,8 +57,13 @@ class RateLimiter(Protocol):
 
 
 GCRA_SLACK_S = 1e-5
-"""A wait up to this counts as 0: float rounding of the TAT must not refuse the last unit of
-a burst (10 µs is far below any rate's resolution)."""
+
+
+def gcra_slack(rate: Rate, cost: float) -> float:
+    """A wait up to this counts as 0, so float rounding of the TAT cannot refuse the last
+    unit of a burst: 10 µs, or a thousandth of the cost's interval if that is less (so it
+    never lets a whole extra unit through)."""
+    return min(GCRA_SLACK_S, 1e-3 * cost / rate.per_s)
 
 
 def gcra(tat: float, now: float, rate: Rate, cost: float) -> tuple[float, float]:
@@ -68,7 +73,7 @@ def gcra(tat: float, now: float, rate: Rate, cost: float) -> tuple[float, float]
     tat = max(tat, now)
     new_tat = tat + cost / rate.per_s
     wait = new_tat - now - rate.burst / rate.per_s
-    return (new_tat, 0.0) if wait <= GCRA_SLACK_S else (tat, wait)
+    return (new_tat, 0.0) if wait <= gcra_slack(rate, cost) else (tat, wait)
 
 
 class MemoryRateLimiter:
