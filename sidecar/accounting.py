@@ -78,32 +78,42 @@ class Estimate(msgspec.Struct, frozen=True):
     prompt_guess: int
     """A realistic guess (a quarter of that), for token rate limits."""
     max_tokens: int | None
-    """The client's completion limit, if any."""
+    """The client's completion limit per choice, if any."""
+    choices: int = 1
+    """Completions the provider generates (and bills): ``n``, or ``best_of`` for text
+    completions."""
 
 
 def estimate(call: Call) -> Estimate:
     req = call.request
+    choices = 1
     if isinstance(req, ChatRequest):
         data: Any = [call.raw.get("messages"), call.raw.get("tools")]
         images = sum(
             1 for m in req.messages if isinstance(m.content, list)
             for part in m.content if part.get("type") in ("image_url", "input_image", "image")
         )
-        limit = req.token_limit
+        limit, choices = req.token_limit, req.n or 1
     elif isinstance(req, CompletionRequest):
         data, images, limit = req.prompt, 0, req.max_tokens
+        choices = max(_count(call.raw.get("n")), _count(call.raw.get("best_of")))
     else:
         assert isinstance(req, EmbeddingRequest)
         data, images, limit = req.input, 0, 0
     size = len(_encoder.encode(data)) + images * IMAGE_TOKENS
-    return Estimate(size, max(1, size // 4), limit)
+    return Estimate(size, max(1, size // 4), limit, choices)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
 class Ticket(msgspec.Struct):
-    """One attempt's reservation. ``rid`` None: nothing was reserved."""
+    """One attempt's reservation. ``rid`` None: nothing was reserved; ``price`` None: the
+    target's price is unknown (no budget applies to it), so its cost is too."""
 
     target: Target
-    price: Price
+    price: Price | None
     rid: str | None = None
     amount: int = 0
     cap: int | None = None
@@ -264,11 +274,11 @@ class Accountant:
         price = FREE if target.provider == LOCAL_PROVIDER else self.prices.lookup(
             target.provider, target.model)
         if price == FREE or not self._budgets:
-            return Ticket(target, price or FREE)
+            return Ticket(target, price)
         now = self._clock()
         budgets = self._applicable(target, identity, now)
         if not budgets:
-            return Ticket(target, price or FREE)
+            return Ticket(target, price)
         if price is None:
             raise BudgetExhausted(
                 f"{target.key} has no known price, so budget "
@@ -277,11 +287,12 @@ class Accountant:
             )
         assert self._store is not None
         prompt = cost(price, est.prompt_max, 0)
+        n = est.choices  # every choice is billed
         if est.max_tokens is not None:
-            want_max = want_min = prompt + cost(price, 0, est.max_tokens)
+            want_max = want_min = prompt + cost(price, 0, est.max_tokens * n)
         else:
-            want_max = prompt + cost(price, 0, DEFAULT_MAX_TOKENS)
-            want_min = prompt + cost(price, 0, MIN_COMPLETION_TOKENS)
+            want_max = prompt + cost(price, 0, DEFAULT_MAX_TOKENS * n)
+            want_min = prompt + cost(price, 0, MIN_COMPLETION_TOKENS * n)
         rid = uuid.uuid4().hex
         limits = [(key, _micro(b.limit_usd)) for b, key in budgets]
         try:
@@ -300,7 +311,7 @@ class Accountant:
         if est.max_tokens is None:
             per_token = max(price.output, 1)
             cap = max(1, min(DEFAULT_MAX_TOKENS, (result.amount - prompt) * 1_000_000
-                             // per_token))
+                             // (per_token * n)))
         return Ticket(target, price, rid, result.amount, cap)
 
     def _exhausted(self, b: BudgetConfig, no_room: NoRoom, target: Target, now: float
@@ -318,11 +329,13 @@ class Accountant:
                                target=target.key, retry_after_s=retry)
 
     async def settle(self, ticket: Ticket, est: Estimate, usage: Usage | None,
-                     meter: Meter | None) -> int:
-        """Record the attempt's actual cost (µ$) before its answer is released. Without a
-        usage from the provider: prompt bound + what the meter counted, or the reservation
-        for a non-stream call. Raises :class:`Unavailable` if the ledger cannot record it
-        (and budgets fail closed)."""
+                     meter: Meter | None) -> int | None:
+        """Record the attempt's actual cost (µ$) before its answer is released; None when
+        the price is unknown. Without a usage from the provider: prompt bound + what the
+        meter counted, or the reservation for a non-stream call. Raises
+        :class:`Unavailable` if the ledger cannot record it (and budgets fail closed)."""
+        if ticket.price is None:
+            return None
         if usage is None and meter is not None:
             usage = meter.usage
         if usage is not None:

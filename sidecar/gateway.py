@@ -56,7 +56,7 @@ from sidecar.errors import (
 )
 from sidecar.health import Circuit, Health, RetryBudget
 from sidecar.limits import MemoryRateLimiter
-from sidecar.pricing import format_usd
+from sidecar.pricing import FREE, format_usd
 from sidecar.providers.base import Provider, Reply
 from sidecar.routing import Route, Router, Target, plan
 from sidecar.types import Call, Meter
@@ -84,8 +84,8 @@ class Served(msgspec.Struct):
 
 class Completed(Served):
     reply: Reply
-    cost: int
-    """µ$ recorded for this answer."""
+    cost: int | None
+    """µ$ recorded for this answer (None: the target's price is unknown)."""
 
 
 class Streaming(Served):
@@ -149,7 +149,8 @@ class Gateway:
             config.routing.retry_budget_ratio, config.routing.retry_budget_min, self._clock
         )
         self._rng = rng or random.Random()
-        keys = [(f"key-{i + 1}", k) for i, k in enumerate(config.server.api_keys)]
+        # Anonymous keys get names no [[keys]] entry can have (brackets are not allowed).
+        keys = [(f"api_keys[{i}]", k) for i, k in enumerate(config.server.api_keys)]
         keys += [(k.name, k.key) for k in config.keys]
         self._keys = [(name, key.encode()) for name, key in keys]
         self.accountant = accountant or Accountant(config, None, MemoryRateLimiter())
@@ -227,7 +228,7 @@ class Gateway:
 
         (first, frames), done = await self._run(call, route, ctx, est, attempt)
         circuit = self.health.circuit(done.target.key)
-        free = done.ticket.price.input == done.ticket.price.output == 0
+        free = done.ticket.price == FREE
         return Streaming(done.target.key, done.attempts,
                          self._relay(first, frames, ctx, circuit, route, est, done),
                          0 if free else None)
@@ -382,7 +383,7 @@ class Gateway:
         it failed, as soon as it ends)."""
         settled = False
 
-        async def settle() -> int:
+        async def settle() -> int | None:
             nonlocal settled
             settled = True
             cost = await self.accountant.settle(done.ticket, est, None, done.meter)
@@ -399,7 +400,9 @@ class Gateway:
                 yield frame
             await frames.aclose()
             cost = await settle()
-            yield b": x-sidecar-cost-usd " + format_usd(cost).encode() + b"\n\n" + DONE_FRAME
+            if cost is not None:
+                yield b": x-sidecar-cost-usd " + format_usd(cost).encode() + b"\n\n"
+            yield DONE_FRAME
         except TimeoutError:
             yield error_frame(DeadlineExceeded("The request deadline passed mid-stream."))
         except UpstreamError as e:
