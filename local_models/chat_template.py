@@ -2,7 +2,10 @@
 
 Templates inside model files are untrusted input: they are compiled only in Jinja's
 :class:`~jinja2.sandbox.ImmutableSandboxedEnvironment` (no attribute access to internals,
-no mutation of passed-in objects) with a bounded output size. A model without a template,
+no mutation of passed-in objects), with a bounded output size (checked while rendering) and
+bounded sequence repetition and powers. Whatever a template does wrong while rendering
+(``raise_exception``, a sandbox violation, a division by zero, runaway recursion, a range
+too big) is one :class:`TemplateError`, never another exception. A model without a template,
 or whose template does not compile, gets :data:`DEFAULT_TEMPLATE` (ChatML).
 """
 
@@ -38,12 +41,37 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus bounds on ``seq * n`` and ``a ** b`` (a template could otherwise
+    allocate gigabytes or compute for minutes in one expression)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if (isinstance(seq, str | list | tuple) and isinstance(n, int)
+                        and len(seq) * n > MAX_RENDERED_CHARS):
+                    raise TemplateError("chat template output is too large")
+            if ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                raise TemplateError("chat template computes a number too large")
+        elif operator == "**" and ints and (
+            abs(right) > _MAX_INT_BITS or left.bit_length() * abs(right) > _MAX_INT_BITS
+        ):
+            raise TemplateError("chat template computes a number too large")
+        return super().call_binop(context, operator, left, right)
+
+
+_MAX_INT_BITS = 4096
+
+
 class ChatTemplate:
     """A compiled template; :meth:`render` turns messages into one prompt string."""
 
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "") -> None:
         """Compile ``source``; on a syntax error fall back to the default (see ``fallback``)."""
-        env = ImmutableSandboxedEnvironment(
+        env = _Environment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.globals["raise_exception"] = _raise_exception
@@ -63,17 +91,23 @@ class ChatTemplate:
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
                ) -> str:
         """Render; raises :class:`TemplateError` with the template's own message."""
+        parts: list[str] = []
+        size = 0
         try:
-            text = self._template.render(
+            for part in self._template.generate(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos,
                 eos_token=self._eos,
-            )
+            ):
+                size += len(part)
+                if size > MAX_RENDERED_CHARS:
+                    raise TemplateError("chat template output is too large")
+                parts.append(part)
         except TemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+        except jinja2.TemplateError as e:
             raise TemplateError(f"chat template failed: {e}") from None
-        if len(text) > MAX_RENDERED_CHARS:
-            raise TemplateError("chat template output is too large")
-        return text
+        except Exception as e:  # the template is untrusted: any failure is the template's
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+        return "".join(parts)

@@ -347,8 +347,9 @@ class ModelPool:
         async with self._load_lock:
             if model.worker is not None:
                 await self._unload(model)  # a dead worker: reap it before starting anew
+            # No room is not a failed load: once the busy models finish, it may load.
+            await self._make_room(model)
             try:
-                await self._make_room(model)
                 worker = await self._spawn(model)
             except LocalError as e:
                 model.failed, model.failed_at = str(e), time.monotonic()

@@ -207,7 +207,9 @@ class Engine:
         if s.presence_penalty or s.frequency_penalty:
             ll.llama_sampler_chain_add(
                 chain,
-                ll.llama_sampler_init_penalties(64, 1.0, s.frequency_penalty, s.presence_penalty),
+                ll.llama_sampler_init_penalties(
+                    self.n_vocab, 64, 1.0, s.frequency_penalty, s.presence_penalty
+                ),
             )
         if s.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())

