@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -243,14 +243,7 @@ class ModelPool:
         sampling: p.Sampling | None = None,
     ) -> AsyncGenerator[str | p.Done, None]:
         """Yield text deltas, then one :class:`~local_models.protocol.Done` with the usage."""
-        model = self._model(name)
-        await self._admit(model)
-        started = time.monotonic()
-        try:
-            worker = await self._ensure_loaded(model)
-            rid = next(self._ids)
-            answers: asyncio.Queue[p.FromWorker | None] = asyncio.Queue()
-            worker.streams[rid] = answers
+        async with self._request(name) as (worker, rid, answers):
             finished = False
             try:
                 worker.send(p.Generate(
@@ -261,50 +254,46 @@ class ModelPool:
                     msg = await answers.get()
                     if isinstance(msg, p.Tokens):
                         yield msg.text
-                    elif isinstance(msg, p.Done):
-                        finished = True
+                        continue
+                    finished = True
+                    if isinstance(msg, p.Done):
                         yield msg
                         return
-                    elif isinstance(msg, p.Failed):
-                        finished = True
-                        raise _failure(name, msg)
-                    elif msg is None:
-                        finished = True
-                        raise WorkerCrashed(f"local model '{name}' worker stopped "
-                                            f"({await _how(worker)})")
+                    raise await _failure(name, worker, msg)
             finally:
-                worker.streams.pop(rid, None)
                 if not finished:
                     worker.send(p.Cancel(rid))
-        finally:
-            model.slots.release()
-            model.in_flight -= 1
-            model.last_used = time.monotonic()
-            elapsed = model.last_used - started
-            model.avg_duration_s += 0.2 * (elapsed - model.avg_duration_s)
 
     async def embed(self, name: str, inputs: Sequence[str]) -> p.Embeddings:
+        async with self._request(name) as (worker, rid, answers):
+            worker.send(p.Embed(rid, tuple(inputs)))
+            msg = await answers.get()
+            if isinstance(msg, p.Embeddings):
+                return msg
+            raise await _failure(name, worker, msg)
+
+    @contextlib.asynccontextmanager
+    async def _request(self, name: str) -> AsyncIterator[
+            tuple[_Worker, int, asyncio.Queue[p.FromWorker | None]]]:
+        """Admission, a loaded worker, a request id and the queue of its answers; the
+        slot is freed and the queue dropped however the request ends."""
         model = self._model(name)
         await self._admit(model)
+        started = time.monotonic()
         try:
             worker = await self._ensure_loaded(model)
             rid = next(self._ids)
             answers: asyncio.Queue[p.FromWorker | None] = asyncio.Queue()
             worker.streams[rid] = answers
             try:
-                worker.send(p.Embed(rid, tuple(inputs)))
-                msg = await answers.get()
+                yield worker, rid, answers
             finally:
                 worker.streams.pop(rid, None)
-            if isinstance(msg, p.Embeddings):
-                return msg
-            if isinstance(msg, p.Failed):
-                raise _failure(name, msg)
-            raise WorkerCrashed(f"local model '{name}' worker stopped ({await _how(worker)})")
         finally:
             model.slots.release()
             model.in_flight -= 1
             model.last_used = time.monotonic()
+            model.avg_duration_s += 0.2 * (model.last_used - started - model.avg_duration_s)
 
     def _model(self, name: str) -> _Model:
         model = self._models.get(name)
@@ -451,10 +440,15 @@ async def _how(worker: _Worker) -> str:
         return "not answering"
 
 
-def _failure(name: str, msg: p.Failed) -> LocalError:
-    if msg.kind == "invalid":
-        return InvalidRequest(msg.message)
-    return WorkerCrashed(f"local model '{name}': {msg.message}")
+async def _failure(name: str, worker: _Worker, msg: p.FromWorker | None) -> LocalError:
+    """The error for an answer that is not the expected one (None: the worker died)."""
+    if isinstance(msg, p.Failed):
+        if msg.kind == "invalid":
+            return InvalidRequest(msg.message)
+        return WorkerCrashed(f"local model '{name}': {msg.message}")
+    if msg is None:
+        return WorkerCrashed(f"local model '{name}' worker stopped ({await _how(worker)})")
+    return WorkerCrashed(f"local model '{name}' answered out of order ({type(msg).__name__})")
 
 
 def _mib(n: int) -> int:

@@ -110,11 +110,6 @@ class LoadFailed(_Msg, frozen=True):
     message: str
 
 
-class Started(_Msg, frozen=True):
-    id: int
-    prompt_tokens: int
-
-
 class Tokens(_Msg, frozen=True):
     id: int
     text: str
@@ -147,7 +142,7 @@ class Failed(_Msg, frozen=True):
     message: str
 
 
-FromWorker = Loaded | LoadFailed | Started | Tokens | Done | Embeddings | Failed
+FromWorker = Loaded | LoadFailed | Tokens | Done | Embeddings | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -237,7 +237,6 @@ class Engine:
         seq = _Seq(req.id, self.free_slots.pop(), tokens, limit, req.stop,
                    self._sampler(req.sampling))
         self.active[req.id] = seq
-        send(p.Started(req.id, len(tokens)))
 
     def cancel(self, request_id: int, send: Send) -> None:
         seq = self.active.get(request_id)
