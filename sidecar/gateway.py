@@ -202,8 +202,8 @@ class Gateway:
             return await provider.send(call, target.model, timeout_s, meter)
 
         reply, done = await self._run(call, route, ctx, est, attempt)
-        cost = await self.accountant.settle(done.ticket, est, reply.usage, None)
-        await self.accountant.used(ctx.identity, route, done.target, est, reply.usage)
+        # Shielded: the provider has billed this; a client leaving now must not lose it.
+        cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
         return Completed(done.target.key, done.attempts, reply, cost)
 
     async def stream(self, call: Call, ctx: Context) -> Streaming:
@@ -311,6 +311,16 @@ class Gateway:
                 return result, _Attempt(target, attempts, ticket, meter)
         raise self._exhausted(call, route, failures, next_open)
 
+    async def _settle(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
+                      reply: Reply | None) -> int | None:
+        """Record the cost of the attempt that answered: a non-stream ``reply``'s usage
+        (or its reservation, when it has none), else what the stream's meter saw."""
+        usage = reply.usage if reply is not None else done.meter.usage
+        meter = None if reply is not None else done.meter
+        cost = await self.accountant.settle(done.ticket, est, usage, meter)
+        await self.accountant.used(ctx.identity, route, done.target, est, usage)
+        return cost
+
     def _note_limits(self, target: Target, meter: Meter) -> None:
         """Remember when a provider's headers said its limit is used up (x-ratelimit-*);
         a 429's Retry-After already holds the target's circuit."""
@@ -386,9 +396,7 @@ class Gateway:
         async def settle() -> int | None:
             nonlocal settled
             settled = True
-            cost = await self.accountant.settle(done.ticket, est, None, done.meter)
-            await self.accountant.used(ctx.identity, route, done.target, est, done.meter.usage)
-            return cost
+            return await asyncio.shield(self._settle(ctx, route, est, done, None))
 
         try:
             yield first
@@ -414,7 +422,7 @@ class Gateway:
             await frames.aclose()
             if not settled:
                 with contextlib.suppress(SidecarError):
-                    await asyncio.shield(settle())
+                    await settle()
 
     async def aclose(self) -> None:
         await asyncio.gather(*(p.aclose() for p in self.providers.values()),
