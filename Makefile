@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # With no config the sidecar serves its embedded default: the local SmolLM2 model.
 CONFIG ?= $(SIDECAR_CONFIG)
 
-.PHONY: run test install install-dev lint bench bench-local clean
+.PHONY: run test install install-dev lint bench bench-local bench-grpc protos clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	scripts/install.sh --venv $(VENV)
@@ -36,6 +36,13 @@ bench: install-dev
 bench-local: install-dev
 	scripts/build-llama-server.sh
 	$(PY) benchmarks/local.py
+
+bench-grpc: install-dev
+	$(PY) benchmarks/grpc.py
+
+# Regenerate the gRPC code from protos/ (committed; tests/test_grpc.py checks it matches).
+protos: install-dev
+	$(PY) scripts/gen_protos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,14 +1,16 @@
 """The composition root: builds every part from a :class:`Config` and runs the front ends.
 
 Nothing else constructs providers, the gateway or the apps. :func:`serve` blocks until
-SIGINT/SIGTERM, then drains: ``/readyz`` turns 503, new requests get 503, requests in flight
-get ``shutdown_grace_s`` to finish, and provider connections are closed.
+SIGINT/SIGTERM, then drains: ``/readyz`` turns 503 and the gRPC health status NOT_SERVING,
+new requests get 503 (UNAVAILABLE), requests in flight get ``shutdown_grace_s`` to finish
+(HTTP and gRPC alike), and provider connections are closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -137,13 +139,25 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def run(config: Config) -> None:
-    """Serve until a stop signal. Prints ``sidecar: http listening on HOST:PORT`` once the
-    socket accepts connections (tests and scripts wait for that line)."""
+    """Serve until a stop signal. Prints ``sidecar: http listening on HOST:PORT`` once
+    both front ends accept connections (tests and scripts wait for that line), then
+    ``sidecar: grpc listening on ADDRESS`` for each gRPC listener (``HOST:PORT``,
+    ``unix:PATH``; none when ``grpc_port`` is 0 and no ``uds`` is set)."""
     gateway = build_gateway(config)
     server_cfg = config.server
     app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes)
     sock = _bind(server_cfg.host, server_cfg.port)
     host, port = sock.getsockname()[:2]
+    grpc_server = None
+    grpc_addresses: list[str] = []
+    if server_cfg.grpc_port or server_cfg.uds:
+        # Local workers are exec'd, never forked children that use gRPC: grpc's fork
+        # handlers would only pause its threads at each worker start (and log about it).
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+        from sidecar.grpc.server import GrpcServer  # grpc is imported only when enabled
+
+        grpc_server = GrpcServer(gateway, server_cfg)
+        grpc_addresses = await grpc_server.start()
     uv = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -166,6 +180,8 @@ async def run(config: Config) -> None:
     # serve() that captures and re-raises them is bypassed.
     task = asyncio.create_task(uv._serve(sockets=[sock]))
     print(f"sidecar: http listening on {host}:{port}", flush=True)
+    for address in grpc_addresses:
+        print(f"sidecar: grpc listening on {address}", flush=True)
     try:
         await asyncio.wait(
             [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
@@ -173,7 +189,11 @@ async def run(config: Config) -> None:
     finally:
         gateway.draining = True
         uv.should_exit = True
-        await task
+        if grpc_server is not None:
+            await grpc_server.drain()
+            await asyncio.gather(task, grpc_server.stop(server_cfg.shutdown_grace_s))
+        else:
+            await task
         await gateway.aclose()
         print("sidecar: stopped", file=sys.stderr, flush=True)
 

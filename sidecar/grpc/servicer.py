@@ -1,0 +1,284 @@
+"""The ``sidecar.v1.Sidecar`` service: gRPC calls onto the :class:`~sidecar.gateway.Gateway`.
+
+Each call, in this order:
+
+1. authenticate from metadata (``authorization: Bearer <key>`` or ``x-api-key``) with the
+   HTTP front end's keys, before the request is looked at;
+2. build the :class:`~sidecar.gateway.Context`: request id from ``x-request-id`` (when
+   well formed) or a new one; deadline from the call's gRPC deadline, which plays the role
+   of HTTP's ``x-sidecar-timeout`` (capped at ``max_request_timeout_s``; without one,
+   ``request_timeout_s``), so the client's deadline bounds the whole request;
+3. translate the request (:mod:`sidecar.grpc.translation`: the same validation and
+   messages as HTTP), call the gateway, translate the answer back.
+
+Who served a call goes in the response message and in metadata: trailing for unary
+calls (``x-request-id``, ``x-sidecar-target``, ``x-sidecar-attempts``,
+``x-sidecar-cost-usd``; sent with the status, where initial metadata would cost an extra
+write per call), initial for streams (all but the cost, as soon as the stream commits)
+with the cost trailing. The cost is left out when the target's price is unknown.
+
+Errors are translated here, once: a :class:`~sidecar.errors.SidecarError` ends the call
+with its ``grpc_code``, its message, rich status details (``google.rpc.ErrorInfo`` with the
+HTTP API's error code, ``google.rpc.RetryInfo`` when a retry time is known) and trailing
+metadata (``x-request-id``, ``retry-after`` in whole seconds). Anything else is logged and
+ends the call with INTERNAL and a fixed message, never a stack trace.
+
+Cancellation: grpc.aio cancels a call's handler task when the client cancels or its
+deadline passes. That cancels the gateway call, which stops the upstream HTTP call or the
+local generation; a stream handler also closes the gateway's frame iterator (in
+``finally``), so the stream's cost is settled and its upstream closed at once.
+
+Safe for concurrent calls on one event loop; holds no per-call state.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, NoReturn
+
+import google.rpc.error_details_pb2 as error_details_pb2
+import google.rpc.status_pb2 as status_pb2
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from grpc_status import rpc_status
+
+from sidecar.errors import SidecarError
+from sidecar.gateway import Context, Gateway
+from sidecar.grpc.translation import (
+    ChunkReader,
+    StreamEnd,
+    chat_call,
+    chat_response,
+    embed_call,
+    embed_response,
+)
+from sidecar.grpc.v1 import sidecar_pb2 as pb
+from sidecar.pricing import format_usd
+
+log = logging.getLogger("sidecar.grpc")
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# grpc.aio reports "no deadline" as a time remaining of centuries.
+_NO_DEADLINE_S = 10 * 365 * 86400.0
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+
+
+class SidecarServicer:
+    """Implements ``sidecar.v1.Sidecar``; :meth:`handlers` registers it on a server."""
+
+    def __init__(self, gateway: Gateway, *, max_timeout_s: float) -> None:
+        """``max_timeout_s``: the longest deadline a call may have (longer ones are cut
+        to it), ``[server].max_request_timeout_s``."""
+        self._gateway = gateway
+        self._max_timeout_s = max_timeout_s
+        self._models = _models(gateway)
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The service's method handlers by method name."""
+        return {
+            "Chat": grpc.unary_unary_rpc_method_handler(
+                self.chat,
+                request_deserializer=pb.ChatRequest.FromString,
+                response_serializer=pb.ChatResponse.SerializeToString,
+            ),
+            "ChatStream": grpc.unary_stream_rpc_method_handler(
+                self.chat_stream,
+                request_deserializer=pb.ChatRequest.FromString,
+                response_serializer=pb.ChatChunk.SerializeToString,
+            ),
+            "Embed": grpc.unary_unary_rpc_method_handler(
+                self.embed,
+                request_deserializer=pb.EmbedRequest.FromString,
+                response_serializer=pb.EmbedResponse.SerializeToString,
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.list_models,
+                request_deserializer=pb.ListModelsRequest.FromString,
+                response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+        }
+
+    # --- methods --------------------------------------------------------------------------
+
+    async def chat(self, request: pb.ChatRequest, context: ServicerContext) -> pb.ChatResponse:
+        meta = _metadata(context)
+        request_id = _request_id(meta)
+        try:
+            ctx = self._context(context, meta, request_id)
+            done = await self._gateway.complete(chat_call(request, stream=False), ctx)
+            out = chat_response(done.reply.body, done.target)
+            out.target, out.attempts, out.request_id = done.target, done.attempts, request_id
+            if done.cost is not None:
+                out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
+            context.set_trailing_metadata(
+                _served(request_id, done.target, done.attempts, done.cost))
+            return out
+        except Exception as e:
+            await _fail(context, e, request_id)
+
+    async def chat_stream(self, request: pb.ChatRequest, context: ServicerContext) -> None:
+        """Writes chunks with ``context.write`` (not an async generator), so that a
+        cancellation lands in this coroutine wherever it waits and ``finally`` closes the
+        frames at once rather than when a suspended generator is collected."""
+        meta = _metadata(context)
+        request_id = _request_id(meta)
+        frames: AsyncIterator[bytes] | None = None
+        try:
+            ctx = self._context(context, meta, request_id)
+            streaming = await self._gateway.stream(chat_call(request, stream=True), ctx)
+            frames = streaming.frames
+            await context.send_initial_metadata(
+                _served(request_id, streaming.target, streaming.attempts, streaming.cost))
+            reader = ChunkReader(streaming.target)
+            first = True
+            async for frame in frames:
+                for item in reader.feed(frame):
+                    if isinstance(item, StreamEnd):
+                        if item.cost is not None:
+                            context.set_trailing_metadata(
+                                (("x-sidecar-cost-usd", format_usd(item.cost)),))
+                        chunk = reader.last_chunk(item)
+                    else:
+                        chunk = item
+                        if first:
+                            first = False
+                            chunk.target, chunk.attempts = streaming.target, streaming.attempts
+                            chunk.request_id = request_id
+                    await context.write(chunk)
+        except Exception as e:
+            await _fail(context, e, request_id)
+        finally:
+            if isinstance(frames, AsyncGenerator):
+                await frames.aclose()
+
+    async def embed(self, request: pb.EmbedRequest, context: ServicerContext) -> pb.EmbedResponse:
+        meta = _metadata(context)
+        request_id = _request_id(meta)
+        try:
+            ctx = self._context(context, meta, request_id)
+            done = await self._gateway.complete(embed_call(request), ctx)
+            out = embed_response(done.reply.body, done.target)
+            out.target, out.attempts, out.request_id = done.target, done.attempts, request_id
+            if done.cost is not None:
+                out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
+            context.set_trailing_metadata(
+                _served(request_id, done.target, done.attempts, done.cost))
+            return out
+        except Exception as e:
+            await _fail(context, e, request_id)
+
+    async def list_models(self, request: pb.ListModelsRequest, context: ServicerContext
+                          ) -> pb.ListModelsResponse:
+        meta = _metadata(context)
+        request_id = _request_id(meta)
+        try:
+            self._gateway.authenticate(_api_key(meta))
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            return self._models
+        except Exception as e:
+            await _fail(context, e, request_id)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _context(self, context: ServicerContext, meta: dict[str, str], request_id: str
+                 ) -> Context:
+        identity = self._gateway.authenticate(_api_key(meta))
+        remaining = context.time_remaining()
+        if remaining is None or remaining >= _NO_DEADLINE_S:
+            deadline = self._gateway.deadline(None)
+        else:
+            deadline = self._gateway.deadline(min(max(remaining, 1e-3), self._max_timeout_s))
+        return Context(request_id, deadline, identity)
+
+
+def _metadata(context: ServicerContext) -> dict[str, str]:
+    """The call's text metadata (binary ``-bin`` entries are skipped)."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _request_id(meta: dict[str, str]) -> str:
+    given = meta.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _api_key(meta: dict[str, str]) -> str | None:
+    """Like the HTTP front end: a bearer token, else ``x-api-key``; ``""`` for an
+    ``authorization`` entry of another scheme (so it is "incorrect", not "missing")."""
+    auth = meta.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+    return meta.get("x-api-key")
+
+
+def _served(request_id: str, target: str, attempts: int, cost: int | None) -> Metadata:
+    out: list[tuple[str, str | bytes]] = [
+        ("x-request-id", request_id),
+        ("x-sidecar-target", target),
+        ("x-sidecar-attempts", str(attempts)),
+    ]
+    if cost is not None:
+        out.append(("x-sidecar-cost-usd", format_usd(cost)))
+    return tuple(out)
+
+
+def _models(gateway: Gateway) -> pb.ListModelsResponse:
+    """Every route, then every ``provider/model`` target once (as ``GET /v1/models``)."""
+    routes = gateway.router.routes
+    out = pb.ListModelsResponse()
+    seen = set()
+    for r in routes:
+        out.models.add(id=r.model, owned_by="sidecar")
+        seen.add(r.model)
+    for t in (t for r in routes for t in r.targets):
+        if t.key not in seen:
+            seen.add(t.key)
+            out.models.add(id=t.key, owned_by=t.provider)
+    return out
+
+
+def error_status(err: SidecarError) -> tuple[grpc.StatusCode, str, Metadata]:
+    """The status code, message and trailing metadata (rich status details included)
+    that report ``err``."""
+    code = grpc.StatusCode.__members__.get(err.grpc_code, grpc.StatusCode.INTERNAL)
+    info = error_details_pb2.ErrorInfo(
+        reason=(err.code or err.type or "error").upper(),
+        domain="sidecar",
+        metadata={k: v for k, v in
+                  (("type", err.type), ("code", err.code), ("param", err.param)) if v},
+    )
+    details = [_pack(info)]
+    trailing: list[tuple[str, str | bytes]] = []
+    if err.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(err.retry_after_s * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        trailing.append(("retry-after", str(max(1, round(err.retry_after_s + 0.499)))))
+    status = rpc_status.to_status(status_pb2.Status(
+        code=code.value[0], message=err.message, details=details))
+    return code, err.message, tuple(status.trailing_metadata) + tuple(trailing)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+async def _fail(context: ServicerContext, exc: Exception, request_id: str) -> NoReturn:
+    """End the call with the status that reports ``exc`` (see the module docstring)."""
+    if isinstance(exc, SidecarError):
+        err = exc
+    else:
+        log.error("unexpected error in a gRPC call (request %s)", request_id, exc_info=exc)
+        err = SidecarError("The sidecar hit an internal error.")
+    code, message, trailing = error_status(err)
+    await context.abort(code, message, (("x-request-id", request_id), *trailing))
