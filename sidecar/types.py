@@ -230,7 +230,8 @@ class ChatChunk(msgspec.Struct):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET
+    """OpenAI sends ``"usage": null`` on every chunk but the last when usage is asked for."""
     object: str = "chat.completion.chunk"
 
 
