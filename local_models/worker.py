@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import heapq
 import math
 import os
 import queue
@@ -109,7 +110,7 @@ class Engine:
             eos_token=self._piece(ll.llama_vocab_eos(self.vocab), special=True),
         )
         self.bos = ll.llama_vocab_bos(self.vocab)
-        self.free_slots = list(range(load.n_parallel - 1, -1, -1))
+        self.free_slots = list(range(load.n_parallel))  # a heap: the lowest slot first
         self.active: dict[int, _Seq] = {}
         self.waiting: deque[p.Generate] = deque()
         self._embed_ctx: Any = None
@@ -234,7 +235,7 @@ class Engine:
             return
         room = self.n_ctx_seq - len(tokens)
         limit = room if req.max_tokens is None else min(req.max_tokens, room)
-        seq = _Seq(req.id, self.free_slots.pop(), tokens, limit, req.stop,
+        seq = _Seq(req.id, heapq.heappop(self.free_slots), tokens, limit, req.stop,
                    self._sampler(req.sampling))
         self.active[req.id] = seq
 
@@ -260,7 +261,7 @@ class Engine:
         self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
         self.ll.llama_sampler_free(seq.sampler)
         del self.active[seq.id]
-        self.free_slots.append(seq.slot)
+        heapq.heappush(self.free_slots, seq.slot)
 
     def _accept(self, seq: _Seq, token: int, out: list[p.FromWorker]) -> None:
         """Handle one sampled token: emit text, or finish the sequence."""
@@ -308,14 +309,18 @@ class Engine:
             batch.logits[n] = logits
             n += 1
 
-        for seq in self.active.values():
+        # Ascending slot order, and slots handed out lowest first: with one KV stream per
+        # sequence llama.cpp splits a batch into one sub-batch per run of consecutive,
+        # increasing sequence ids, so any other order doubles the cost of a step.
+        ordered = sorted(self.active.values(), key=lambda q: q.slot)
+        for seq in ordered:
             seq.batch_index = -1
             if seq.next_token is not None:
                 seq.batch_index = n
                 add(seq.next_token, seq.n_past, seq.slot, True)
                 seq.n_past += 1
                 seq.next_token = None
-        for seq in self.active.values():
+        for seq in ordered:
             if not seq.prefilling or n >= self.n_batch:
                 continue
             take = min(len(seq.prompt) - seq.n_past, self.n_batch - n)
@@ -334,7 +339,7 @@ class Engine:
                 out.append(p.Failed(seq.id, "internal", f"llama_decode failed ({rc})"))
                 ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
                 ll.llama_sampler_free(seq.sampler)
-                self.free_slots.append(seq.slot)
+                heapq.heappush(self.free_slots, seq.slot)
             self.active.clear()
             return
         for seq in list(self.active.values()):
