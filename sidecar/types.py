@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from sidecar.errors import InvalidRequest
+
 
 class Op(enum.Enum):
     """An operation; the value is the OpenAI path below ``/v1/``."""
@@ -126,6 +128,20 @@ REQUEST_TYPES: dict[Op, type[ChatRequest] | type[CompletionRequest] | type[Embed
     Op.COMPLETIONS: CompletionRequest,
     Op.EMBEDDINGS: EmbeddingRequest,
 }
+
+
+def validate_call(op: Op, raw: dict[str, Any]) -> Call:
+    """Validate a client's JSON object for ``op``, whichever front end it came through.
+    Raises :class:`~sidecar.errors.InvalidRequest` naming the offending field."""
+    try:
+        request = msgspec.convert(raw, REQUEST_TYPES[op])
+    except msgspec.ValidationError as e:
+        message, _, path = str(e).partition(" - at `$.")
+        param = path.rstrip("`") or None
+        raise InvalidRequest(
+            f"Invalid request: {message}" + (f" at '{param}'." if param else "."), param=param
+        ) from None
+    return Call(op, request, raw)
 
 
 class Call(msgspec.Struct, frozen=True):

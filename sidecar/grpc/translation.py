@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import struct as _struct
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from google.protobuf import struct_pb2
@@ -27,9 +27,7 @@ from sidecar import errors
 from sidecar.errors import InvalidRequest, SidecarError, UpstreamMalformed
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.pricing import MILLION, format_usd
-from sidecar.types import Call, ChatRequest, EmbeddingRequest, Op
-
-R = TypeVar("R", ChatRequest, EmbeddingRequest)
+from sidecar.types import Call, Op, validate_call
 
 _ROLES = {
     pb.ROLE_SYSTEM: "system",
@@ -75,7 +73,7 @@ def chat_call(req: pb.ChatRequest, *, stream: bool) -> Call:
         raw["user"] = req.user
     if req.metadata:
         raw["metadata"] = dict(req.metadata)
-    return Call(Op.CHAT, _convert(raw, ChatRequest), raw)
+    return validate_call(Op.CHAT, raw)
 
 
 def embed_call(req: pb.EmbedRequest) -> Call:
@@ -84,19 +82,7 @@ def embed_call(req: pb.EmbedRequest) -> Call:
         raw["dimensions"] = req.dimensions
     if req.user:
         raw["user"] = req.user
-    return Call(Op.EMBEDDINGS, _convert(raw, EmbeddingRequest), raw)
-
-
-def _convert(raw: dict[str, Any], kind: type[R]) -> R:
-    """Validate like the HTTP front end's ``decode_call``: same message, same ``param``."""
-    try:
-        return msgspec.convert(raw, kind)
-    except msgspec.ValidationError as e:
-        message, _, path = str(e).partition(" - at `$.")
-        param = path.rstrip("`") or None
-        raise InvalidRequest(
-            f"Invalid request: {message}" + (f" at '{param}'." if param else "."), param=param
-        ) from None
+    return validate_call(Op.EMBEDDINGS, raw)
 
 
 def _message(i: int, m: pb.Message) -> dict[str, Any]:

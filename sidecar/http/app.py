@@ -33,7 +33,7 @@ from sidecar.errors import (
 from sidecar.gateway import Completed, Context, Gateway, error_body
 from sidecar.pricing import format_usd
 from sidecar.providers.local import LocalProvider
-from sidecar.types import REQUEST_TYPES, Call, Op
+from sidecar.types import Call, Op, validate_call
 
 log = logging.getLogger("sidecar.http")
 
@@ -52,15 +52,7 @@ def decode_call(op: Op, body: bytes) -> Call:
         raise InvalidRequest("The request body must be a JSON object.") from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
-    try:
-        request = msgspec.convert(raw, REQUEST_TYPES[op])
-    except msgspec.ValidationError as e:
-        message, _, path = str(e).partition(" - at `$.")
-        param = path.rstrip("`") or None
-        raise InvalidRequest(
-            f"Invalid request: {message}" + (f" at '{param}'." if param else "."), param=param
-        ) from None
-    return Call(op, request, raw)
+    return validate_call(op, raw)
 
 
 async def _unless_client_leaves(request: Request[Any, Any, Any],
