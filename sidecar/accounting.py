@@ -42,7 +42,7 @@ from sidecar.budget import (
     window_of,
     window_reset,
 )
-from sidecar.config import LOCAL_PROVIDER, BudgetConfig, Config
+from sidecar.config import BudgetConfig, Config
 from sidecar.errors import (
     BudgetExhausted,
     BudgetRejected,
@@ -271,12 +271,9 @@ class Accountant:
     async def reserve(self, call: Call, target: Target, identity: str | None, est: Estimate
                       ) -> Ticket:
         """Reserve the attempt's worst case on every budget that applies (see module)."""
-        price = FREE if target.provider == LOCAL_PROVIDER else self.prices.lookup(
-            target.provider, target.model)
-        if price == FREE or not self._budgets:
-            return Ticket(target, price)
+        price = self.prices.lookup(target.provider, target.model)
         now = self._clock()
-        budgets = self._applicable(target, identity, now)
+        budgets = self._applicable(target, identity, now) if price != FREE else []
         if not budgets:
             return Ticket(target, price)
         if price is None:

@@ -33,13 +33,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 import msgspec
-
-T = TypeVar("T")
 
 Window = Literal["day", "month", "total"]
 
@@ -157,9 +155,12 @@ class _Book:
         entry = self.reservations.pop(rid, None)
         if entry is None:
             return ()
-        for key in entry[2]:
-            self.spent[key] = self.spent.get(key, 0) + actual
+        self.spend(entry[2], actual)
         return entry[2]
+
+    def spend(self, keys: Sequence[BudgetKey], actual: int) -> None:
+        for key in keys:
+            self.spent[key] = self.spent.get(key, 0) + actual
 
     def totals(self, keys: Sequence[BudgetKey]) -> dict[BudgetKey, Totals]:
         self.expire()
@@ -251,9 +252,6 @@ class SQLiteBudgetStore:
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open the budget ledger {self._path}: {e}") from None
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
     async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
                       want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
         with self._lock:
@@ -262,31 +260,44 @@ class SQLiteBudgetStore:
             return self._book.reserve(rid, limits, want_max, want_min, ttl_s)
 
     async def settle(self, rid: str, actual: int) -> None:
-        def write() -> None:
-            with self._lock:
-                self._book.expire()  # an expired reservation settles nothing
-                if rid in self._settled or rid not in self._book.reservations:
-                    return
-                keys = self._book.reservations[rid][2]
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._db.executemany(
-                        "INSERT INTO spend VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
-                        "SET micro_usd = micro_usd + excluded.micro_usd",
-                        [(k.budget, k.subject, k.window, actual) for k in keys],
-                    )
-                    self._db.execute("INSERT INTO settled VALUES (?, ?)", (rid, self._clock()))
-                    self._db.execute("COMMIT")
-                except sqlite3.Error as e:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise LedgerUnavailable(
-                        f"cannot write the budget ledger {self._path}: {e}"
-                    ) from None
-                self._book.settle(rid, actual)
-                self._settled.add(rid)
+        # The lock guards only the in-memory book, never the disk write, so reserve and
+        # totals on the event loop never wait for a commit. Claiming ``rid`` first makes a
+        # concurrent replay a no-op.
+        with self._lock:
+            self._book.expire()  # an expired reservation settles nothing
+            if rid in self._settled or rid not in self._book.reservations:
+                return
+            keys = self._book.reservations[rid][2]
+            self._settled.add(rid)
 
-        await self._run(write)
+        def write() -> None:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO spend VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                    "SET micro_usd = micro_usd + excluded.micro_usd",
+                    [(k.budget, k.subject, k.window, actual) for k in keys],
+                )
+                self._db.execute("INSERT INTO settled VALUES (?, ?)", (rid, self._clock()))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise LedgerUnavailable(
+                    f"cannot write the budget ledger {self._path}: {e}"
+                ) from None
+
+        def recorded(done: Future[None]) -> None:  # runs however the awaiting task ends
+            with self._lock:
+                if done.cancelled() or done.exception() is not None:
+                    self._settled.discard(rid)  # not recorded: the reservation stands
+                else:
+                    self._book.reservations.pop(rid, None)
+                    self._book.spend(keys, actual)
+
+        future = self._executor.submit(write)
+        future.add_done_callback(recorded)
+        await asyncio.wrap_future(future)
 
     async def release(self, rid: str) -> None:
         with self._lock:
@@ -301,5 +312,5 @@ class SQLiteBudgetStore:
             with self._lock:
                 self._db.close()
 
-        await self._run(close)
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
         self._executor.shutdown(wait=True)

@@ -406,7 +406,6 @@ class Gateway:
                 if frame is None:
                     break
                 yield frame
-            await frames.aclose()
             cost = await settle()
             if cost is not None:
                 yield b": x-sidecar-cost-usd " + format_usd(cost).encode() + b"\n\n"

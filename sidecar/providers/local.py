@@ -27,7 +27,6 @@ import msgspec
 from local_models import pool as lp
 from local_models.protocol import ChatMessage, Done, Sampling
 from sidecar.errors import (
-    UpstreamError,
     UpstreamOverloaded,
     UpstreamServerError,
     UpstreamUnreachable,
@@ -301,5 +300,3 @@ def _translated(target: str) -> Iterator[None]:
         raise UpstreamUnreachable(f"{target}: {e}", target=target) from None
     except lp.WorkerCrashed as e:
         raise UpstreamServerError(f"{target}: {e}", target=target) from None
-    except UpstreamError:
-        raise
