@@ -3,9 +3,15 @@
 Contract:
 
 * :meth:`ModelPool.generate` and :meth:`ModelPool.embed` load the model on first use (one
-  load at a time; concurrent first requests share it). Loading a model that would push the
-  loaded models' estimated memory past the budget first unloads idle models, least recently
-  used first; if that cannot make room the load is refused with :class:`ModelUnavailable`.
+  load at a time; concurrent first requests share it). A load must fit two limits: the
+  loaded models' estimated memory stays within the budget, and the host's available memory
+  (psutil, or the ``available_memory`` given) minus the model's estimate stays at or above
+  ``memory_floor_bytes``. To fit, idle models are unloaded first, least recently used first
+  and no more than needed (:func:`~local_models.eviction.plan_load` decides, counting what
+  each would free by its measured RSS); after unloading, available memory is read once more
+  as a final check. If the limits cannot be met the load is refused with
+  :class:`ModelUnavailable` naming the limit, and nothing is unloaded. A refusal for lack
+  of room is not remembered as a failed load: the next request tries again.
 * Admission: at most ``n_parallel`` generations of a model are in its worker at once; up to
   ``max_queue`` more wait here in arrival order; beyond that :class:`Overloaded` (with a
   Retry-After estimate) is raised at once.
@@ -15,6 +21,14 @@ Contract:
 * Closing a generation early (the consumer stops iterating, is cancelled, or its deadline
   passes) sends ``Cancel`` so the worker frees the sequence at its next decode step.
 * Models idle for ``idle_unload_s`` are unloaded by a background task.
+* :meth:`ModelPool.status` reports, per model, measured speed for routing: EWMAs (weight
+  0.2, the first sample sets them) of time to first token, per-sequence decode speed and
+  completion length over generations that ended normally (not cancelled, not failed),
+  of request duration over every request, and the duration of the last successful load.
+* :meth:`ModelPool.set_priority` sets the niceness and CPU set of every thread of every
+  worker (on Linux both are per thread; llama.cpp's threads exist once it has loaded and
+  decoded), now and for workers started later. Failures are logged once per distinct
+  message on the ``local_models.pool`` logger, never raised.
 
 All errors raised are :class:`LocalError` subclasses; the gateway translates them once.
 """
@@ -24,12 +38,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
+import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -37,6 +53,11 @@ import psutil
 
 from local_models import protocol as p
 from local_models.catalog import CatalogEntry
+from local_models.eviction import LoadPlan, Resident, plan_load
+
+log = logging.getLogger(__name__)
+
+_EWMA_WEIGHT = 0.2
 
 
 class LocalError(Exception):
@@ -55,6 +76,11 @@ class ModelUnavailable(LocalError):
     """The model cannot be loaded (bad file, memory budget, worker failed to start)."""
 
 
+class NoRoom(ModelUnavailable):
+    """The model does not fit the memory budget or the free memory above the floor now;
+    it may once other models finish or the host frees memory."""
+
+
 class WorkerCrashed(LocalError):
     """The worker died or failed internally while serving the request."""
 
@@ -68,6 +94,8 @@ class Overloaded(LocalError):
 class PoolSettings(msgspec.Struct, frozen=True, kw_only=True):
     memory_budget_bytes: int
     """Sum of the estimated memory of loaded models never exceeds this."""
+    memory_floor_bytes: int = 0
+    """A load must leave this much memory available to the host (its estimate counted)."""
     idle_unload_s: float = 600.0
     """0 keeps models loaded until shutdown."""
     max_queue: int = 32
@@ -87,6 +115,24 @@ class ModelStatus(msgspec.Struct, frozen=True):
     queued: int
     estimated_bytes: int
     last_error: str | None
+    n_parallel: int = 1
+    """Generations the worker decodes together (admission allows this many at once)."""
+    ttft_s: float | None = None
+    """EWMA of seconds from sending a generation to its first text."""
+    decode_tps: float | None = None
+    """EWMA of one sequence's decode speed, tokens per second after the first."""
+    avg_completion_tokens: float | None = None
+    """EWMA of completion tokens per generation."""
+    avg_duration_s: float | None = None
+    """EWMA of whole requests, admission to end (loading included); None until one ended."""
+    load_s: float | None = None
+    """Seconds the last successful load took."""
+    nice: int | None = None
+    """Niceness requested for the worker's threads; None: the gateway's own (baseline)."""
+
+
+_Answer = tuple[float, p.FromWorker]
+"""A worker's answer and when it arrived (``time.monotonic``)."""
 
 
 class _Worker:
@@ -96,7 +142,7 @@ class _Worker:
         self.name = name
         self.proc = proc
         self.loaded: p.Loaded | None = None
-        self.streams: dict[int, asyncio.Queue[p.FromWorker | None]] = {}
+        self.streams: dict[int, asyncio.Queue[_Answer | None]] = {}
         self.control: asyncio.Queue[p.FromWorker | None] = asyncio.Queue()
         self.alive = True
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -124,16 +170,19 @@ class _Worker:
                     break
                 msg = p.from_worker_decoder.decode(await reader.readexactly(size))
                 rid = getattr(msg, "id", None)
-                target = self.control if rid is None else self.streams.get(rid)
-                if target is not None:
-                    target.put_nowait(msg)
+                if rid is None:
+                    self.control.put_nowait(msg)
+                elif (stream := self.streams.get(rid)) is not None:
+                    # stamped here, not when the consumer takes it: speed is the worker's
+                    stream.put_nowait((time.monotonic(), msg))
         except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError,
                 msgspec.ValidationError):
             pass
         finally:
             self.alive = False
-            for q in [self.control, *self.streams.values()]:
-                q.put_nowait(None)
+            self.control.put_nowait(None)
+            for stream in self.streams.values():
+                stream.put_nowait(None)
 
     async def _relay_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -180,17 +229,39 @@ class _Model:
     last_used: float = field(default_factory=time.monotonic)
     failed: str | None = None
     failed_at: float = 0.0
-    avg_duration_s: float = 1.0
+    avg_duration_s: float | None = None
+    ttft_s: float | None = None
+    decode_tps: float | None = None
+    avg_completion_tokens: float | None = None
+    load_s: float | None = None
 
     @property
     def estimate(self) -> int:
         return self.entry.memory.total if self.entry.memory is not None else 0
 
+    @property
+    def n_parallel(self) -> int:
+        return max(self.entry.spec.n_parallel, 1)
+
+    def record_generation(self, sent: float, first: float | None, done: float,
+                          completion_tokens: int) -> None:
+        """Feed the speed EWMAs with one generation that ended normally."""
+        if first is not None:
+            self.ttft_s = _ewma(self.ttft_s, first - sent)
+            if completion_tokens >= 2 and done > first:
+                self.decode_tps = _ewma(self.decode_tps, (completion_tokens - 1) / (done - first))
+        self.avg_completion_tokens = _ewma(self.avg_completion_tokens, float(completion_tokens))
+
 
 class ModelPool:
-    """The local models of one gateway. Use from one event loop; call :meth:`aclose`."""
+    """The local models of one gateway. Use from one event loop; call :meth:`aclose`.
 
-    def __init__(self, entries: Sequence[CatalogEntry], settings: PoolSettings) -> None:
+    ``available_memory`` returns the bytes the host has available (default: psutil's
+    ``virtual_memory().available``); it is called on the event loop while planning a load,
+    so it must not block for long."""
+
+    def __init__(self, entries: Sequence[CatalogEntry], settings: PoolSettings, *,
+                 available_memory: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self._models = {
             e.name: _Model(e, asyncio.Semaphore(max(e.spec.n_parallel, 1))) for e in entries
@@ -200,6 +271,13 @@ class ModelPool:
         self._reaper: asyncio.Task[None] | None = None
         self._threads = (settings.n_threads or psutil.cpu_count(logical=False)
                          or os.cpu_count() or 1)
+        self._available_memory = available_memory or _available_memory
+        self._workers: set[_Worker] = set()  # every started worker, loading ones included
+        self._nice: int | None = None
+        self._cpus: tuple[int, ...] | None = None
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self._base_cpus = tuple(sorted(os.sched_getaffinity(0)))
+        self._logged: set[str] = set()
 
     def names(self) -> list[str]:
         return list(self._models)
@@ -214,9 +292,33 @@ class ModelPool:
                 name, m.worker is not None and m.worker.alive,
                 m.worker.pid if m.worker is not None else None,
                 m.in_flight, m.queued, m.estimate, m.failed or m.entry.error,
+                m.n_parallel, m.ttft_s, m.decode_tps, m.avg_completion_tokens,
+                m.avg_duration_s, m.load_s, self._nice,
             )
             for name, m in self._models.items()
         ]
+
+    def model_status(self, name: str) -> ModelStatus | None:
+        """One model's status (None: no such model)."""
+        return next((st for st in self.status() if st.name == name), None)
+
+    def set_priority(self, nice: int | None, cpus: Sequence[int] | None) -> None:
+        """Apply to every live worker now and to workers started later: nice None restores the
+        niceness the worker started with; cpus None restores the CPU set it started with.
+
+        Both are set on every thread of each worker (Linux keeps them per thread; threads
+        created later inherit them from their creator). The baselines are the gateway's own
+        niceness and CPU set when the pool was built. Never raises: failures (lowering
+        niceness without CAP_SYS_NICE, an invalid CPU id, a worker that exited meanwhile)
+        are logged once per distinct message. Does not block."""
+        self._nice = nice
+        self._cpus = tuple(cpus) if cpus is not None else None
+        self._workers = {w for w in self._workers if w.proc.returncode is None}
+        for worker in self._workers:
+            self._apply_priority(
+                worker, self._base_nice if nice is None else nice,
+                self._base_cpus if cpus is None else self._cpus,
+            )
 
     def start(self) -> None:
         """Start the idle-unload task (call from the running loop)."""
@@ -243,20 +345,27 @@ class ModelPool:
         sampling: p.Sampling | None = None,
     ) -> AsyncGenerator[str | p.Done, None]:
         """Yield text deltas, then one :class:`~local_models.protocol.Done` with the usage."""
-        async with self._request(name) as (worker, rid, answers):
+        async with self._request(name) as (model, worker, rid, answers):
             finished = False
+            first: float | None = None
             try:
+                sent = time.monotonic()
                 worker.send(p.Generate(
                     rid, tuple(messages) if messages is not None else None, prompt,
                     max_tokens, tuple(stop), sampling or p.Sampling(),
                 ))
                 while True:
-                    msg = await answers.get()
+                    arrived, msg = _unpack(await answers.get())
                     if isinstance(msg, p.Tokens):
+                        if first is None:
+                            first = arrived
                         yield msg.text
                         continue
                     finished = True
                     if isinstance(msg, p.Done):
+                        if msg.finish_reason != "cancelled":
+                            model.record_generation(sent, first, arrived,
+                                                    msg.completion_tokens)
                         yield msg
                         return
                     raise await _failure(name, worker, msg)
@@ -265,16 +374,16 @@ class ModelPool:
                     worker.send(p.Cancel(rid))
 
     async def embed(self, name: str, inputs: Sequence[str]) -> p.Embeddings:
-        async with self._request(name) as (worker, rid, answers):
+        async with self._request(name) as (_, worker, rid, answers):
             worker.send(p.Embed(rid, tuple(inputs)))
-            msg = await answers.get()
+            _, msg = _unpack(await answers.get())
             if isinstance(msg, p.Embeddings):
                 return msg
             raise await _failure(name, worker, msg)
 
     @contextlib.asynccontextmanager
     async def _request(self, name: str) -> AsyncIterator[
-            tuple[_Worker, int, asyncio.Queue[p.FromWorker | None]]]:
+            tuple[_Model, _Worker, int, asyncio.Queue[_Answer | None]]]:
         """Admission, a loaded worker, a request id and the queue of its answers; the
         slot is freed and the queue dropped however the request ends."""
         model = self._model(name)
@@ -283,17 +392,17 @@ class ModelPool:
         try:
             worker = await self._ensure_loaded(model)
             rid = next(self._ids)
-            answers: asyncio.Queue[p.FromWorker | None] = asyncio.Queue()
+            answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
             worker.streams[rid] = answers
             try:
-                yield worker, rid, answers
+                yield model, worker, rid, answers
             finally:
                 worker.streams.pop(rid, None)
         finally:
             model.slots.release()
             model.in_flight -= 1
             model.last_used = time.monotonic()
-            model.avg_duration_s += 0.2 * (model.last_used - started - model.avg_duration_s)
+            model.avg_duration_s = _ewma(model.avg_duration_s, model.last_used - started)
 
     def _model(self, name: str) -> _Model:
         model = self._models.get(name)
@@ -304,9 +413,10 @@ class ModelPool:
         return model
 
     async def _admit(self, model: _Model) -> None:
-        n_parallel = max(model.entry.spec.n_parallel, 1)
+        n_parallel = model.n_parallel
         if model.slots.locked() and model.queued >= self.settings.max_queue:
-            wait = model.avg_duration_s * (model.queued + n_parallel) / n_parallel
+            duration = model.avg_duration_s if model.avg_duration_s is not None else 1.0
+            wait = duration * (model.queued + n_parallel) / n_parallel
             raise Overloaded(
                 f"local model '{model.entry.name}' is busy ({n_parallel} running, "
                 f"{model.queued} queued)",
@@ -349,29 +459,36 @@ class ModelPool:
             return worker
 
     async def _make_room(self, model: _Model) -> None:
-        budget = self.settings.memory_budget_bytes
-        if model.estimate > budget:
-            raise ModelUnavailable(
-                f"local model '{model.entry.name}' needs about {_mib(model.estimate)} MiB; "
-                f"the memory budget is {_mib(budget)} MiB"
-            )
-        loaded = [m for m in self._models.values() if m.worker is not None and m is not model]
-        used = sum(m.estimate for m in loaded)
-        for victim in sorted(loaded, key=lambda m: m.last_used):
-            if used + model.estimate <= budget:
-                break
-            if victim.in_flight == 0 and victim.queued == 0:
-                await self._unload(victim)
-                used -= victim.estimate
-        if used + model.estimate > budget:
-            raise ModelUnavailable(
-                f"local model '{model.entry.name}' needs about {_mib(model.estimate)} MiB; "
-                f"{_mib(used)} MiB of the {_mib(budget)} MiB budget is held by busy models"
-            )
+        """Unload the idle models the plan names; ModelUnavailable when it cannot fit."""
+        plan = self._plan_load(model, may_unload=True)
+        if plan.refusal is not None:
+            raise NoRoom(plan.refusal)
+        for victim in plan.unload:
+            await self._unload(self._models[victim])
+        if plan.unload:
+            # What unloading actually returned may differ from the RSS that was counted.
+            final = self._plan_load(model, may_unload=False)
+            if final.refusal is not None:
+                raise NoRoom(final.refusal)
+
+    def _plan_load(self, model: _Model, *, may_unload: bool) -> LoadPlan:
+        residents = [
+            Resident(m.entry.name, m.estimate, _rss(m.worker.pid),
+                     not may_unload or m.in_flight > 0 or m.queued > 0, m.last_used)
+            for m in self._models.values() if m.worker is not None and m is not model
+        ]
+        return plan_load(
+            model.entry.name, model.estimate,
+            budget_bytes=self.settings.memory_budget_bytes,
+            available_bytes=self._available_memory(),
+            floor_bytes=self.settings.memory_floor_bytes,
+            residents=residents,
+        )
 
     async def _spawn(self, model: _Model) -> _Worker:
         entry = model.entry
         argv = self.settings.worker_command or (sys.executable, "-m", "local_models.worker")
+        started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
@@ -380,6 +497,8 @@ class ModelPool:
             start_new_session=True,  # a Ctrl-C in the terminal reaches the gateway only
         )
         worker = _Worker(entry.name, proc)
+        self._workers.add(worker)
+        self._apply_requested(worker)  # threads it starts from now on inherit it
         worker.send(p.Load(
             path=entry.path,
             n_ctx=entry.spec.n_ctx,
@@ -392,13 +511,17 @@ class ModelPool:
             async with asyncio.timeout(self.settings.load_timeout_s):
                 answer = await worker.control.get()
         except TimeoutError:
+            self._workers.discard(worker)
             await worker.stop(grace_s=0)
             raise ModelUnavailable(
                 f"{entry.path}: loading took longer than {self.settings.load_timeout_s:g} s"
             ) from None
         if isinstance(answer, p.Loaded):
             worker.loaded = answer
+            model.load_s = time.monotonic() - started
+            self._apply_requested(worker)  # threads started before the first application
             return worker
+        self._workers.discard(worker)
         await worker.stop(grace_s=1.0)
         if isinstance(answer, p.LoadFailed):
             raise ModelUnavailable(answer.message)
@@ -411,7 +534,47 @@ class ModelPool:
     async def _unload(self, model: _Model) -> None:
         worker, model.worker = model.worker, None
         if worker is not None:
+            self._workers.discard(worker)
             await worker.stop()
+
+    # --- CPU priority -------------------------------------------------------------------
+
+    def _apply_requested(self, worker: _Worker) -> None:
+        """Apply what :meth:`set_priority` asked for, if anything, to ``worker``."""
+        if self._nice is not None or self._cpus is not None:
+            self._apply_priority(worker, self._nice, self._cpus)
+
+    def _apply_priority(self, worker: _Worker, nice: int | None,
+                        cpus: Sequence[int] | None) -> None:
+        """Set niceness and affinity (None: leave it) on every thread of ``worker``."""
+        what = f"local model '{worker.name}'"
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{worker.pid}/task")]
+        except (OSError, ValueError) as e:
+            self._log_once(logging.DEBUG, f"{what}: cannot list the worker's threads: {e}")
+            return
+        for tid in tids:
+            if nice is not None:
+                self._try(what, f"set niceness {nice}",
+                          functools.partial(os.setpriority, os.PRIO_PROCESS, tid, nice))
+            if cpus is not None:
+                self._try(what, f"set CPUs {','.join(map(str, cpus))}",
+                          functools.partial(os.sched_setaffinity, tid, cpus))
+
+    def _try(self, what: str, action: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except ProcessLookupError:
+            self._log_once(logging.DEBUG, f"{what}: a worker thread exited meanwhile")
+        except OSError as e:
+            self._log_once(logging.WARNING, f"{what}: cannot {action}: {e.strerror or e}")
+        except (ValueError, OverflowError) as e:
+            self._log_once(logging.WARNING, f"{what}: cannot {action}: {e}")
+
+    def _log_once(self, level: int, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            log.log(level, message)
 
     async def _reap_idle(self) -> None:
         period = max(0.05, min(self.settings.idle_unload_s / 4, 5.0))
@@ -451,5 +614,24 @@ async def _failure(name: str, worker: _Worker, msg: p.FromWorker | None) -> Loca
     return WorkerCrashed(f"local model '{name}' answered out of order ({type(msg).__name__})")
 
 
-def _mib(n: int) -> int:
-    return (n + (1 << 20) - 1) >> 20
+def _unpack(answer: _Answer | None) -> tuple[float, p.FromWorker | None]:
+    """An answer and its arrival time; None (the worker died) arrives now."""
+    return answer if answer is not None else (time.monotonic(), None)
+
+
+def _ewma(average: float | None, sample: float) -> float:
+    return sample if average is None else average + _EWMA_WEIGHT * (sample - average)
+
+
+def _available_memory() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of ``pid`` that its exit returns (not the file-backed pages of the
+    mapped model, which available memory already counts as reclaimable); 0 when it is gone."""
+    try:
+        info = psutil.Process(pid).memory_info()
+    except psutil.Error:
+        return 0
+    return int(info.rss - getattr(info, "shared", 0))

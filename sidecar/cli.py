@@ -59,7 +59,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{t.provider}/{t.model}" + (f" (w={t.weight:g})" if r.strategy == "weighted" else "")
             for t in r.targets
         )
-        print(f"  route    {r.model:<16} {r.strategy:<18} {targets}")
+        how = r.strategy + (f", {r.prefer} first" if r.prefer else "")
+        print(f"  route    {r.model:<16} {how:<18} {targets}")
     for m in config.local_models:
         source = f"path {m.path}" if m.path else f"package {m.package}"
         print(f"  local    {m.name:<16} {source} (n_ctx {m.n_ctx} x {m.n_parallel})")

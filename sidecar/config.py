@@ -135,7 +135,7 @@ class TargetConfig(_Base, frozen=True):
         return f"{self.provider}/{self.model}"
 
 
-Strategy = Literal["priority", "weighted"]
+Strategy = Literal["priority", "weighted", "least-busy", "latency", "cost"]
 
 
 class RouteConfig(_Base, frozen=True):
@@ -147,6 +147,13 @@ class RouteConfig(_Base, frozen=True):
     tpm: PositiveFloat | None = None
     """Inbound tokens per minute to this route."""
     strategy: Strategy = "priority"
+    """priority: as listed; weighted: random by weight; least-busy: fewest requests in
+    flight; latency: lowest moving average of time to first token (streams) or total time;
+    cost: cheapest for the request's estimated tokens."""
+    prefer: Literal["local", "remote"] | None = None
+    """local: local targets first (privacy or cost first), offloaded to remote ones while
+    the host is under pressure; remote: remote targets first, local only when it can answer
+    within the deadline. Unset: the strategy's order."""
     retries: NonNegativeInt | None = None
     """Overrides ``[routing].retries`` for this route."""
 
@@ -186,6 +193,30 @@ class LocalConfig(_Base, frozen=True):
     threads: NonNegativeInt = 0
     """llama.cpp threads per worker; 0 means one per physical core."""
     load_timeout_s: PositiveFloat = 120.0
+
+
+class ResourcesConfig(_Base, frozen=True):
+    """Host pressure: when local models yield the host to its app and to remote targets.
+
+    CPU pressure starts when the CPU used by everything but the sidecar and its workers
+    stays at or above ``cpu_high_percent`` for ``pressure_after_s``; memory pressure starts
+    as soon as available memory drops below ``memory_floor_mb``. Each ends once it has been
+    calm (CPU at or below ``cpu_low_percent``, memory above the floor plus
+    ``memory_margin_mb``) for ``calm_after_s``."""
+
+    sample_interval_s: Annotated[float, Meta(ge=0.05, le=60)] = 1.0
+    cpu_high_percent: Annotated[float, Meta(gt=0, le=100)] = 85.0
+    cpu_low_percent: Annotated[float, Meta(ge=0, le=100)] = 60.0
+    pressure_after_s: NonNegativeFloat = 5.0
+    calm_after_s: NonNegativeFloat = 15.0
+    memory_floor_mb: NonNegativeInt | None = None
+    """Memory the host must keep available: below it local targets are offloaded, and a
+    model load that would leave less is refused. Unset: 10% of RAM, at most 2048; 0: none."""
+    memory_margin_mb: NonNegativeInt = 256
+    nice: Annotated[int, Meta(ge=0, le=19)] = 10
+    """Niceness of local workers under CPU pressure (restored after); 0 leaves it."""
+    cpus: tuple[NonNegativeInt, ...] = ()
+    """CPU ids local workers are pinned to under CPU pressure (restored after); empty: all."""
 
 
 class KeyConfig(_Base, frozen=True):
@@ -249,6 +280,7 @@ class Config(_Base, frozen=True):
     routes: tuple[RouteConfig, ...] = ()
     local: LocalConfig = LocalConfig()
     local_models: tuple[LocalModelConfig, ...] = ()
+    resources: ResourcesConfig = ResourcesConfig()
     keys: tuple[KeyConfig, ...] = ()
     prices: dict[str, PriceConfig] = {}
     budgets: tuple[BudgetConfig, ...] = ()
@@ -344,6 +376,14 @@ def _check_references(config: Config) -> None:
         if not re.match(r"^https?://[^/\s]+", p.base_url):
             raise ConfigError(f"providers[{i}].base_url: must be an http:// or https:// URL")
     _check_money(config, seen)
+    res = config.resources
+    if res.cpu_low_percent >= res.cpu_high_percent:
+        raise ConfigError("resources.cpu_low_percent: must be below cpu_high_percent "
+                          f"({res.cpu_high_percent:g})")
+    cpus = os.cpu_count() or 1
+    bad = [c for c in res.cpus if c >= cpus]
+    if bad:
+        raise ConfigError(f"resources.cpus: this host has CPUs 0-{cpus - 1}, not {bad[0]}")
     local: set[str] = set()
     for i, m in enumerate(config.local_models):
         if (m.path is None) == (m.package is None):

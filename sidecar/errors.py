@@ -27,6 +27,7 @@ its gRPC status code (by name, so this module does not import grpc), the OpenAI 
         │                                        health failure; 400 if no target can
         ├── UpstreamOverloaded  503  next target  a local model's queue is full; not a
         │                                        health failure; carries Retry-After
+        │   └── LocalTooSlow    503  next target  its queue and speed miss the deadline
         ├── TargetLimited       429  next target  our own outbound limit for the provider
         ├── BudgetExhausted     429  next target  a budget cannot pay for a paid target
         │                                        (on_exhausted = "local"); free ones serve
@@ -130,6 +131,9 @@ class UpstreamError(SidecarError):
     status = 502
     grpc_code = "UNAVAILABLE"
     counts_against_health = True
+    route_reason = "upstream_error"
+    """What ``x-sidecar-route-reason`` says when this failure moved a request on
+    (``fallback:<route_reason>``)."""
 
     def __init__(
         self,
@@ -152,6 +156,7 @@ class UpstreamError(SidecarError):
 class UpstreamUnreachable(UpstreamError):
     retryable = True
     code = "upstream_unreachable"
+    route_reason = "unreachable"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -159,6 +164,7 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     grpc_code = "DEADLINE_EXCEEDED"
     code = "upstream_timeout"
+    route_reason = "timeout"
 
 
 class UpstreamRateLimited(UpstreamError):
@@ -167,16 +173,19 @@ class UpstreamRateLimited(UpstreamError):
     grpc_code = "RESOURCE_EXHAUSTED"
     type = "rate_limit_error"
     code = "upstream_rate_limited"
+    route_reason = "upstream_429"
 
 
 class UpstreamServerError(UpstreamError):
     retryable = True
     code = "upstream_5xx"
+    route_reason = "upstream_5xx"
 
 
 class UpstreamMalformed(UpstreamError):
     retryable = True
     code = "upstream_malformed"
+    route_reason = "malformed"
 
 
 class UpstreamRejected(UpstreamError):
@@ -199,6 +208,7 @@ class UpstreamUnsupported(UpstreamError):
     type = "invalid_request_error"
     grpc_code = "INVALID_ARGUMENT"
     code = "unsupported_by_target"
+    route_reason = "unsupported"
 
 
 class UpstreamOverloaded(UpstreamError):
@@ -208,6 +218,15 @@ class UpstreamOverloaded(UpstreamError):
     counts_against_health = False
     status = 503
     code = "overloaded"
+    route_reason = "overloaded"
+
+
+class LocalTooSlow(UpstreamOverloaded):
+    """A local model's queue and measured speed say it cannot answer before the request's
+    deadline; it is skipped rather than tried (503 when no target is left)."""
+
+    code = "local_too_slow"
+    route_reason = "deadline"
 
 
 class TargetLimited(UpstreamRateLimited):
@@ -216,6 +235,7 @@ class TargetLimited(UpstreamRateLimited):
 
     counts_against_health = False
     code = "target_rate_limited"
+    route_reason = "rate_limit"
 
 
 class BudgetExhausted(UpstreamError):
@@ -228,6 +248,7 @@ class BudgetExhausted(UpstreamError):
     grpc_code = "RESOURCE_EXHAUSTED"
     type = "insufficient_quota"
     code = "budget_exhausted"
+    route_reason = "budget"
 
 
 class LedgerDown(UpstreamError):
@@ -238,6 +259,7 @@ class LedgerDown(UpstreamError):
     counts_against_health = False
     status = 503
     code = "ledger_unavailable"
+    route_reason = "ledger"
 
 
 _GRPC_BY_STATUS = {

@@ -1,9 +1,16 @@
 """The one request pipeline, shared by every front end.
 
-    authenticate -> resolve route -> plan -> for each target:
-        circuit check -> provider call (bounded by the request deadline)
+    authenticate -> resolve route -> plan (strategy) -> arrange (host pressure)
+    -> for each target:
+        local deadline check -> circuit check -> budget reserve -> outbound limit
+        -> provider call (bounded by the request deadline)
         -> on retryable failure: record health, retry with backoff (within the retry
            budget, honouring Retry-After) or fail over to the next target
+
+Why a request went where it did is collected on the way: ``offload:<cpu|memory|queue>``
+when local targets were moved behind remote ones, ``fallback:<reason>`` for each kind of
+failure or skip that moved it on (``circuit_open``, ``budget``, ``upstream_5xx``, ...), or
+``primary``. It is returned with the answer (``x-sidecar-route-reason``) and counted.
 
 Front ends call :meth:`Gateway.authenticate` first (before they decode a body, so an
 unauthenticated client learns nothing about its request), turn client bytes into a
@@ -13,12 +20,12 @@ raised to them is a :class:`~sidecar.errors.SidecarError`.
 
 Concurrency: all methods run on one event loop and are safe to call concurrently.
 Cancellation (the client went away) cancels the provider call and closes its connection.
-Budgets and rate limits will sit between "plan" and "provider call" (see the money issue).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import random
@@ -35,7 +42,7 @@ from typing import TypeVar
 import msgspec
 
 from sidecar.accounting import Accountant, Estimate, Ticket, estimate
-from sidecar.config import Config
+from sidecar.config import LOCAL_PROVIDER, Config
 from sidecar.errors import (
     AllTargetsFailed,
     BudgetExhausted,
@@ -43,6 +50,7 @@ from sidecar.errors import (
     DeadlineExceeded,
     InvalidRequest,
     LedgerDown,
+    LocalTooSlow,
     RateLimited,
     SidecarError,
     Unauthenticated,
@@ -55,10 +63,14 @@ from sidecar.errors import (
     UpstreamUnsupported,
 )
 from sidecar.health import Circuit, Health, RetryBudget
+from sidecar.host import HostWatch
 from sidecar.limits import MemoryRateLimiter
+from sidecar.pressure import LocalLoad, Pressure, arrange, local_eta_s
 from sidecar.pricing import FREE, format_usd
+from sidecar.pricing import cost as cost_of
 from sidecar.providers.base import Provider, Reply
 from sidecar.routing import Route, Router, Target, plan
+from sidecar.strategies import TargetTracker
 from sidecar.types import Call, Meter
 
 T = TypeVar("T")
@@ -76,10 +88,12 @@ class Context(msgspec.Struct):
 
 
 class Served(msgspec.Struct):
-    """Who served a request and after how many attempts (for response headers)."""
+    """Who served a request, after how many attempts and why there (for response headers)."""
 
     target: str
     attempts: int
+    reason: str
+    """``primary``, or ``offload:*`` / ``fallback:*`` reasons joined by commas."""
 
 
 class Completed(Served):
@@ -105,6 +119,8 @@ class _Attempt(msgspec.Struct):
     attempts: int
     ticket: Ticket
     meter: Meter
+    reason: str
+    started: float
 
 
 _error_encoder = msgspec.json.Encoder()
@@ -133,10 +149,14 @@ class Gateway:
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         local_models: Iterable[str] = (),
+        local_load: Callable[[str], LocalLoad | None] | None = None,
+        host: HostWatch | None = None,
     ) -> None:
         """``providers`` by name (``local`` included when there are local models, whose
-        names are ``local_models``); ``accountant`` applies budgets and rate limits (by
-        default an in-memory one, enough when no budgets are configured)."""
+        names are ``local_models`` and whose queues ``local_load`` reports); ``accountant``
+        applies budgets and rate limits (by default an in-memory one, enough when no
+        budgets are configured); ``host`` says whether the host is under pressure (none:
+        never)."""
         self._config = config
         self._routing = config.routing
         self.providers = dict(providers)
@@ -155,6 +175,11 @@ class Gateway:
         self._keys = [(name, key.encode()) for name, key in keys]
         self.accountant = accountant or Accountant(config, None, MemoryRateLimiter())
         self.draining = False
+        self.host = host
+        self._local_load = local_load
+        self.tracker = TargetTracker()
+        self.reasons: collections.Counter[str] = collections.Counter()
+        """Served requests per route reason (a request with several counts in each)."""
 
     # --- front-end facing -----------------------------------------------------------------
 
@@ -202,9 +227,10 @@ class Gateway:
             return await provider.send(call, target.model, timeout_s, meter)
 
         reply, done = await self._run(call, route, ctx, est, attempt)
+        self._finished(done, completed=True)
         # Shielded: the provider has billed this; a client leaving now must not lose it.
         cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
-        return Completed(done.target.key, done.attempts, reply, cost)
+        return Completed(done.target.key, done.attempts, done.reason, reply, cost)
 
     async def stream(self, call: Call, ctx: Context) -> Streaming:
         """Serve a stream call; returns once the first frame has arrived, so a target that
@@ -229,7 +255,7 @@ class Gateway:
         (first, frames), done = await self._run(call, route, ctx, est, attempt)
         circuit = self.health.circuit(done.target.key)
         free = done.ticket.price == FREE
-        return Streaming(done.target.key, done.attempts,
+        return Streaming(done.target.key, done.attempts, done.reason,
                          self._relay(first, frames, ctx, circuit, route, est, done),
                          0 if free else None)
 
@@ -255,9 +281,17 @@ class Gateway:
         attempts = 0
         failures: list[UpstreamError] = []
         next_open: float | None = None
-        for target in plan(route, self._rng):
+        order, reasons = self._order(call, route, ctx, est)
+        for i, target in enumerate(order):
             provider = self.providers[target.provider]
             if not provider.supports(call.op):
+                continue
+            # The first choice is always tried (the deadline bounds it); a local fallback
+            # only when it can answer in time.
+            slow = self._too_slow(target, est, ctx) if i > 0 else None
+            if slow is not None:
+                failures.append(slow)
+                _note(reasons, f"fallback:{slow.route_reason}")
                 continue
             circuit = self.health.circuit(target.key)
             tries = 0
@@ -266,6 +300,7 @@ class Gateway:
                 if not circuit.try_acquire(now):
                     at = circuit.available_at(now)
                     next_open = at if next_open is None else min(next_open, at)
+                    _note(reasons, "fallback:circuit_open")
                     break
                 remaining = ctx.deadline - now
                 if remaining <= 0:
@@ -273,6 +308,7 @@ class Gateway:
                     raise _deadline(failures)
                 ticket: Ticket | None = None
                 meter = Meter()
+                started: float | None = None
                 try:
                     async with asyncio.timeout_at(ctx.deadline):
                         ticket = await self.accountant.reserve(call, target, ctx.identity, est)
@@ -280,18 +316,27 @@ class Gateway:
                         attempts += 1
                         this_call = (call if ticket.cap is None
                                      else msgspec.structs.replace(call, token_cap=ticket.cap))
+                        started = self._clock()
+                        self.tracker.started(target.key)
                         result = await attempt(provider, target, remaining, this_call, meter)
-                except TimeoutError:
-                    circuit.release()
-                    await self.accountant.release(ticket)
-                    raise _deadline(failures) from None
-                except UpstreamError as e:
+                except BaseException as e:
+                    if started is not None:
+                        self.tracker.finished(target.key)
+                    if isinstance(e, TimeoutError):
+                        circuit.release()
+                        await self.accountant.release(ticket)
+                        raise _deadline(failures) from None
+                    if not isinstance(e, UpstreamError):
+                        circuit.release()
+                        await asyncio.shield(self.accountant.release(ticket))
+                        raise
                     await self.accountant.release(ticket)
                     self._note_limits(target, meter)
                     if not e.retryable:
                         circuit.success()  # it answered; the request itself was refused
                         raise
                     failures.append(e)
+                    _note(reasons, f"fallback:{e.route_reason}")
                     if not e.counts_against_health:
                         circuit.release()  # no verdict on its health; move on
                         break
@@ -302,14 +347,54 @@ class Gateway:
                     tries += 1
                     await asyncio.sleep(delay)
                     continue
-                except BaseException:
-                    circuit.release()
-                    await asyncio.shield(self.accountant.release(ticket))
-                    raise
                 circuit.success()
                 self._note_limits(target, meter)
-                return result, _Attempt(target, attempts, ticket, meter)
+                if call.stream:
+                    self.tracker.first_byte(target.key, self._clock() - started)
+                reason = ",".join(reasons) or "primary"
+                self.reasons.update(reasons or ["primary"])
+                return result, _Attempt(target, attempts, ticket, meter, reason, started)
         raise self._exhausted(call, route, failures, next_open)
+
+    def _order(self, call: Call, route: Route, ctx: Context, est: Estimate
+               ) -> tuple[list[Target], list[str]]:
+        """The targets to try, in order, and the ``offload:*`` reasons that shaped it."""
+        stats = costs = None
+        if route.strategy in ("least-busy", "latency"):
+            stats = self.tracker.stats()
+        elif route.strategy == "cost":
+            prices = self.accountant.prices
+            completion = (est.max_tokens or est.prompt_guess) * est.choices
+            costs = {}
+            for t in route.targets:
+                price = prices.lookup(t.provider, t.model)
+                costs[t.key] = None if price is None else cost_of(price, est.prompt_guess,
+                                                                  completion)
+        ordered = plan(route, self._rng, stats=stats, costs=costs, stream=call.stream)
+        pressure = self.host.pressure if self.host is not None else Pressure()
+        arranged = arrange(ordered, route.prefer, pressure,
+                           lambda t: self._too_slow(t, est, ctx) is not None)
+        return list(arranged.order), list(arranged.reasons)
+
+    def _too_slow(self, target: Target, est: Estimate, ctx: Context) -> LocalTooSlow | None:
+        """Why a local target cannot answer before the deadline, if its queue and measured
+        speed say so."""
+        if target.provider != LOCAL_PROVIDER or self._local_load is None:
+            return None
+        load = self._local_load(target.model)
+        eta = None if load is None else local_eta_s(load, est.max_tokens)
+        if load is None or eta is None:
+            return None
+        left = ctx.deadline - self._clock()
+        if eta <= left:
+            return None
+        speed = f", {load.decode_tps:.0f} tokens/s" if load.decode_tps else ""
+        return LocalTooSlow(
+            f"{target.key} cannot answer before the deadline: it needs about {eta:.1f} s "
+            f"({load.in_flight} running, {load.queued} queued{speed}) and {max(left, 0):.1f} "
+            "s are left",
+            target=target.key, retry_after_s=max(1.0, round(eta - left, 1)),
+        )
 
     async def _settle(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
                       reply: Reply | None) -> int | None:
@@ -320,6 +405,12 @@ class Gateway:
         cost = await self.accountant.settle(done.ticket, est, usage, meter)
         await self.accountant.used(ctx.identity, route, done.target, est, usage)
         return cost
+
+    def _finished(self, done: _Attempt, completed: bool) -> None:
+        key = done.target.key
+        self.tracker.finished(key)
+        if completed:
+            self.tracker.completed(key, self._clock() - done.started)
 
     def _note_limits(self, target: Target, meter: Meter) -> None:
         """Remember when a provider's headers said its limit is used up (x-ratelimit-*);
@@ -361,6 +452,11 @@ class Gateway:
         last = failures[-1]
         if all(isinstance(f, UpstreamUnsupported) for f in failures):
             return InvalidRequest(last.message, param=last.param)
+        if isinstance(last, LocalTooSlow):
+            # Local was the last resort and would only time out: say so now, with why the
+            # targets before it did not answer.
+            before = f" Before it: {failures[-2].message}" if len(failures) > 1 else ""
+            return Unavailable(last.message + "." + before, retry_after_s=last.retry_after_s)
         if all(isinstance(f, UpstreamOverloaded) for f in failures):
             return Unavailable(last.message, retry_after_s=last.retry_after_s)
         if all(not f.counts_against_health for f in failures):
@@ -391,7 +487,7 @@ class Gateway:
     ) -> AsyncIterator[bytes]:
         """Relay the stream; record its cost before ``[DONE]`` (or, if the client left or
         it failed, as soon as it ends)."""
-        settled = False
+        settled = completed = False
 
         async def settle() -> int | None:
             nonlocal settled
@@ -406,6 +502,7 @@ class Gateway:
                 if frame is None:
                     break
                 yield frame
+            completed = True
             cost = await settle()
             if cost is not None:
                 yield b": x-sidecar-cost-usd " + format_usd(cost).encode() + b"\n\n"
@@ -418,14 +515,22 @@ class Gateway:
         except SidecarError as e:  # the cost could not be recorded
             yield error_frame(e)
         finally:
+            self._finished(done, completed)
             await frames.aclose()
             if not settled:
                 with contextlib.suppress(SidecarError):
                     await settle()
 
     async def aclose(self) -> None:
+        if self.host is not None:
+            await self.host.aclose()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()),
                              self.accountant.aclose())
+
+
+def _note(reasons: list[str], reason: str) -> None:
+    if reason not in reasons:
+        reasons.append(reason)
 
 
 def _deadline(failures: list[UpstreamError]) -> DeadlineExceeded:

@@ -1,21 +1,24 @@
 """Routes: which targets may serve a model name, and in what order to try them.
 
 :class:`Router` resolves the ``model`` a client sends: a configured route by name, or a
-direct ``provider/model`` target. :func:`plan` orders a route's targets for one request; it is
-a pure function of the route and a random source, and knows nothing about health (the
-gateway skips unhealthy targets while it walks the plan, so a weighted route's healthy
-targets share the load by weight and the rest serve as fallbacks).
+direct ``provider/model`` target. :func:`plan` orders a route's targets for one request by
+its strategy; it is a pure function of the route, a random source and the measurements it
+is given, and knows nothing about health (the gateway skips unhealthy targets while it
+walks the plan, so a weighted route's healthy targets share the load by weight and the
+rest serve as fallbacks). The host-pressure rules (:mod:`sidecar.pressure`) then move local
+targets behind remote ones when the host needs its CPU or memory.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import msgspec
 
 from sidecar.config import LOCAL_PROVIDER, Config, Strategy
 from sidecar.errors import ModelNotFound
+from sidecar.strategies import TargetStats, by_cost, by_latency, least_busy
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -33,6 +36,7 @@ class Route(msgspec.Struct, frozen=True):
     strategy: Strategy
     targets: tuple[Target, ...]
     retries: int
+    prefer: str | None = None
 
 
 class Router:
@@ -51,6 +55,7 @@ class Router:
                 r.strategy,
                 tuple(Target(t.provider, t.model, t.weight) for t in r.targets),
                 self._retries if r.retries is None else r.retries,
+                r.prefer,
             )
             for r in config.routes
         }
@@ -83,9 +88,22 @@ class Router:
         )
 
 
-def plan(route: Route, rng: random.Random) -> list[Target]:
-    """The order in which to try ``route``'s targets for one request."""
-    if route.strategy == "weighted" and len(route.targets) > 1:
-        # Weighted sampling without replacement (Efraimidis-Spirakis): sort by u ** (1 / w).
-        return sorted(route.targets, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True)
-    return list(route.targets)
+def plan(route: Route, rng: random.Random, *, stats: Mapping[str, TargetStats] | None = None,
+         costs: Mapping[str, int | None] | None = None, stream: bool = False) -> list[Target]:
+    """The order in which to try ``route``'s targets for one request: ``stats`` feed the
+    least-busy and latency strategies, ``costs`` (µ$ of this request per target key) the
+    cost strategy; missing measurements leave the listed order."""
+    targets = route.targets
+    if len(targets) < 2:
+        return list(targets)
+    match route.strategy:
+        case "weighted":
+            # Weighted sampling without replacement (Efraimidis-Spirakis): by u ** (1 / w).
+            return sorted(targets, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True)
+        case "least-busy":
+            return least_busy(targets, stats or {})
+        case "latency":
+            return by_latency(targets, stats or {}, stream=stream)
+        case "cost":
+            return by_cost(targets, costs or {})
+    return list(targets)

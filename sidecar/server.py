@@ -32,6 +32,7 @@ from sidecar.config import (
     ProviderConfig,
 )
 from sidecar.gateway import Gateway
+from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.limits import MemoryRateLimiter, RateLimiter
 from sidecar.providers.anthropic import AnthropicMessages
@@ -72,6 +73,7 @@ def build_pool(config: Config, catalog: Catalog) -> ModelPool:
     local = config.local
     return ModelPool(catalog.entries, PoolSettings(
         memory_budget_bytes=memory_budget(config),
+        memory_floor_bytes=memory_floor_bytes(config.resources, psutil.virtual_memory().total),
         idle_unload_s=local.idle_unload_s,
         max_queue=local.max_queue,
         n_threads=local.threads,
@@ -106,6 +108,7 @@ def build_gateway(config: Config) -> Gateway:
     cannot be used on stderr; the rest of the sidecar serves regardless."""
     providers = {p.name: build_provider(p) for p in config.providers}
     names: list[str] = []
+    local: LocalProvider | None = None
     if config.local_models or config.local.model_dirs:
         catalog = build_catalog(config)
         for warning in catalog.warnings:
@@ -122,10 +125,16 @@ def build_gateway(config: Config) -> Gateway:
                           f"'{t.model}', which was not found", file=sys.stderr, flush=True)
         pool = build_pool(config, catalog)
         pool.start()
-        providers[LOCAL_PROVIDER] = LocalProvider(pool)
+        providers[LOCAL_PROVIDER] = local = LocalProvider(pool)
     store, limiter = build_state(config)
+    host = HostWatch(config.resources) if local is None else HostWatch(
+        config.resources,
+        workers=lambda: [(s.name, s.pid) for s in local.pool.status() if s.pid is not None],
+        set_priority=local.pool.set_priority,
+    )
     return Gateway(config, providers, local_models=names,
-                   accountant=Accountant(config, store, limiter))
+                   accountant=Accountant(config, store, limiter),
+                   local_load=None if local is None else local.load, host=host)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -144,6 +153,8 @@ async def run(config: Config) -> None:
     ``sidecar: grpc listening on ADDRESS`` for each gRPC listener (``HOST:PORT``,
     ``unix:PATH``; none when ``grpc_port`` is 0 and no ``uds`` is set)."""
     gateway = build_gateway(config)
+    if gateway.host is not None:
+        await gateway.host.start()
     server_cfg = config.server
     app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes)
     sock = _bind(server_cfg.host, server_cfg.port)

@@ -69,6 +69,7 @@ def test_env_interpolation_and_defaults() -> None:
             lambda d: d["routes"][0].update(strategy="fastest"),
             "routes[0].strategy: Invalid enum value",
         ),
+        (lambda d: d["routes"][0].update(strategy="least_busy"), "routes[0].strategy: Invalid"),
         (lambda d: d["routes"][0]["targets"][0].update(weight=-1), "routes[0].targets[0].weight"),
     ],
 )
@@ -151,6 +152,18 @@ def test_local_models_config() -> None:
         ({"local": {"model_dir": "x"}}, "local: Object contains unknown field `model_dir`"),
         ({"routes": [{"model": "c", "targets": [{"provider": "local", "model": "nope"}]}]},
          "routes[0].targets[0].model: unknown local model 'nope'"),
+        ({"resources": {"cpu_low_percent": 90}},
+         "resources.cpu_low_percent: must be below cpu_high_percent (85)"),
+        ({"resources": {"cpu_high_percent": 120}},
+         "resources.cpu_high_percent: Expected `float` <= 100"),
+        ({"resources": {"cpus": [100000]}}, "resources.cpus: this host has CPUs 0-"),
+        ({"resources": {"nice": -5}}, "resources.nice: Expected `int` >= 0"),
+        ({"resources": {"sample_interval_s": 0}}, "resources.sample_interval_s: Expected"),
+        ({"resources": {"memory_floor": 1}},
+         "resources: Object contains unknown field `memory_floor`"),
+        ({"routes": [{"model": "c", "prefer": "gpu", "targets": [
+            {"provider": "local", "model": "x"}]}], "local_models": [{"name": "x", "path": "x"}]},
+         "routes[0].prefer: Invalid enum value 'gpu'"),
     ],
 )
 def test_bad_local_config(data, message) -> None:  # type: ignore[no-untyped-def]

@@ -211,6 +211,7 @@ def test_chat_unary(stub: sidecar_pb2_grpc.SidecarStub, fp: FakeProvider,
     headers = dict(call.trailing_metadata())
     assert headers["x-sidecar-target"] == "p1/a"
     assert headers["x-sidecar-attempts"] == "1"
+    assert headers["x-sidecar-route-reason"] == resp.route_reason == "primary"
     assert headers["x-request-id"] == "req-123"
     assert headers["x-sidecar-cost-usd"] == "0.000000"
 
@@ -327,7 +328,10 @@ def test_failover(stub: sidecar_pb2_grpc.SidecarStub, fp: FakeProvider) -> None:
     stream = stub.ChatStream(chat("failover"), metadata=AUTH, timeout=30)
     chunks = list(stream)
     assert chunks[0].target == "p2/fo-b" and chunks[0].attempts == 2
+    assert resp.route_reason == "fallback:upstream_5xx"
+    assert chunks[0].route_reason == "fallback:unreachable"  # reset before any byte
     assert dict(stream.initial_metadata())["x-sidecar-attempts"] == "2"
+    assert dict(stream.initial_metadata())["x-sidecar-route-reason"] == "fallback:unreachable"
     assert not chunks[-1].choices and not chunks[-1].HasField("cost_micro_usd")
     assert "x-sidecar-cost-usd" not in dict(stream.trailing_metadata())
 

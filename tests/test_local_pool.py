@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import resource
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from local_models.pool import (
     ModelStatus,
     ModelUnavailable,
     Overloaded,
+    PoolSettings,
     UnknownModel,
     WorkerCrashed,
 )
@@ -526,6 +528,145 @@ async def test_model_larger_than_the_budget_is_refused(
     with pytest.raises(ModelUnavailable, match="memory budget is 64 MiB"):
         await collect(pool, **counting(3))
     assert status(pool).pid is None
+
+
+async def test_memory_floor_refuses_a_load_the_host_cannot_spare(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    available = psutil.virtual_memory().available
+    pool = make_pool(memory_floor_bytes=available + (1 << 30))
+    with pytest.raises(ModelUnavailable, match="memory floor") as e:
+        await collect(pool, **counting(3))
+    assert "local model 'm' needs about" in str(e.value)
+    # no room is not a failed load: nothing is remembered, no worker was started
+    assert status(pool).pid is None and status(pool).last_error is None
+    pool = make_pool(memory_floor_bytes=64 << 20)
+    assert (await collect(pool, **counting(3))).done.completion_tokens == 3
+
+
+def _rss(pid: int | None) -> int:
+    """What a worker's exit gives back: its resident memory less the file-backed pages of
+    the mapped model (which the kernel counts as available already)."""
+    try:
+        info = psutil.Process(pid).memory_info() if pid is not None else None
+    except psutil.NoSuchProcess:
+        return 0
+    return 0 if info is None else info.rss - info.shared
+
+
+@contextlib.asynccontextmanager
+async def _pool_with(*specs: ModelSpec, available_memory: Callable[[], int],
+                     **settings: Any) -> AsyncIterator[ModelPool]:
+    """A started pool like ``make_pool``'s, with ``available_memory`` injected."""
+    fields: dict[str, Any] = {"memory_budget_bytes": 8 << 30, **settings}
+    pool = ModelPool(build_catalog(specs).entries, PoolSettings(**fields),
+                     available_memory=available_memory)
+    pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+async def test_little_free_memory_unloads_an_idle_model_and_refuses_beside_a_busy_one() -> None:
+    a, b = spec("a", n_ctx=256, n_parallel=1), spec("b", n_ctx=256, n_parallel=1)
+    memory = build_catalog([a]).entries[0].memory
+    assert memory is not None
+    # A host whose free memory is `spare` minus what the pool's workers hold: freeing a
+    # worker gives its memory back, as on a real host.
+    spare = 1 << 40
+    pools: list[ModelPool] = []
+
+    def available() -> int:
+        return spare - sum(_rss(s.pid) for s in pools[0].status())
+
+    async with _pool_with(a, b, available_memory=available) as pool:
+        pools.append(pool)
+        reference = await collect(pool, "a", **counting(4))
+        pid_a = status(pool, "a").pid
+        assert pid_a is not None
+        # room for b only once a's memory is back (the budget alone has room for both)
+        spare = memory.total + _rss(pid_a) // 2
+        r = await collect(pool, "b", **counting(4))
+        assert r.pieces == reference.pieces
+        assert status(pool, "b").loaded and not status(pool, "a").loaded and gone(pid_a)
+        pid_b = status(pool, "b").pid
+        assert pid_b is not None
+        spare = memory.total + _rss(pid_b) // 2
+        busy = pool.generate("b", **counting(200))
+        assert isinstance(await anext(busy), str)
+        with pytest.raises(ModelUnavailable, match="memory floor"):
+            await collect(pool, "a", **counting(3))
+        assert status(pool, "b").pid == pid_b and status(pool, "a").last_error is None
+        await busy.aclose()
+        assert (await collect(pool, "a", **counting(3))).done.completion_tokens == 3
+        assert gone(pid_b) and not status(pool, "b").loaded
+
+
+async def test_status_reports_measured_speed(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(spec(n_parallel=3))
+    fresh = status(pool)
+    assert fresh.n_parallel == 3 and fresh.nice is None
+    assert (fresh.ttft_s, fresh.decode_tps, fresh.avg_completion_tokens, fresh.avg_duration_s,
+            fresh.load_s) == (None, None, None, None, None)
+    r = await collect(pool, **counting(32))
+    assert r.done.completion_tokens == 32
+    s = status(pool)
+    assert s.n_parallel == 3 and s.avg_completion_tokens == 32
+    assert s.ttft_s is not None and s.ttft_s > 0
+    assert s.decode_tps is not None and s.decode_tps > 0
+    assert s.load_s is not None and s.load_s > 0
+    assert s.avg_duration_s is not None
+    # the request's duration (admission to end, the load included) holds all of it
+    assert s.load_s + s.ttft_s + 31 / s.decode_tps <= s.avg_duration_s + 1e-6
+    # a generation closed early feeds the request duration only
+    stream = pool.generate("m", **counting(400))
+    assert isinstance(await anext(stream), str)
+    await stream.aclose()
+    after = status(pool)
+    assert (after.ttft_s, after.decode_tps, after.avg_completion_tokens) == (
+        s.ttft_s, s.decode_tps, s.avg_completion_tokens)
+    assert after.avg_duration_s != s.avg_duration_s
+
+
+def _thread_priorities(pid: int) -> set[tuple[int, frozenset[int]]]:
+    """The distinct (niceness, CPU set) pairs of the threads of ``pid``."""
+    found = set()
+    for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(ProcessLookupError):
+            found.add((os.getpriority(os.PRIO_PROCESS, tid),
+                       frozenset(os.sched_getaffinity(tid))))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="restoring niceness needs root or CAP_SYS_NICE")
+async def test_set_priority_reaches_every_worker_thread(
+    make_pool: Callable[..., ModelPool], caplog: pytest.LogCaptureFixture
+) -> None:
+    own = (os.getpriority(os.PRIO_PROCESS, 0), frozenset(os.sched_getaffinity(0)))
+    lowered = (10, frozenset({0}))
+    pool = make_pool(spec("a"), spec("b"))
+    await collect(pool, "a", **counting(4))  # llama.cpp's threads exist after a decode
+    pid = status(pool, "a").pid
+    assert pid is not None and len(os.listdir(f"/proc/{pid}/task")) > 1
+    assert _thread_priorities(pid) == {own}
+    pool.set_priority(10, [0])
+    assert _thread_priorities(pid) == {lowered} and status(pool, "a").nice == 10
+    assert (os.getpriority(os.PRIO_PROCESS, 0), frozenset(os.sched_getaffinity(0))) == own
+    pool.set_priority(None, None)
+    assert _thread_priorities(pid) == {own} and status(pool, "a").nice is None
+    # a worker started while a priority is set starts with it, threads made later included
+    pool.set_priority(10, [0])
+    assert (await collect(pool, "b", **counting(4))).done.completion_tokens == 4
+    pid_b = status(pool, "b").pid
+    assert pid_b is not None and _thread_priorities(pid_b) == {lowered}
+    assert _thread_priorities(pid) == {lowered}
+    # failures are logged once per distinct message, never raised
+    with caplog.at_level(logging.WARNING, logger="local_models.pool"):
+        pool.set_priority(None, [1 << 20])
+        pool.set_priority(None, [1 << 20])
+    assert len([m for m in caplog.messages if "cannot set CPUs" in m]) == 2  # one per model
+    assert _thread_priorities(pid) == {(own[0], lowered[1])}  # the CPU set was left as it was
 
 
 async def test_idle_model_is_unloaded(make_pool: Callable[..., ModelPool]) -> None:

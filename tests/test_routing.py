@@ -79,3 +79,28 @@ def test_local_models_are_routes_and_targets() -> None:
     assert [t.key for t in router.resolve("local/chat").targets] == ["local/chat"]
     with pytest.raises(ModelNotFound):
         router.resolve("local/unknown")
+
+
+def test_plan_dispatches_to_the_route_strategy() -> None:
+    from sidecar.routing import Route, Target
+    from sidecar.strategies import TargetStats
+
+    a, b, c = Target("p", "a"), Target("p", "b"), Target("p", "c")
+    stats = {"p/a": TargetStats(in_flight=2, ttft_s=0.1, total_s=2.0, samples=3),
+             "p/b": TargetStats(in_flight=0, ttft_s=0.5, total_s=1.0, samples=3),
+             "p/c": TargetStats(in_flight=1, ttft_s=0.3, total_s=3.0, samples=3)}
+    costs = {"p/a": 30, "p/b": None, "p/c": 10}
+
+    def order(strategy: str, stream: bool = False) -> list[str]:
+        route = Route("r", strategy, (a, b, c), 0)  # type: ignore[arg-type]
+        got = plan(route, random.Random(1), stats=stats, costs=costs, stream=stream)
+        return [t.model for t in got]
+
+    assert order("priority") == ["a", "b", "c"]
+    assert order("least-busy") == ["b", "c", "a"]
+    assert order("latency") == ["b", "a", "c"]
+    assert order("latency", stream=True) == ["a", "c", "b"]
+    assert order("cost") == ["c", "a", "b"]
+    # Nothing measured: the listed order.
+    route = Route("r", "latency", (a, b, c), 0)
+    assert plan(route, random.Random(1)) == [a, b, c]

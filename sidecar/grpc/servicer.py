@@ -11,11 +11,12 @@ Each call, in this order:
 3. translate the request (:mod:`sidecar.grpc.translation`: the same validation and
    messages as HTTP), call the gateway, translate the answer back.
 
-Who served a call goes in the response message and in metadata: trailing for unary
-calls (``x-request-id``, ``x-sidecar-target``, ``x-sidecar-attempts``,
-``x-sidecar-cost-usd``; sent with the status, where initial metadata would cost an extra
-write per call), initial for streams (all but the cost, as soon as the stream commits)
-with the cost trailing. The cost is left out when the target's price is unknown.
+Who served a call, and why there, goes in the response message and in metadata:
+trailing for unary calls (``x-request-id``, ``x-sidecar-target``, ``x-sidecar-attempts``,
+``x-sidecar-route-reason``, ``x-sidecar-cost-usd``; sent with the status, where initial
+metadata would cost an extra write per call), initial for streams (all but the cost, as
+soon as the stream commits) with the cost trailing. The cost is left out when the
+target's price is unknown.
 
 Errors are translated here, once: a :class:`~sidecar.errors.SidecarError` ends the call
 with its ``grpc_code``, its message, rich status details (``google.rpc.ErrorInfo`` with the
@@ -46,7 +47,7 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from sidecar.errors import SidecarError
-from sidecar.gateway import Context, Gateway
+from sidecar.gateway import Context, Gateway, Served
 from sidecar.grpc.translation import (
     ChunkReader,
     StreamEnd,
@@ -114,10 +115,11 @@ class SidecarServicer:
             done = await self._gateway.complete(chat_call(request, stream=False), ctx)
             out = chat_response(done.reply.body, done.target)
             out.target, out.attempts, out.request_id = done.target, done.attempts, request_id
+            out.route_reason = done.reason
             if done.cost is not None:
                 out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
             context.set_trailing_metadata(
-                _served(request_id, done.target, done.attempts, done.cost))
+                _served(request_id, done, done.cost))
             return out
         except Exception as e:
             await _fail(context, e, request_id)
@@ -134,7 +136,7 @@ class SidecarServicer:
             streaming = await self._gateway.stream(chat_call(request, stream=True), ctx)
             frames = streaming.frames
             await context.send_initial_metadata(
-                _served(request_id, streaming.target, streaming.attempts, streaming.cost))
+                _served(request_id, streaming, streaming.cost))
             reader = ChunkReader(streaming.target)
             first = True
             async for frame in frames:
@@ -149,6 +151,7 @@ class SidecarServicer:
                         if first:
                             first = False
                             chunk.target, chunk.attempts = streaming.target, streaming.attempts
+                            chunk.route_reason = streaming.reason
                             chunk.request_id = request_id
                     await context.write(chunk)
         except Exception as e:
@@ -165,10 +168,11 @@ class SidecarServicer:
             done = await self._gateway.complete(embed_call(request), ctx)
             out = embed_response(done.reply.body, done.target)
             out.target, out.attempts, out.request_id = done.target, done.attempts, request_id
+            out.route_reason = done.reason
             if done.cost is not None:
                 out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
             context.set_trailing_metadata(
-                _served(request_id, done.target, done.attempts, done.cost))
+                _served(request_id, done, done.cost))
             return out
         except Exception as e:
             await _fail(context, e, request_id)
@@ -219,11 +223,12 @@ def _api_key(meta: dict[str, str]) -> str | None:
     return meta.get("x-api-key")
 
 
-def _served(request_id: str, target: str, attempts: int, cost: int | None) -> Metadata:
+def _served(request_id: str, served: Served, cost: int | None) -> Metadata:
     out: list[tuple[str, str | bytes]] = [
         ("x-request-id", request_id),
-        ("x-sidecar-target", target),
-        ("x-sidecar-attempts", str(attempts)),
+        ("x-sidecar-target", served.target),
+        ("x-sidecar-attempts", str(served.attempts)),
+        ("x-sidecar-route-reason", served.reason),
     ]
     if cost is not None:
         out.append(("x-sidecar-cost-usd", format_usd(cost)))

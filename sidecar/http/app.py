@@ -30,7 +30,7 @@ from sidecar.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.gateway import Completed, Context, Gateway, error_body
+from sidecar.gateway import Completed, Context, Gateway, Served, error_body
 from sidecar.pricing import format_usd
 from sidecar.providers.local import LocalProvider
 from sidecar.types import Call, Op, validate_call
@@ -109,14 +109,14 @@ def _timeout(request: Request[Any, Any, Any]) -> float | None:
         ) from None
 
 
-def _served_headers(request_id: str, target: str, attempts: int, cost: int | None
-                    ) -> dict[str, str]:
-    """Who served it; ``x-sidecar-cost-usd`` when known now (a paid stream's cost comes as
-    an SSE comment at its end)."""
+def _served_headers(request_id: str, served: Served, cost: int | None) -> dict[str, str]:
+    """Who served it and why there; ``x-sidecar-cost-usd`` when known now (a paid stream's
+    cost comes as an SSE comment at its end)."""
     headers = {
         "x-request-id": request_id,
-        "x-sidecar-target": target,
-        "x-sidecar-attempts": str(attempts),
+        "x-sidecar-target": served.target,
+        "x-sidecar-attempts": str(served.attempts),
+        "x-sidecar-route-reason": served.reason,
     }
     if cost is not None:
         headers["x-sidecar-cost-usd"] = format_usd(cost)
@@ -134,6 +134,37 @@ def _models_body(gateway: Gateway) -> bytes:
             seen.add(t.key)
             data.append({"id": t.key, "object": "model", "created": 0, "owned_by": t.provider})
     return _encoder.encode({"object": "list", "data": data})
+
+
+def _status(gateway: Gateway) -> dict[str, Any]:
+    """``GET /v1/sidecar/status``: the host, its pressure, every target's health and load,
+    the local models, and how many requests each route reason served."""
+    host = gateway.host
+    stats = gateway.tracker.stats()
+    circuits = gateway.health.views()
+    targets = {
+        key: {"circuit": circuits.get(key), **msgspec.structs.asdict(stats[key])
+              } if key in stats else {"circuit": circuits.get(key)}
+        for key in sorted(stats.keys() | circuits.keys())
+    }
+    body: dict[str, Any] = {
+        "status": "draining" if gateway.draining else "ready",
+        "pressure": None if host is None else {
+            "cpu": host.pressure.cpu,
+            "memory": host.pressure.memory,
+            "changed_at_s_ago": None if host.pressure.changed_at is None
+            else round(host.snapshot.taken_at - host.pressure.changed_at, 1),
+            "workers_yielding": host.yielding,
+            "settings": host.settings,
+        },
+        "host": None if host is None else host.snapshot,
+        "targets": targets,
+        "route_reasons": dict(gateway.reasons),
+    }
+    local = gateway.providers.get(LOCAL_PROVIDER)
+    if isinstance(local, LocalProvider):
+        body["local_models"] = local.pool.status()
+    return body
 
 
 def error_response(err: SidecarError, request_id: str | None = None) -> Response[bytes]:
@@ -155,8 +186,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         call = decode_call(op, await request.body())
         if call.stream:
             streaming = await gateway.stream(call, ctx)
-            headers = _served_headers(request_id, streaming.target, streaming.attempts,
-                                      streaming.cost)
+            headers = _served_headers(request_id, streaming, streaming.cost)
             return Stream(
                 streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
             )
@@ -166,7 +196,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         return Response(
             done.reply.body,
             media_type=_JSON,
-            headers=_served_headers(request_id, done.target, done.attempts, done.cost),
+            headers=_served_headers(request_id, done, done.cost),
         )
 
     @post("/v1/chat/completions", status_code=200)
@@ -193,6 +223,11 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         identity = gateway.authenticate(_api_key(request))
         views = await gateway.accountant.views(identity, gateway.auth)
         return Response(_encoder.encode({"object": "list", "data": views}), media_type=_JSON)
+
+    @get("/v1/sidecar/status")
+    async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
+        gateway.authenticate(_api_key(request))
+        return Response(_encoder.encode(_status(gateway)), media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:
@@ -237,7 +272,8 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         return error_response(err, getattr(request.state, "request_id", None))
 
     return Litestar(
-        route_handlers=[chat, completions, embeddings, models, budgets, healthz, readyz],
+        route_handlers=[chat, completions, embeddings, models, budgets, status, healthz,
+                        readyz],
         exception_handlers={
             SidecarError: on_sidecar_error,
             HTTPException: on_http_error,

@@ -8,6 +8,7 @@ target. Pool errors are translated here, once:
 
     InvalidRequest   -> UpstreamUnsupported (the prompt does not fit this model; another may)
     Overloaded       -> UpstreamOverloaded  (503 with Retry-After when no target is left)
+    NoRoom           -> UpstreamOverloaded  (it does not fit in memory now; not a health matter)
     ModelUnavailable -> UpstreamUnreachable (bad file, memory budget; counts against health)
     WorkerCrashed    -> UpstreamServerError (retryable; the next request gets a new worker)
 """
@@ -32,6 +33,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     UpstreamUnsupported,
 )
+from sidecar.pressure import LocalLoad
 from sidecar.providers.base import Reply
 from sidecar.types import (
     Call,
@@ -57,6 +59,10 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
+
+#: Retry-After for a model that does not fit in memory now (the monitor samples every second,
+#: idle models unload after a while): a guess, not a promise.
+NO_ROOM_RETRY_S = 10.0
 
 _UNSUPPORTED_FIELDS = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias",
                        "audio", "prediction")
@@ -114,6 +120,16 @@ class LocalProvider:
 
     def supports(self, op: Op) -> bool:
         return True
+
+    def load(self, model: str) -> LocalLoad | None:
+        """The model's queue and measured speed now (None: no such model)."""
+        st = self.pool.model_status(model)
+        if st is None:
+            return None
+        return LocalLoad(loaded=st.loaded, in_flight=st.in_flight, queued=st.queued,
+                         n_parallel=st.n_parallel, ttft_s=st.ttft_s, decode_tps=st.decode_tps,
+                         avg_completion_tokens=st.avg_completion_tokens,
+                         avg_duration_s=st.avg_duration_s, load_s=st.load_s)
 
     async def send(self, call: Call, model: str, timeout_s: float,
                    meter: Meter | None = None) -> Reply:
@@ -296,6 +312,9 @@ def _translated(target: str) -> Iterator[None]:
     except lp.Overloaded as e:
         raise UpstreamOverloaded(f"{target}: {e}", target=target,
                                  retry_after_s=e.retry_after_s) from None
+    except lp.NoRoom as e:
+        raise UpstreamOverloaded(f"{target}: {e}", target=target,
+                                 retry_after_s=NO_ROOM_RETRY_S) from None
     except (lp.ModelUnavailable, lp.UnknownModel) as e:
         raise UpstreamUnreachable(f"{target}: {e}", target=target) from None
     except lp.WorkerCrashed as e:

@@ -165,7 +165,7 @@ class FunctionCall(_message.Message):
     def __init__(self, name: _Optional[str] = ..., arguments: _Optional[str] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("id", "model", "created", "choices", "usage", "target", "attempts", "cost_micro_usd", "cost_usd", "request_id")
+    __slots__ = ("id", "model", "created", "choices", "usage", "target", "attempts", "cost_micro_usd", "cost_usd", "request_id", "route_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class ChatResponse(_message.Message):
     COST_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     created: int
@@ -186,7 +187,8 @@ class ChatResponse(_message.Message):
     cost_micro_usd: int
     cost_usd: str
     request_id: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., cost_usd: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    route_reason: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., cost_usd: _Optional[str] = ..., request_id: _Optional[str] = ..., route_reason: _Optional[str] = ...) -> None: ...
 
 class Choice(_message.Message):
     __slots__ = ("index", "message", "finish_reason")
@@ -209,7 +211,7 @@ class AssistantMessage(_message.Message):
     def __init__(self, content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class ChatChunk(_message.Message):
-    __slots__ = ("id", "model", "created", "choices", "usage", "target", "attempts", "cost_micro_usd", "cost_usd", "request_id")
+    __slots__ = ("id", "model", "created", "choices", "usage", "target", "attempts", "cost_micro_usd", "cost_usd", "request_id", "route_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +222,7 @@ class ChatChunk(_message.Message):
     COST_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     created: int
@@ -230,7 +233,8 @@ class ChatChunk(_message.Message):
     cost_micro_usd: int
     cost_usd: str
     request_id: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[ChunkChoice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., cost_usd: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    route_reason: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[ChunkChoice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., cost_usd: _Optional[str] = ..., request_id: _Optional[str] = ..., route_reason: _Optional[str] = ...) -> None: ...
 
 class ChunkChoice(_message.Message):
     __slots__ = ("index", "delta", "finish_reason")
@@ -291,7 +295,7 @@ class EmbedRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., input: _Optional[_Iterable[str]] = ..., dimensions: _Optional[int] = ..., user: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("data", "model", "usage", "target", "attempts", "cost_micro_usd", "cost_usd", "request_id")
+    __slots__ = ("data", "model", "usage", "target", "attempts", "cost_micro_usd", "cost_usd", "request_id", "route_reason")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +304,7 @@ class EmbedResponse(_message.Message):
     COST_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REASON_FIELD_NUMBER: _ClassVar[int]
     data: _containers.RepeatedCompositeFieldContainer[Embedding]
     model: str
     usage: Usage
@@ -308,7 +313,8 @@ class EmbedResponse(_message.Message):
     cost_micro_usd: int
     cost_usd: str
     request_id: str
-    def __init__(self, data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., cost_usd: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    route_reason: str
+    def __init__(self, data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., cost_usd: _Optional[str] = ..., request_id: _Optional[str] = ..., route_reason: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("index", "values")

@@ -1,0 +1,105 @@
+"""The host as the gateway sees it: the latest resource snapshot, the pressure state derived
+from it, and the one effect pressure has on this host, local workers yielding the CPU.
+
+Contract: :meth:`HostWatch.on_sample` is the monitor's callback (on the event loop): it steps
+the pure :func:`~sidecar.pressure.next_pressure` state machine and, when CPU pressure starts,
+renices local workers to ``nice`` (and pins them to ``cpus`` when set); when it ends they get
+their own priority and CPU set back. Every change of state is reported on stderr. The request
+path only reads :attr:`HostWatch.pressure` and :attr:`HostWatch.snapshot`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import psutil
+
+from sidecar.config import ResourcesConfig
+from sidecar.monitor import Monitor, ResourceSnapshot, Sampler
+from sidecar.pressure import Pressure, PressureSettings, next_pressure
+
+#: Applies a priority to every local worker: (nice or None to restore, cpus or None to restore).
+SetPriority = Callable[[int | None, Sequence[int] | None], None]
+
+
+def memory_floor_bytes(config: ResourcesConfig, total_bytes: int) -> int:
+    """The configured floor, or by default 10% of RAM, at most 2 GiB."""
+    if config.memory_floor_mb is not None:
+        return config.memory_floor_mb << 20
+    return min(total_bytes // 10, 2048 << 20)
+
+
+def pressure_settings(config: ResourcesConfig, total_bytes: int) -> PressureSettings:
+    return PressureSettings(
+        cpu_high_percent=config.cpu_high_percent,
+        cpu_low_percent=config.cpu_low_percent,
+        pressure_after_s=config.pressure_after_s,
+        calm_after_s=config.calm_after_s,
+        memory_floor_bytes=memory_floor_bytes(config, total_bytes),
+        memory_margin_bytes=config.memory_margin_mb << 20,
+    )
+
+
+class HostWatch:
+    """Owns the monitor and the pressure state. Use from one event loop."""
+
+    def __init__(self, config: ResourcesConfig, *,
+                 workers: Callable[[], Sequence[tuple[str, int]]] = tuple,
+                 set_priority: SetPriority | None = None) -> None:
+        """``workers``: (model, pid) of live local workers; ``set_priority`` applies a
+        priority to them (the model pool's)."""
+        self.settings = pressure_settings(config, psutil.virtual_memory().total)
+        self.pressure = Pressure()
+        self._nice = config.nice or None
+        self._cpus = config.cpus or None
+        self._set_priority = set_priority
+        self.yielding = False
+        """Whether local workers run reniced/pinned now."""
+        self._monitor = Monitor(Sampler(), config.sample_interval_s, workers, self.on_sample)
+
+    @property
+    def snapshot(self) -> ResourceSnapshot:
+        return self._monitor.latest
+
+    async def start(self) -> None:
+        await self._monitor.start()
+
+    async def aclose(self) -> None:
+        await self._monitor.aclose()
+        if self.yielding and self._set_priority is not None:
+            self._set_priority(None, None)
+
+    def on_sample(self, snap: ResourceSnapshot) -> None:
+        before = self.pressure
+        self.pressure = after = next_pressure(before, snap, self.settings)
+        if after.cpu != before.cpu:
+            self._yield(after.cpu)
+        if (after.cpu, after.memory) != (before.cpu, before.memory):
+            print(f"sidecar: host pressure: {_describe(after, snap, self)}",
+                  file=sys.stderr, flush=True)
+
+    def _yield(self, on: bool) -> None:
+        if self._set_priority is None or (self._nice is None and self._cpus is None):
+            return
+        if on:
+            self._set_priority(self._nice, self._cpus)
+        else:
+            self._set_priority(None, None)
+        self.yielding = on
+
+
+def _describe(p: Pressure, snap: ResourceSnapshot, watch: HostWatch) -> str:
+    if not p.reasons:
+        return "none; local targets serve again" + (
+            ", workers restored" if watch._set_priority is not None else "")
+    parts = []
+    if p.cpu:
+        parts.append(f"cpu (others use {snap.others_cpu_percent:.0f}% of the CPU)")
+    if p.memory:
+        parts.append(f"memory ({snap.memory_available_bytes >> 20} MiB available, floor "
+                     f"{watch.settings.memory_floor_bytes >> 20} MiB)")
+    tail = "; local targets offloaded where a route has remote ones"
+    if watch.yielding:
+        tail += ", local workers yield the CPU"
+    return ", ".join(parts) + tail
