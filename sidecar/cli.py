@@ -70,7 +70,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import psutil
+
     from local_models.backend import gpu_offload_supported
+    from sidecar.host import memory_floor_bytes
     from sidecar.server import build_catalog, memory_budget
 
     config = _load(_config_path(args.config))
@@ -102,6 +105,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     budget = memory_budget(config)
     print(f"\nmemory budget: {_size(budget)}"
           + ("" if config.local.memory_budget_mb else " (75% of physical memory)"))
+    vm = psutil.virtual_memory()
+    floor = memory_floor_bytes(config.resources, vm.total)
+    print(f"memory available now: {_size(vm.available)}; a load must leave {_size(floor)} "
+          "free (memory floor)")
     offload = gpu_offload_supported()
     print("GPU offload: " + ("available in this llama-cpp-python build" if offload else
                              "not available (CPU-only llama-cpp-python build; see README)"))

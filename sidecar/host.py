@@ -76,8 +76,8 @@ class HostWatch:
         if after.cpu != before.cpu:
             self._yield(after.cpu)
         if (after.cpu, after.memory) != (before.cpu, before.memory):
-            print(f"sidecar: host pressure: {_describe(after, snap, self)}",
-                  file=sys.stderr, flush=True)
+            print(f"sidecar: host pressure: {self._describe(snap)}", file=sys.stderr,
+                  flush=True)
 
     def _yield(self, on: bool) -> None:
         if self._set_priority is None or (self._nice is None and self._cpus is None):
@@ -88,18 +88,17 @@ class HostWatch:
             self._set_priority(None, None)
         self.yielding = on
 
-
-def _describe(p: Pressure, snap: ResourceSnapshot, watch: HostWatch) -> str:
-    if not p.reasons:
-        return "none; local targets serve again" + (
-            ", workers restored" if watch._set_priority is not None else "")
-    parts = []
-    if p.cpu:
-        parts.append(f"cpu (others use {snap.others_cpu_percent:.0f}% of the CPU)")
-    if p.memory:
-        parts.append(f"memory ({snap.memory_available_bytes >> 20} MiB available, floor "
-                     f"{watch.settings.memory_floor_bytes >> 20} MiB)")
-    tail = "; local targets offloaded where a route has remote ones"
-    if watch.yielding:
-        tail += ", local workers yield the CPU"
-    return ", ".join(parts) + tail
+    def _describe(self, snap: ResourceSnapshot) -> str:
+        p = self.pressure
+        if not p.reasons:
+            return "none; local targets serve first again"
+        parts = []
+        if p.cpu:
+            parts.append(f"cpu (others use {snap.others_cpu_percent:.0f}% of the CPU)")
+        if p.memory:
+            parts.append(f"memory ({snap.memory_available_bytes >> 20} MiB available, floor "
+                         f"{self.settings.memory_floor_bytes >> 20} MiB)")
+        tail = "; local targets offloaded where a route has remote ones"
+        if self.yielding:
+            tail += ", local workers yield the CPU"
+        return ", ".join(parts) + tail

@@ -16,6 +16,7 @@ def test_models_lists_the_embedded_default() -> None:
     assert row.split()[0] == "smollm2" and "Q4_1" in row and "llama" in row
     assert "2048x8 (max 8192)" in row and "kv 360 MiB" in row and row.endswith("ok")
     assert "GPU offload:" in res.stdout and "memory budget:" in res.stdout
+    assert "(memory floor)" in res.stdout
 
 
 def test_models_names_broken_files_and_keeps_the_rest(tmp_path: Path) -> None:

@@ -499,6 +499,7 @@ def test_unknown_price_under_a_budget_never_reaches_the_provider(
     raw = client.completions.with_raw_response.create(model="mystery-or-local", prompt="hi",
                                                       max_tokens=2)
     assert raw.headers["x-sidecar-target"] == "local/smollm2"
+    assert raw.headers["x-sidecar-route-reason"] == "fallback:budget"  # price unknown
     assert raw.headers["x-sidecar-cost-usd"] == "0.000000"
     assert fp.stats()["requests"] == 0
 
@@ -599,6 +600,7 @@ def test_concurrent_clients_never_overspend_and_fall_back_to_local(
                            timeout=60)
     raw = client.completions.with_raw_response.create(model="money", prompt="hi", max_tokens=2)
     assert raw.headers["x-sidecar-target"] == "local/smollm2"
+    assert raw.headers["x-sidecar-route-reason"] == "fallback:budget"
     assert raw.parse().choices[0].text is not None
     # Naming the paid target itself: 429, which budget, when it resets.
     with pytest.raises(openai.RateLimitError) as e:
