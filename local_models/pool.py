@@ -27,7 +27,9 @@ Contract:
   of request duration over every request, and the duration of the last successful load.
 * :meth:`ModelPool.set_priority` sets the niceness and CPU set of every thread of every
   worker (on Linux both are per thread; llama.cpp's threads exist once it has loaded and
-  decoded), now and for workers started later. Failures are logged once per distinct
+  decoded), and the niceness of the worker's scheduler autogroup (each worker leads its own
+  session; with autogroups on, only the group's niceness weighs against other sessions),
+  now and for workers started later. Failures are logged once per distinct
   message on the ``local_models.pool`` logger, never raised.
 
 All errors raised are :class:`LocalError` subclasses; the gateway translates them once.
@@ -275,6 +277,7 @@ class ModelPool:
         self._workers: set[_Worker] = set()  # every started worker, loading ones included
         self._nice: int | None = None
         self._cpus: tuple[int, ...] | None = None
+        self._decode_threads: int | None = None
         self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self._base_cpus = tuple(sorted(os.sched_getaffinity(0)))
         self._logged: set[str] = set()
@@ -302,9 +305,11 @@ class ModelPool:
         """One model's status (None: no such model)."""
         return next((st for st in self.status() if st.name == name), None)
 
-    def set_priority(self, nice: int | None, cpus: Sequence[int] | None) -> None:
+    def set_priority(self, nice: int | None, cpus: Sequence[int] | None,
+                     threads: int | None = None) -> None:
         """Apply to every live worker now and to workers started later: nice None restores the
-        niceness the worker started with; cpus None restores the CPU set it started with.
+        niceness the worker started with; cpus None restores the CPU set it started with;
+        threads (llama.cpp decode threads) None restores the number it loaded with.
 
         Both are set on every thread of each worker (Linux keeps them per thread; threads
         created later inherit them from their creator). The baselines are the gateway's own
@@ -313,12 +318,15 @@ class ModelPool:
         are logged once per distinct message. Does not block."""
         self._nice = nice
         self._cpus = tuple(cpus) if cpus is not None else None
+        self._decode_threads = threads
         self._workers = {w for w in self._workers if w.proc.returncode is None}
         for worker in self._workers:
             self._apply_priority(
                 worker, self._base_nice if nice is None else nice,
                 self._base_cpus if cpus is None else self._cpus,
             )
+            if worker.loaded is not None:  # a loading worker gets it once Loaded
+                worker.send(p.SetThreads(threads or 0))
 
     def start(self) -> None:
         """Start the idle-unload task (call from the running loop)."""
@@ -520,6 +528,8 @@ class ModelPool:
             worker.loaded = answer
             model.load_s = time.monotonic() - started
             self._apply_requested(worker)  # threads started before the first application
+            if self._decode_threads is not None:
+                worker.send(p.SetThreads(self._decode_threads))
             return worker
         self._workers.discard(worker)
         await worker.stop(grace_s=1.0)
@@ -553,6 +563,13 @@ class ModelPool:
         except (OSError, ValueError) as e:
             self._log_once(logging.DEBUG, f"{what}: cannot list the worker's threads: {e}")
             return
+        if nice is not None and os.path.exists(f"/proc/{worker.pid}/autogroup"):
+            # The worker leads its own session, so its own scheduler autogroup: with
+            # autogroups on, thread niceness only ranks threads inside the group, and it is
+            # the group's niceness that weighs it against the host app's group. Raising it
+            # back to 0 needs no privilege.
+            self._try(what, f"set its autogroup's niceness {nice}",
+                      functools.partial(_write, f"/proc/{worker.pid}/autogroup", str(nice)))
         for tid in tids:
             if nice is not None:
                 self._try(what, f"set niceness {nice}",
@@ -612,6 +629,11 @@ async def _failure(name: str, worker: _Worker, msg: p.FromWorker | None) -> Loca
     if msg is None:
         return WorkerCrashed(f"local model '{name}' worker stopped ({await _how(worker)})")
     return WorkerCrashed(f"local model '{name}' answered out of order ({type(msg).__name__})")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _unpack(answer: _Answer | None) -> tuple[float, p.FromWorker | None]:

@@ -89,7 +89,13 @@ class Shutdown(_Msg, frozen=True):
     pass
 
 
-ToWorker = Load | Generate | Embed | Cancel | Shutdown
+class SetThreads(_Msg, frozen=True):
+    """Decode with ``n`` threads from the next step on (0: as many as at load)."""
+
+    n: int
+
+
+ToWorker = Load | Generate | Embed | Cancel | Shutdown | SetThreads
 
 # --- worker -> pool -------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ class Engine:
         self.gpu_offload = bool(ll.llama_supports_gpu_offload())
         self.n_parallel = load.n_parallel
         self.n_batch = max(load.n_batch, load.n_parallel)
-        self.n_threads = load.n_threads
+        self.n_threads = self.load_threads = load.n_threads
         self.model, self.ctx, self.n_gpu_layers = self._load(load)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
@@ -400,6 +400,16 @@ class Engine:
             ll.llama_batch_free(batch)
         return p.Embeddings(req.id, tuple(vectors), used)
 
+    def set_threads(self, n: int) -> None:
+        """Use ``n`` threads (0: the number given at load) for later decodes. Fewer threads
+        under CPU contention: llama.cpp's threads meet at every step, so one that is
+        descheduled stalls the others."""
+        n = n if n > 0 else self.load_threads
+        self.n_threads = n
+        for ctx in (self.ctx, self._embed_ctx):
+            if ctx is not None:
+                self.ll.llama_set_n_threads(ctx, n, n)
+
     # --- main loop ----------------------------------------------------------------------
 
     def run(self, inbox: queue.SimpleQueue[p.ToWorker | None], send_all: Callable[
@@ -420,6 +430,8 @@ class Engine:
                     self.waiting.append(msg)  # admitted at the start of the next step
                 elif isinstance(msg, p.Cancel):
                     self.cancel(msg.id, out.append)
+                elif isinstance(msg, p.SetThreads):
+                    self.set_threads(msg.n)
                 elif isinstance(msg, p.Embed):
                     try:
                         out.append(self.embed(msg))

@@ -199,14 +199,18 @@ class ResourcesConfig(_Base, frozen=True):
     """Host pressure: when local models yield the host to its app and to remote targets.
 
     CPU pressure starts when the CPU used by everything but the sidecar and its workers
-    stays at or above ``cpu_high_percent`` for ``pressure_after_s``; memory pressure starts
+    stays at or above ``cpu_high_percent`` for ``pressure_after_s`` (or at or above
+    ``cpu_contended_percent`` while the whole host is at least ``cpu_high_percent`` busy:
+    an app competing with local inference gets only part of what it wants, so what it uses
+    understates what it wants); memory pressure starts
     as soon as available memory drops below ``memory_floor_mb``. Each ends once it has been
     calm (CPU at or below ``cpu_low_percent``, memory above the floor plus
     ``memory_margin_mb``) for ``calm_after_s``."""
 
     sample_interval_s: Annotated[float, Meta(ge=0.05, le=60)] = 1.0
     cpu_high_percent: Annotated[float, Meta(gt=0, le=100)] = 85.0
-    cpu_low_percent: Annotated[float, Meta(ge=0, le=100)] = 60.0
+    cpu_contended_percent: Annotated[float, Meta(gt=0, le=100)] = 40.0
+    cpu_low_percent: Annotated[float, Meta(ge=0, le=100)] = 30.0
     pressure_after_s: NonNegativeFloat = 5.0
     calm_after_s: NonNegativeFloat = 15.0
     memory_floor_mb: NonNegativeInt | None = None
@@ -215,6 +219,10 @@ class ResourcesConfig(_Base, frozen=True):
     memory_margin_mb: NonNegativeInt = 256
     nice: Annotated[int, Meta(ge=0, le=19)] = 10
     """Niceness of local workers under CPU pressure (restored after); 0 leaves it."""
+    threads: NonNegativeInt = 1
+    """llama.cpp threads per local worker under CPU pressure (restored after); 0 leaves them.
+    Its threads meet at every decode step, so with the host's cores busy one descheduled
+    thread stalls the rest: fewer threads keep requests in flight moving."""
     cpus: tuple[NonNegativeInt, ...] = ()
     """CPU ids local workers are pinned to under CPU pressure (restored after); empty: all."""
 
@@ -377,9 +385,12 @@ def _check_references(config: Config) -> None:
             raise ConfigError(f"providers[{i}].base_url: must be an http:// or https:// URL")
     _check_money(config, seen)
     res = config.resources
-    if res.cpu_low_percent >= res.cpu_high_percent:
-        raise ConfigError("resources.cpu_low_percent: must be below cpu_high_percent "
-                          f"({res.cpu_high_percent:g})")
+    if res.cpu_contended_percent > res.cpu_high_percent:
+        raise ConfigError("resources.cpu_contended_percent: must not be above "
+                          f"cpu_high_percent ({res.cpu_high_percent:g})")
+    if res.cpu_low_percent >= res.cpu_contended_percent:
+        raise ConfigError("resources.cpu_low_percent: must be below cpu_contended_percent "
+                          f"({res.cpu_contended_percent:g}) and cpu_high_percent")
     cpus = os.cpu_count() or 1
     bad = [c for c in res.cpus if c >= cpus]
     if bad:

@@ -3,9 +3,10 @@ from it, and the one effect pressure has on this host, local workers yielding th
 
 Contract: :meth:`HostWatch.on_sample` is the monitor's callback (on the event loop): it steps
 the pure :func:`~sidecar.pressure.next_pressure` state machine and, when CPU pressure starts,
-renices local workers to ``nice`` (and pins them to ``cpus`` when set); when it ends they get
-their own priority and CPU set back. Every change of state is reported on stderr. The request
-path only reads :attr:`HostWatch.pressure` and :attr:`HostWatch.snapshot`.
+renices local workers to ``nice``, cuts their decode threads to ``threads`` and pins them to
+``cpus`` (each when set); when it ends they get their own back. Every change of state is
+reported on stderr. The request path only reads :attr:`HostWatch.pressure` and
+:attr:`HostWatch.snapshot`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from sidecar.config import ResourcesConfig
 from sidecar.monitor import Monitor, ResourceSnapshot, Sampler
 from sidecar.pressure import Pressure, PressureSettings, next_pressure
 
-#: Applies a priority to every local worker: (nice or None to restore, cpus or None to restore).
-SetPriority = Callable[[int | None, Sequence[int] | None], None]
+#: Applies a priority to every local worker: niceness, CPU set and decode threads, each None
+#: to restore the worker's own.
+SetPriority = Callable[[int | None, Sequence[int] | None, int | None], None]
 
 
 def memory_floor_bytes(config: ResourcesConfig, total_bytes: int) -> int:
@@ -34,6 +36,7 @@ def pressure_settings(config: ResourcesConfig, total_bytes: int) -> PressureSett
     return PressureSettings(
         cpu_high_percent=config.cpu_high_percent,
         cpu_low_percent=config.cpu_low_percent,
+        cpu_contended_percent=config.cpu_contended_percent,
         pressure_after_s=config.pressure_after_s,
         calm_after_s=config.calm_after_s,
         memory_floor_bytes=memory_floor_bytes(config, total_bytes),
@@ -53,6 +56,7 @@ class HostWatch:
         self.pressure = Pressure()
         self._nice = config.nice or None
         self._cpus = config.cpus or None
+        self._threads = config.threads or None
         self._set_priority = set_priority
         self.yielding = False
         """Whether local workers run reniced/pinned now."""
@@ -68,7 +72,7 @@ class HostWatch:
     async def aclose(self) -> None:
         await self._monitor.aclose()
         if self.yielding and self._set_priority is not None:
-            self._set_priority(None, None)
+            self._set_priority(None, None, None)
 
     def on_sample(self, snap: ResourceSnapshot) -> None:
         before = self.pressure
@@ -80,12 +84,13 @@ class HostWatch:
                   flush=True)
 
     def _yield(self, on: bool) -> None:
-        if self._set_priority is None or (self._nice is None and self._cpus is None):
+        if self._set_priority is None or (self._nice, self._cpus, self._threads) == (
+                None, None, None):
             return
         if on:
-            self._set_priority(self._nice, self._cpus)
+            self._set_priority(self._nice, self._cpus, self._threads)
         else:
-            self._set_priority(None, None)
+            self._set_priority(None, None, None)
         self.yielding = on
 
     def _describe(self, snap: ResourceSnapshot) -> str:

@@ -5,14 +5,18 @@ rule is tested with synthetic snapshots (``tests/test_pressure.py``).
 
 * :func:`next_pressure` is the host's pressure state machine, fed one snapshot at a time::
 
-      cpu off --(others' CPU >= high for pressure_after_s)--> cpu on
+      cpu off --(app CPU high for pressure_after_s)----------> cpu on
       cpu on  --(others' CPU <= low for calm_after_s)------> cpu off
       memory off --(available < floor)--------------------------------> memory on
       memory on  --(available >= floor + margin for calm_after_s)------> memory off
 
   Two thresholds and two durations are the hysteresis: a host hovering around one number
   does not flap between local and remote. "Others" is the host's CPU minus the sidecar's
-  own and its workers', so local inference never counts as pressure against itself.
+  own and its workers', so local inference never counts as pressure against itself. The
+  app's CPU is "high" when others use at least ``cpu_high_percent``, or when the host is
+  saturated (at least ``cpu_high_percent`` busy in all) and others hold at least
+  ``cpu_contended_percent``: competing with local inference, an app that wants every core
+  gets only its share of them, so what it uses understates what it wants.
 * :func:`local_eta_s` predicts how long a local model takes to answer a request from its
   queue and its measured speed; :func:`arrange` orders a route's targets for one request:
   the route's preference first, then local targets behind remote ones while the host is
@@ -36,7 +40,8 @@ if TYPE_CHECKING:
 
 class PressureSettings(msgspec.Struct, frozen=True, kw_only=True):
     cpu_high_percent: float = 85.0
-    cpu_low_percent: float = 60.0
+    cpu_contended_percent: float = 40.0
+    cpu_low_percent: float = 30.0
     pressure_after_s: float = 5.0
     calm_after_s: float = 15.0
     memory_floor_bytes: int = 0
@@ -65,8 +70,12 @@ def next_pressure(prev: Pressure, snap: ResourceSnapshot, s: PressureSettings) -
     """The pressure state after ``snap`` (see the module's state machine)."""
     now = snap.taken_at
     cpu, cpu_since = prev.cpu, prev.cpu_since
-    crossing = (snap.others_cpu_percent <= s.cpu_low_percent if cpu
-                else snap.others_cpu_percent >= s.cpu_high_percent)
+    others = snap.others_cpu_percent
+    if cpu:
+        crossing = others <= s.cpu_low_percent
+    else:
+        crossing = others >= s.cpu_high_percent or (
+            snap.cpu_percent >= s.cpu_high_percent and others >= s.cpu_contended_percent)
     if not crossing:
         cpu_since = None
     else:

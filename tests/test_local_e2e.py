@@ -311,6 +311,9 @@ circuit_failures = 1000
 [local]
 max_queue = 1
 
+[resources]
+pressure_after_s = 3600  # not about host pressure: other tests' workers must not offload these
+
 [[providers]]
 name = "p"
 type = "openai"
@@ -530,6 +533,9 @@ HYBRID = """
 [routing]
 retries = 0
 circuit_failures = 1000
+
+[resources]
+pressure_after_s = 3600  # not about host pressure: other tests' workers must not offload these
 
 [[providers]]
 name = "p"

@@ -639,6 +639,15 @@ def _thread_priorities(pid: int) -> set[tuple[int, frozenset[int]]]:
     return found
 
 
+def _autogroup_nice(pid: int) -> int | None:
+    """The niceness of ``pid``'s scheduler autogroup; None without autogroup support."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:  # "/autogroup-123 nice 10"
+            return int(f.read().split()[-1])
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="restoring niceness needs root or CAP_SYS_NICE")
 async def test_set_priority_reaches_every_worker_thread(
     make_pool: Callable[..., ModelPool], caplog: pytest.LogCaptureFixture
@@ -653,8 +662,13 @@ async def test_set_priority_reaches_every_worker_thread(
     pool.set_priority(10, [0])
     assert _thread_priorities(pid) == {lowered} and status(pool, "a").nice == 10
     assert (os.getpriority(os.PRIO_PROCESS, 0), frozenset(os.sched_getaffinity(0))) == own
+    if _autogroup_nice(pid) is not None:
+        # its own session's scheduler group yields too (what counts against other sessions)
+        assert _autogroup_nice(pid) == 10 and _autogroup_nice(os.getpid()) == 0
     pool.set_priority(None, None)
     assert _thread_priorities(pid) == {own} and status(pool, "a").nice is None
+    if _autogroup_nice(pid) is not None:
+        assert _autogroup_nice(pid) == own[0]
     # a worker started while a priority is set starts with it, threads made later included
     pool.set_priority(10, [0])
     assert (await collect(pool, "b", **counting(4))).done.completion_tokens == 4
@@ -721,3 +735,15 @@ async def test_embeddings_while_generating(make_pool: Callable[..., ModelPool]) 
         if not isinstance(item, Done):
             pieces.append(item)
     assert pieces == alone.pieces
+
+
+async def test_fewer_decode_threads_under_pressure_give_the_same_answer(
+        make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(spec("a"))
+    reference = await collect(pool, "a", **counting(24))
+    pool.set_priority(None, None, 1)  # what the gateway does under CPU pressure
+    one_thread = await collect(pool, "a", **counting(24))
+    pool.set_priority(None, None, None)
+    restored = await collect(pool, "a", **counting(24))
+    assert one_thread.text == reference.text == restored.text
+    assert status(pool, "a").decode_tps is not None

@@ -19,14 +19,16 @@ from sidecar.pressure import (
 from sidecar.routing import Target
 
 MIB = 1 << 20
-S = PressureSettings(cpu_high_percent=85, cpu_low_percent=60, pressure_after_s=5,
+S = PressureSettings(cpu_high_percent=85, cpu_contended_percent=40, cpu_low_percent=30,
+                     pressure_after_s=5,
                      calm_after_s=10, memory_floor_bytes=1024 * MIB,
                      memory_margin_bytes=256 * MIB)
 
 
-def snap(t: float, others: float = 0.0, available_mib: int = 8192) -> ResourceSnapshot:
+def snap(t: float, others: float = 0.0, available_mib: int = 8192,
+         ours: float = 0.0) -> ResourceSnapshot:
     return ResourceSnapshot(
-        taken_at=t, cpu_count=2, cpu_percent=others, sidecar_cpu_percent=0.0,
+        taken_at=t, cpu_count=2, cpu_percent=others + ours, sidecar_cpu_percent=ours,
         others_cpu_percent=others, load_avg=(0.0, 0.0, 0.0),
         memory_total_bytes=16384 * MIB, memory_available_bytes=available_mib * MIB,
         swap_total_bytes=0, swap_used_bytes=0, workers=(), gpus=None,
@@ -63,14 +65,28 @@ def test_cpu_pressure_needs_a_sustained_window(cpu_by_second: list[float],
     assert run([snap(t, c) for t, c in enumerate(cpu_by_second)]) == expected
 
 
+@pytest.mark.parametrize(("others", "ours", "on"), [
+    # Local inference saturates the host and the app holds half of it: it would take more.
+    (50, 50, True),
+    (40, 50, True),       # the contended mark itself
+    (39, 60, False),      # a light app next to busy local inference is not pressure
+    (50, 30, False),      # the host is not saturated: the app gets what it wants
+    (85, 0, True),        # the app alone at the high mark
+    (0, 100, False),      # local inference alone never offloads itself
+])
+def test_cpu_contention_with_local_inference(others: float, ours: float, on: bool) -> None:
+    got = run([snap(t, others, ours=ours) for t in range(6)])
+    assert got == [OFF] * 5 + [CPU if on else OFF]
+
+
 def test_cpu_pressure_ends_only_after_calm_window_below_low_mark() -> None:
     on = Pressure(cpu=True, changed_at=0.0)
-    # 70% is below the high mark but above the low mark: stays on (hysteresis).
-    assert run([snap(t, 70) for t in range(30)], start=on) == [CPU] * 30
+    # 35% is below the contended mark but above the low mark: stays on (hysteresis).
+    assert run([snap(t, 35) for t in range(30)], start=on) == [CPU] * 30
     # Below the low mark for 10 s: off at t=10 exactly, not before.
-    assert run([snap(t, 40) for t in range(12)], start=on) == [CPU] * 10 + [OFF] * 2
+    assert run([snap(t, 20) for t in range(12)], start=on) == [CPU] * 10 + [OFF] * 2
     # A blip above the low mark restarts the calm window.
-    cpu = [40] * 8 + [65] + [40] * 11
+    cpu = [20] * 8 + [35] + [20] * 11
     assert run([snap(t, c) for t, c in enumerate(cpu)], start=on) == [CPU] * 19 + [OFF]
 
 
@@ -78,9 +94,9 @@ def test_hovering_around_one_threshold_does_not_flap() -> None:
     # Alternating 80/90 for a minute: crosses 85 every second but never sustains it.
     samples = [snap(t, 90 if t % 2 else 80) for t in range(60)]
     assert set(run(samples)) == {OFF}
-    # Once on, alternating 55/70 (around the low mark) keeps it on.
+    # Once on, alternating 25/35 (around the low mark) keeps it on.
     on = Pressure(cpu=True)
-    samples = [snap(t, 55 if t % 2 else 70) for t in range(60)]
+    samples = [snap(t, 25 if t % 2 else 35) for t in range(60)]
     assert set(run(samples, start=on)) == {CPU}
 
 

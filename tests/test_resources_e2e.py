@@ -79,7 +79,7 @@ LOCAL_FIRST = """
 [resources]
 sample_interval_s = 0.2
 cpu_high_percent = 80
-cpu_low_percent = 40
+cpu_low_percent = 30
 pressure_after_s = 1.0
 calm_after_s = 1.0
 nice = 10
@@ -282,6 +282,8 @@ def test_latency_cost_and_least_busy_strategies(
 
     # cost: the cheaper of two listed prices, though listed second.
     assert ask(sc, "cheapest") == ("p/gpt-4o-mini", "primary")
+    never_used = status_of(sc)["targets"]["p/gpt-4o"]  # every configured target is listed
+    assert never_used["circuit"]["state"] == "closed" and never_used["samples"] == 0
 
     # least-busy: while a stream holds "a", the next request goes to "b".
     fake.script("a", hang(after_chunks=1))

@@ -31,6 +31,7 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.gateway import Completed, Context, Gateway, Served, error_body
+from sidecar.health import CircuitView
 from sidecar.pricing import format_usd
 from sidecar.providers.local import LocalProvider
 from sidecar.types import Call, Op, validate_call
@@ -136,16 +137,20 @@ def _models_body(gateway: Gateway) -> bytes:
     return _encoder.encode({"object": "list", "data": data})
 
 
+_CLOSED = CircuitView("closed", 0, None)
+
+
 def _status(gateway: Gateway) -> dict[str, Any]:
     """``GET /v1/sidecar/status``: the host, its pressure, every target's health and load,
     the local models, and how many requests each route reason served."""
     host = gateway.host
     stats = gateway.tracker.stats()
     circuits = gateway.health.views()
+    configured = {t.key for r in gateway.router.routes for t in r.targets}
     targets = {
-        key: {"circuit": circuits.get(key), **msgspec.structs.asdict(stats[key])
-              } if key in stats else {"circuit": circuits.get(key)}
-        for key in sorted(stats.keys() | circuits.keys())
+        key: {"circuit": circuits.get(key, _CLOSED),
+              **msgspec.structs.asdict(gateway.tracker.get(key))}
+        for key in sorted(configured | stats.keys() | circuits.keys())
     }
     body: dict[str, Any] = {
         "status": "draining" if gateway.draining else "ready",
