@@ -10,7 +10,7 @@ Contract:
   and no more than needed (:func:`~local_models.eviction.plan_load` decides, counting what
   each would free by its measured RSS); after unloading, available memory is read once more
   as a final check. If the limits cannot be met the load is refused with
-  :class:`ModelUnavailable` naming the limit, and nothing is unloaded. A refusal for lack
+  :class:`NoRoom` (a :class:`ModelUnavailable`) naming the limit, and nothing is unloaded. A refusal for lack
   of room is not remembered as a failed load: the next request tries again.
 * Admission: at most ``n_parallel`` generations of a model are in its worker at once; up to
   ``max_queue`` more wait here in arrival order; beyond that :class:`Overloaded` (with a
@@ -75,7 +75,8 @@ class InvalidRequest(LocalError):
 
 
 class ModelUnavailable(LocalError):
-    """The model cannot be loaded (bad file, memory budget, worker failed to start)."""
+    """The model cannot be loaded (bad file, worker failed to start; :class:`NoRoom`: no
+    memory for it now)."""
 
 
 class NoRoom(ModelUnavailable):

@@ -9,7 +9,7 @@ target. Pool errors are translated here, once:
     InvalidRequest   -> UpstreamUnsupported (the prompt does not fit this model; another may)
     Overloaded       -> UpstreamOverloaded  (503 with Retry-After when no target is left)
     NoRoom           -> UpstreamOverloaded  (it does not fit in memory now; not a health matter)
-    ModelUnavailable -> UpstreamUnreachable (bad file, memory budget; counts against health)
+    ModelUnavailable -> UpstreamUnreachable (bad file, failed start; counts against health)
     WorkerCrashed    -> UpstreamServerError (retryable; the next request gets a new worker)
 """
 
