@@ -9,9 +9,9 @@ Contract:
   ``memory_floor_bytes``. To fit, idle models are unloaded first, least recently used first
   and no more than needed (:func:`~local_models.eviction.plan_load` decides, counting what
   each would free by its measured RSS); after unloading, available memory is read once more
-  as a final check. If the limits cannot be met the load is refused with
-  :class:`NoRoom` (a :class:`ModelUnavailable`) naming the limit, and nothing is unloaded. A refusal for lack
-  of room is not remembered as a failed load: the next request tries again.
+  as a final check. If the limits cannot be met the load is refused with :class:`NoRoom`
+  (a :class:`ModelUnavailable`) naming the limit, and nothing is unloaded. A refusal for
+  lack of room is not remembered as a failed load: the next request tries again.
 * Admission: at most ``n_parallel`` generations of a model are in its worker at once; up to
   ``max_queue`` more wait here in arrival order; beyond that :class:`Overloaded` (with a
   Retry-After estimate) is raised at once.
