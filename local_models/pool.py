@@ -20,7 +20,8 @@ Contract:
   A model whose load failed is not retried for ``retry_failed_load_s``.
 * Closing a generation early (the consumer stops iterating, is cancelled, or its deadline
   passes) sends ``Cancel`` so the worker frees the sequence at its next decode step.
-* Models idle for ``idle_unload_s`` are unloaded by a background task.
+* Models idle for ``idle_unload_s`` are unloaded by a background task;
+  :meth:`ModelPool.unload_idle` unloads idle ones at once (the host needs its memory).
 * :meth:`ModelPool.status` reports, per model, measured speed for routing: EWMAs (weight
   0.2, the first sample sets them) of time to first token, per-sequence decode speed and
   completion length over generations that ended normally (not cancelled, not failed),
@@ -594,18 +595,29 @@ class ModelPool:
             self._logged.add(message)
             log.log(level, message)
 
+    async def unload_idle(self, idle_for_s: float = 0.0) -> list[str]:
+        """Unload every loaded model with nothing running or queued for ``idle_for_s``
+        seconds or more (0: now); returns their names. Their memory goes back to the host."""
+        now = time.monotonic()
+        done = []
+        for model in self._models.values():
+            if _idle(model) and now - model.last_used >= idle_for_s:
+                async with self._load_lock:
+                    if _idle(model):  # a request may have come while waiting for the lock
+                        await self._unload(model)
+                        done.append(model.entry.name)
+        return done
+
     async def _reap_idle(self) -> None:
         period = max(0.05, min(self.settings.idle_unload_s / 4, 5.0))
         while True:
             await asyncio.sleep(period)
-            now = time.monotonic()
-            for model in self._models.values():
-                if (model.worker is not None and model.in_flight == 0 and model.queued == 0
-                        and model.loading is None
-                        and now - model.last_used >= self.settings.idle_unload_s):
-                    async with self._load_lock:
-                        if model.in_flight == 0 and model.loading is None:
-                            await self._unload(model)
+            await self.unload_idle(self.settings.idle_unload_s)
+
+
+def _idle(model: _Model) -> bool:
+    return (model.worker is not None and model.in_flight == 0 and model.queued == 0
+            and model.loading is None)
 
 
 def _loaded(model: _Model, future: asyncio.Future[_Worker]) -> None:

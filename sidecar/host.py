@@ -1,18 +1,20 @@
 """The host as the gateway sees it: the latest resource snapshot, the pressure state derived
-from it, and the one effect pressure has on this host, local workers yielding the CPU.
+from it, and the effects pressure has on this host: local workers yielding the CPU, idle
+local models giving their memory back.
 
 Contract: :meth:`HostWatch.on_sample` is the monitor's callback (on the event loop): it steps
 the pure :func:`~sidecar.pressure.next_pressure` state machine and, when CPU pressure starts,
 renices local workers to ``nice``, cuts their decode threads to ``threads`` and pins them to
-``cpus`` (each when set); when it ends they get their own back. Every change of state is
-reported on stderr. The request path only reads :attr:`HostWatch.pressure` and
-:attr:`HostWatch.snapshot`.
+``cpus`` (each when set); when it ends they get their own back. When memory pressure starts,
+idle local models are unloaded. Every change of state is reported on stderr. The request
+path only reads :attr:`HostWatch.pressure` and :attr:`HostWatch.snapshot`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import psutil
 
@@ -49,15 +51,18 @@ class HostWatch:
 
     def __init__(self, config: ResourcesConfig, *,
                  workers: Callable[[], Sequence[tuple[str, int]]] = tuple,
-                 set_priority: SetPriority | None = None) -> None:
+                 set_priority: SetPriority | None = None,
+                 unload_idle: Callable[[], Awaitable[list[str]]] | None = None) -> None:
         """``workers``: (model, pid) of live local workers; ``set_priority`` applies a
-        priority to them (the model pool's)."""
+        priority to them and ``unload_idle`` unloads the idle ones (the model pool's)."""
         self.settings = pressure_settings(config, psutil.virtual_memory().total)
         self.pressure = Pressure()
         self._nice = config.nice or None
         self._cpus = config.cpus or None
         self._threads = config.threads or None
         self._set_priority = set_priority
+        self._unload_idle = unload_idle
+        self._unloading: asyncio.Task[None] | None = None
         self.yielding = False
         """Whether local workers run reniced/pinned now."""
         self._monitor = Monitor(Sampler(), config.sample_interval_s, workers, self.on_sample)
@@ -71,6 +76,8 @@ class HostWatch:
 
     async def aclose(self) -> None:
         await self._monitor.aclose()
+        if self._unloading is not None:
+            self._unloading.cancel()
         if self.yielding and self._set_priority is not None:
             self._set_priority(None, None, None)
 
@@ -82,6 +89,15 @@ class HostWatch:
         if (after.cpu, after.memory) != (before.cpu, before.memory):
             print(f"sidecar: host pressure: {self._describe(snap)}", file=sys.stderr,
                   flush=True)
+        if after.memory and not before.memory and self._unload_idle is not None:
+            self._unloading = asyncio.create_task(self._give_memory_back(self._unload_idle))
+
+    @staticmethod
+    async def _give_memory_back(unload_idle: Callable[[], Awaitable[list[str]]]) -> None:
+        names = await unload_idle()
+        if names:
+            print(f"sidecar: host pressure: unloaded idle local models: {', '.join(names)}",
+                  file=sys.stderr, flush=True)
 
     def _yield(self, on: bool) -> None:
         if self._set_priority is None or (self._nice, self._cpus, self._threads) == (

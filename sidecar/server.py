@@ -131,6 +131,7 @@ def build_gateway(config: Config) -> Gateway:
         config.resources,
         workers=lambda: [(s.name, s.pid) for s in local.pool.status() if s.pid is not None],
         set_priority=local.pool.set_priority,
+        unload_idle=local.pool.unload_idle,
     )
     return Gateway(config, providers, local_models=names,
                    accountant=Accountant(config, store, limiter),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -76,3 +77,24 @@ def test_nothing_to_yield_when_disabled() -> None:
 ])
 def test_memory_floor_default(floor_mb: int | None, total: int, expected: int) -> None:
     assert memory_floor_bytes(ResourcesConfig(memory_floor_mb=floor_mb), total) == expected
+
+
+async def test_memory_pressure_unloads_idle_models_once(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    unloaded = asyncio.Event()
+    calls = 0
+
+    async def unload_idle() -> list[str]:
+        nonlocal calls
+        calls += 1
+        unloaded.set()
+        return ["big"]
+
+    w = HostWatch(ResourcesConfig(memory_floor_mb=1024), unload_idle=unload_idle)
+    w.on_sample(snap(0, 0, available=GIB // 2))
+    w.on_sample(snap(1, 0, available=GIB // 2))  # still under pressure: not again
+    async with asyncio.timeout(5):
+        await unloaded.wait()
+    await w.aclose()
+    assert calls == 1
+    assert "unloaded idle local models: big" in capsys.readouterr().err

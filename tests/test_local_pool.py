@@ -747,3 +747,17 @@ async def test_fewer_decode_threads_under_pressure_give_the_same_answer(
     restored = await collect(pool, "a", **counting(24))
     assert one_thread.text == reference.text == restored.text
     assert status(pool, "a").decode_tps is not None
+
+
+async def test_unload_idle_spares_busy_models(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool(spec("a"), spec("b"))
+    await collect(pool, "a", **counting(2))
+    busy = pool.generate("b", **counting(200))
+    assert isinstance(await anext(busy), str)
+    pid_a = status(pool, "a").pid
+    assert pid_a is not None
+    assert await pool.unload_idle() == ["a"]  # what memory pressure asks for
+    assert not status(pool, "a").loaded and gone(pid_a)
+    assert status(pool, "b").loaded
+    await busy.aclose()
+    assert (await collect(pool, "a", **counting(2))).done.completion_tokens == 2  # loads again
