@@ -292,20 +292,21 @@ class ModelPool:
         return model.entry if model is not None else None
 
     def status(self) -> list[ModelStatus]:
-        return [
-            ModelStatus(
-                name, m.worker is not None and m.worker.alive,
-                m.worker.pid if m.worker is not None else None,
-                m.in_flight, m.queued, m.estimate, m.failed or m.entry.error,
-                m.n_parallel, m.ttft_s, m.decode_tps, m.avg_completion_tokens,
-                m.avg_duration_s, m.load_s, self._nice,
-            )
-            for name, m in self._models.items()
-        ]
+        return [self._status(m) for m in self._models.values()]
 
     def model_status(self, name: str) -> ModelStatus | None:
-        """One model's status (None: no such model)."""
-        return next((st for st in self.status() if st.name == name), None)
+        """One model's status (None: no such model); cheap enough for every request."""
+        model = self._models.get(name)
+        return self._status(model) if model is not None else None
+
+    def _status(self, m: _Model) -> ModelStatus:
+        return ModelStatus(
+            m.entry.name, m.worker is not None and m.worker.alive,
+            m.worker.pid if m.worker is not None else None,
+            m.in_flight, m.queued, m.estimate, m.failed or m.entry.error,
+            m.n_parallel, m.ttft_s, m.decode_tps, m.avg_completion_tokens,
+            m.avg_duration_s, m.load_s, self._nice,
+        )
 
     def set_priority(self, nice: int | None, cpus: Sequence[int] | None,
                      threads: int | None = None) -> None:

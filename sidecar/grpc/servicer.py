@@ -38,7 +38,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import google.rpc.error_details_pb2 as error_details_pb2
 import google.rpc.status_pb2 as status_pb2
@@ -47,7 +47,7 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from sidecar.errors import SidecarError
-from sidecar.gateway import Context, Gateway, Served
+from sidecar.gateway import Completed, Context, Gateway, Served
 from sidecar.grpc.translation import (
     ChunkReader,
     StreamEnd,
@@ -113,14 +113,7 @@ class SidecarServicer:
         try:
             ctx = self._context(context, meta, request_id)
             done = await self._gateway.complete(chat_call(request, stream=False), ctx)
-            out = chat_response(done.reply.body, done.target)
-            out.target, out.attempts, out.request_id = done.target, done.attempts, request_id
-            out.route_reason = done.reason
-            if done.cost is not None:
-                out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
-            context.set_trailing_metadata(
-                _served(request_id, done, done.cost))
-            return out
+            return _stamped(chat_response(done.reply.body, done.target), done, request_id, context)
         except Exception as e:
             await _fail(context, e, request_id)
 
@@ -166,14 +159,7 @@ class SidecarServicer:
         try:
             ctx = self._context(context, meta, request_id)
             done = await self._gateway.complete(embed_call(request), ctx)
-            out = embed_response(done.reply.body, done.target)
-            out.target, out.attempts, out.request_id = done.target, done.attempts, request_id
-            out.route_reason = done.reason
-            if done.cost is not None:
-                out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
-            context.set_trailing_metadata(
-                _served(request_id, done, done.cost))
-            return out
+            return _stamped(embed_response(done.reply.body, done.target), done, request_id, context)
         except Exception as e:
             await _fail(context, e, request_id)
 
@@ -221,6 +207,20 @@ def _api_key(meta: dict[str, str]) -> str | None:
         scheme, _, token = auth.partition(" ")
         return token.strip() if scheme.lower() == "bearer" else ""
     return meta.get("x-api-key")
+
+
+_Unary = TypeVar("_Unary", pb.ChatResponse, pb.EmbedResponse)
+
+
+def _stamped(out: _Unary, done: Completed, request_id: str, context: ServicerContext
+             ) -> _Unary:
+    """``out`` with who served it, how and at what cost; the same in trailing metadata."""
+    out.target, out.attempts, out.request_id = done.target, done.attempts, request_id
+    out.route_reason = done.reason
+    if done.cost is not None:
+        out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
+    context.set_trailing_metadata(_served(request_id, done, done.cost))
+    return out
 
 
 def _served(request_id: str, served: Served, cost: int | None) -> Metadata:
