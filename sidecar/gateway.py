@@ -65,7 +65,7 @@ from sidecar.errors import (
 from sidecar.health import Circuit, Health, RetryBudget
 from sidecar.host import HostWatch
 from sidecar.limits import MemoryRateLimiter
-from sidecar.pressure import LocalLoad, Pressure, arrange, local_eta_s
+from sidecar.pressure import LocalLoad, Pressure, arrange, local_eta_s, waits_for_slot
 from sidecar.pricing import FREE, format_usd
 from sidecar.pricing import cost as cost_of
 from sidecar.providers.base import Provider, Reply
@@ -373,17 +373,21 @@ class Gateway:
         ordered = plan(route, self._rng, stats=stats, costs=costs, stream=call.stream)
         pressure = self.host.pressure if self.host is not None else Pressure()
         arranged = arrange(ordered, route.prefer, pressure,
-                           lambda t: self._too_slow(t, est, ctx) is not None)
+                           lambda t: self._too_slow(t, est, ctx, queued=True) is not None)
         return list(arranged.order), list(arranged.reasons)
 
-    def _too_slow(self, target: Target, est: Estimate, ctx: Context) -> LocalTooSlow | None:
+    def _too_slow(self, target: Target, est: Estimate, ctx: Context, *,
+                  queued: bool = False) -> LocalTooSlow | None:
         """Why a local target cannot answer before the deadline, if its queue and measured
-        speed say so."""
+        speed say so. ``queued``: only when the request would also wait for a free slot (a
+        local-first route's own choice is not given up for a long ``max_tokens`` alone)."""
         if target.provider != LOCAL_PROVIDER or self._local_load is None:
             return None
         load = self._local_load(target.model)
-        eta = None if load is None else local_eta_s(load, est.max_tokens)
-        if load is None or eta is None:
+        if load is None or (queued and not waits_for_slot(load)):
+            return None
+        eta = local_eta_s(load, est.max_tokens)
+        if eta is None:
             return None
         left = ctx.deadline - self._clock()
         if eta <= left:

@@ -20,7 +20,8 @@ rule is tested with synthetic snapshots (``tests/test_pressure.py``).
 * :func:`local_eta_s` predicts how long a local model takes to answer a request from its
   queue and its measured speed; :func:`arrange` orders a route's targets for one request:
   the route's preference first, then local targets behind remote ones while the host is
-  under pressure or the local queue is too long for the deadline.
+  under pressure or when the request would wait in the local queue and then miss its
+  deadline.
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ class LocalLoad(msgspec.Struct, frozen=True, kw_only=True):
     load_s: float | None = None
 
 
+def waits_for_slot(load: LocalLoad) -> bool:
+    """Whether a new request would queue behind others before a slot is free."""
+    return load.in_flight + load.queued >= max(load.n_parallel, 1)
+
+
 def local_eta_s(load: LocalLoad, max_tokens: int | None) -> float | None:
     """Seconds until a new request of up to ``max_tokens`` (None: as long as the model's
     answers usually are) would be answered; None when the model has not been measured yet
@@ -125,7 +131,7 @@ def local_eta_s(load: LocalLoad, max_tokens: int | None) -> float | None:
     tokens = max_tokens if max_tokens is not None else (load.avg_completion_tokens or 0.0)
     eta = load.ttft_s + tokens / load.decode_tps
     n = max(load.n_parallel, 1)
-    if load.in_flight + load.queued >= n:
+    if waits_for_slot(load):
         # Everything ahead of it must finish in waves of n_parallel before its turn.
         waves = math.ceil((load.in_flight + load.queued + 1 - n) / n)
         eta += waves * (load.avg_duration_s or eta)
@@ -155,7 +161,8 @@ def arrange(ordered: Sequence[Target], prefer: str | None, pressure: Pressure,
     strategy's order within each group. Then, if some local target would still be tried
     before a remote one: under CPU or memory pressure every local target moves behind the
     remote ones (``offload:cpu`` / ``offload:memory``); otherwise local targets for which
-    ``too_slow`` holds (the queue is too long for the deadline) do (``offload:queue``).
+    ``too_slow`` holds (the request would wait for a slot and then miss its deadline) do
+    (``offload:queue``).
     Offloaded targets stay in the plan as a last resort."""
     order = list(ordered)
     if prefer is not None:

@@ -15,6 +15,7 @@ from sidecar.pressure import (
     arrange,
     local_eta_s,
     next_pressure,
+    waits_for_slot,
 )
 from sidecar.routing import Target
 
@@ -162,6 +163,18 @@ def test_local_eta(kw: dict[str, object], max_tokens: int | None,
                    expected: float | None) -> None:
     eta = local_eta_s(load(**kw), max_tokens)
     assert eta == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize(("kw", "waits"), [
+    ({}, False),
+    ({"in_flight": 3}, False),
+    ({"in_flight": 4}, True),
+    ({"in_flight": 2, "queued": 2}, True),
+    ({"n_parallel": 0}, False),  # misreported: one slot at least
+    ({"n_parallel": 0, "in_flight": 1}, True),
+])
+def test_waits_for_slot(kw: dict[str, object], waits: bool) -> None:
+    assert waits_for_slot(load(**kw)) is waits
 
 
 # --- arranging a route's targets ----------------------------------------------------------

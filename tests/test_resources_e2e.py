@@ -346,6 +346,10 @@ def test_local_first_offloads_when_the_queue_misses_the_deadline(
     timeout = own + m["avg_duration_s"] / 2
     headers = {"x-sidecar-timeout": f"{timeout:.3f}"}
     assert ask(sc, "private", extra_headers=headers) == ("local/one", "primary")
+    # On a free slot a long max_tokens alone does not give up the route's own choice: the
+    # answer may end early, as this one does at its first stop.
+    assert ask(sc, "private", extra_headers=headers, max_tokens=1500,
+               stop=[" ", "\n", ".", "!"]) == ("local/one", "primary")
 
     held = client.completions.create(**counting, max_tokens=1500, stream=True)
     next(iter(held))  # the only slot is busy now
