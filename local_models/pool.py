@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import psutil
@@ -225,7 +226,6 @@ class _Worker:
 @dataclass(eq=False)
 class _Model:
     entry: CatalogEntry
-    slots: asyncio.Semaphore
     worker: _Worker | None = None
     loading: asyncio.Future[_Worker] | None = None
     in_flight: int = 0
@@ -238,6 +238,10 @@ class _Model:
     decode_tps: float | None = None
     avg_completion_tokens: float | None = None
     load_s: float | None = None
+    slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.n_parallel)
 
     @property
     def estimate(self) -> int:
@@ -268,7 +272,7 @@ class ModelPool:
                  available_memory: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self._models = {
-            e.name: _Model(e, asyncio.Semaphore(max(e.spec.n_parallel, 1))) for e in entries
+            e.name: _Model(e) for e in entries
         }
         self._ids = itertools.count(1)
         self._load_lock = asyncio.Lock()
@@ -299,13 +303,19 @@ class ModelPool:
         model = self._models.get(name)
         return self._status(model) if model is not None else None
 
+    def worker_pids(self) -> list[tuple[str, int]]:
+        """(model, pid) of every started worker, loading ones included."""
+        return [(w.name, w.pid) for w in self._workers if w.proc.returncode is None]
+
     def _status(self, m: _Model) -> ModelStatus:
         return ModelStatus(
-            m.entry.name, m.worker is not None and m.worker.alive,
-            m.worker.pid if m.worker is not None else None,
-            m.in_flight, m.queued, m.estimate, m.failed or m.entry.error,
-            m.n_parallel, m.ttft_s, m.decode_tps, m.avg_completion_tokens,
-            m.avg_duration_s, m.load_s, self._nice,
+            name=m.entry.name, loaded=m.worker is not None and m.worker.alive,
+            pid=m.worker.pid if m.worker is not None else None,
+            in_flight=m.in_flight, queued=m.queued, estimated_bytes=m.estimate,
+            last_error=m.failed or m.entry.error, n_parallel=m.n_parallel,
+            ttft_s=m.ttft_s, decode_tps=m.decode_tps,
+            avg_completion_tokens=m.avg_completion_tokens,
+            avg_duration_s=m.avg_duration_s, load_s=m.load_s, nice=self._nice,
         )
 
     def set_priority(self, nice: int | None, cpus: Sequence[int] | None,
@@ -324,12 +334,7 @@ class ModelPool:
         self._decode_threads = threads
         self._workers = {w for w in self._workers if w.proc.returncode is None}
         for worker in self._workers:
-            self._apply_priority(
-                worker, self._base_nice if nice is None else nice,
-                self._base_cpus if cpus is None else self._cpus,
-            )
-            if worker.loaded is not None:  # a loading worker gets it once Loaded
-                worker.send(p.SetThreads(threads or 0))
+            self._apply_priority(worker)
 
     def start(self) -> None:
         """Start the idle-unload task (call from the running loop)."""
@@ -483,11 +488,13 @@ class ModelPool:
                 raise NoRoom(final.refusal)
 
     def _plan_load(self, model: _Model, *, may_unload: bool) -> LoadPlan:
-        residents = [
-            Resident(m.entry.name, m.estimate, _rss(m.worker.pid),
-                     not may_unload or m.in_flight > 0 or m.queued > 0, m.last_used)
-            for m in self._models.values() if m.worker is not None and m is not model
-        ]
+        residents = []
+        for m in self._models.values():
+            if m.worker is None or m is model:
+                continue
+            busy = not may_unload or not _idle(m)  # only an idle model's RSS is ever counted
+            residents.append(Resident(m.entry.name, m.estimate,
+                                      0 if busy else _rss(m.worker.pid), busy, m.last_used))
         return plan_load(
             model.entry.name, model.estimate,
             budget_bytes=self.settings.memory_budget_bytes,
@@ -509,11 +516,12 @@ class ModelPool:
         )
         worker = _Worker(entry.name, proc)
         self._workers.add(worker)
-        self._apply_requested(worker)  # threads it starts from now on inherit it
+        if self._priority_set:
+            self._apply_priority(worker)  # threads it starts from now on inherit it
         worker.send(p.Load(
             path=entry.path,
             n_ctx=entry.spec.n_ctx,
-            n_parallel=max(entry.spec.n_parallel, 1),
+            n_parallel=model.n_parallel,
             n_gpu_layers=entry.spec.n_gpu_layers,
             n_threads=self._threads,
             n_layers=entry.info.n_layers if entry.info is not None else 0,
@@ -530,9 +538,8 @@ class ModelPool:
         if isinstance(answer, p.Loaded):
             worker.loaded = answer
             model.load_s = time.monotonic() - started
-            self._apply_requested(worker)  # threads started before the first application
-            if self._decode_threads is not None:
-                worker.send(p.SetThreads(self._decode_threads))
+            if self._priority_set:
+                self._apply_priority(worker)  # threads started before the first application
             return worker
         self._workers.discard(worker)
         await worker.stop(grace_s=1.0)
@@ -552,36 +559,40 @@ class ModelPool:
 
     # --- CPU priority -------------------------------------------------------------------
 
-    def _apply_requested(self, worker: _Worker) -> None:
-        """Apply what :meth:`set_priority` asked for, if anything, to ``worker``."""
-        if self._nice is not None or self._cpus is not None:
-            self._apply_priority(worker, self._nice, self._cpus)
+    @property
+    def _priority_set(self) -> bool:
+        """Whether :meth:`set_priority` asks for anything beyond a worker's own."""
+        return (self._nice, self._cpus, self._decode_threads) != (None, None, None)
 
-    def _apply_priority(self, worker: _Worker, nice: int | None,
-                        cpus: Sequence[int] | None) -> None:
-        """Set niceness and affinity (None: leave it) on every thread of ``worker``."""
+    def _apply_priority(self, worker: _Worker) -> None:
+        """Give ``worker`` what :meth:`set_priority` asked for (the baselines where it asked
+        for None): niceness and affinity on every thread, decode threads once loaded (a
+        loading worker gets them when it is)."""
+        nice = self._base_nice if self._nice is None else self._nice
+        cpus = self._base_cpus if self._cpus is None else self._cpus
+        if worker.loaded is not None:
+            worker.send(p.SetThreads(self._decode_threads or 0))
         what = f"local model '{worker.name}'"
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{worker.pid}/task")]
         except (OSError, ValueError) as e:
             self._log_once(logging.DEBUG, f"{what}: cannot list the worker's threads: {e}")
             return
-        if nice is not None and os.path.exists(f"/proc/{worker.pid}/autogroup"):
+        autogroup = Path(f"/proc/{worker.pid}/autogroup")
+        if autogroup.exists():
             # The worker leads its own session, so its own scheduler autogroup: with
             # autogroups on, thread niceness only ranks threads inside the group, and it is
             # the group's niceness that weighs it against the host app's group. Raising it
             # back to 0 needs no privilege.
             self._try(what, f"set its autogroup's niceness {nice}",
-                      functools.partial(_write, f"/proc/{worker.pid}/autogroup", str(nice)))
+                      functools.partial(autogroup.write_text, str(nice)))
         for tid in tids:
-            if nice is not None:
-                self._try(what, f"set niceness {nice}",
-                          functools.partial(os.setpriority, os.PRIO_PROCESS, tid, nice))
-            if cpus is not None:
-                self._try(what, f"set CPUs {','.join(map(str, cpus))}",
-                          functools.partial(os.sched_setaffinity, tid, cpus))
+            self._try(what, f"set niceness {nice}",
+                      functools.partial(os.setpriority, os.PRIO_PROCESS, tid, nice))
+            self._try(what, f"set CPUs {','.join(map(str, cpus))}",
+                      functools.partial(os.sched_setaffinity, tid, cpus))
 
-    def _try(self, what: str, action: str, call: Callable[[], None]) -> None:
+    def _try(self, what: str, action: str, call: Callable[[], object]) -> None:
         try:
             call()
         except ProcessLookupError:
@@ -643,11 +654,6 @@ async def _failure(name: str, worker: _Worker, msg: p.FromWorker | None) -> Loca
     if msg is None:
         return WorkerCrashed(f"local model '{name}' worker stopped ({await _how(worker)})")
     return WorkerCrashed(f"local model '{name}' answered out of order ({type(msg).__name__})")
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def _unpack(answer: _Answer | None) -> tuple[float, p.FromWorker | None]:

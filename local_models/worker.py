@@ -258,6 +258,10 @@ class Engine:
             if tail:
                 out.append(p.Tokens(seq.id, tail))
         out.append(p.Done(seq.id, reason, len(seq.prompt), seq.n_generated))
+        self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        """Free ``seq``'s KV cells, sampler and slot."""
         self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
         self.ll.llama_sampler_free(seq.sampler)
         del self.active[seq.id]
@@ -337,10 +341,7 @@ class Engine:
         if rc != 0:
             for seq in list(self.active.values()):
                 out.append(p.Failed(seq.id, "internal", f"llama_decode failed ({rc})"))
-                ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
-                ll.llama_sampler_free(seq.sampler)
-                heapq.heappush(self.free_slots, seq.slot)
-            self.active.clear()
+                self._release(seq)
             return
         for seq in list(self.active.values()):
             if seq.batch_index >= 0:

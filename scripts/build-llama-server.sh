@@ -20,8 +20,10 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-DEFAULT_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+# The version and the portable flags are install.sh's, so the server builds from the very
+# llama.cpp sources that llama-cpp-python vendors.
+VERSION=$(scripts/install.sh --print-llama-version)
+DEFAULT_CMAKE_ARGS="$(scripts/install.sh --print-cmake-args) \
 -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF \
 -DCMAKE_BUILD_TYPE=Release"

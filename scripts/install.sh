@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
     --dev) EXTRAS="[dev]" ;;
     --venv) VENV="$2"; shift ;;
     --print-cmake-args) echo "$PORTABLE_CMAKE_ARGS"; exit 0 ;;
+    --print-llama-version) echo "$LLAMA_VERSION"; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift

@@ -24,6 +24,7 @@ price is unknown cannot be bounded, so under a budget it is skipped like an exha
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import math
@@ -219,11 +220,14 @@ class Accountant:
         pc = self._providers.get(target.provider)
         if pc is not None and pc.tpm:
             keys.append((f"out:{pc.name}:tpm", _tokens(pc.tpm)))
-        for lkey, rate in keys:
-            try:
-                await self._limiter.charge(lkey, rate, extra)
-            except LimiterUnavailable as e:
-                log.warning("token use not recorded: %s", e)
+        # Independent and unconditional: one round trip of waiting, not one per limit.
+        await asyncio.gather(*(self._charge(lkey, rate, extra) for lkey, rate in keys))
+
+    async def _charge(self, key: str, rate: Rate, tokens: int) -> None:
+        try:
+            await self._limiter.charge(key, rate, tokens)
+        except LimiterUnavailable as e:
+            log.warning("token use not recorded: %s", e)
 
     # --- outbound limits ------------------------------------------------------------------
 

@@ -114,6 +114,15 @@ def window_reset(window: Window, now: float) -> float | None:
     return datetime.datetime(year, month, 1, tzinfo=datetime.UTC).timestamp()
 
 
+SETTLED_TTL_S = 86400
+"""How long a settled reservation id is remembered (a replay within it changes nothing)."""
+
+
+def replayed(limits: Sequence[tuple[BudgetKey, int]]) -> Reserved | NoRoom:
+    """What reserving an already settled id gets: nothing (it is finished)."""
+    return NoRoom(limits[0][0], 0) if limits else Reserved(0)
+
+
 # --- in memory --------------------------------------------------------------------------------
 
 
@@ -123,6 +132,8 @@ class _Book:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.spent: dict[BudgetKey, int] = {}
         self.reservations: dict[str, tuple[float, int, tuple[BudgetKey, ...]]] = {}
+        self.settled: dict[str, float] = {}
+        """Settled ids -> when, oldest first; each kept for :data:`SETTLED_TTL_S`."""
         self.clock = clock
 
     def reserved(self, key: BudgetKey) -> int:
@@ -137,6 +148,8 @@ class _Book:
 
     def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]], want_max: int,
                 want_min: int, ttl_s: float) -> Reserved | NoRoom:
+        if rid in self.settled:
+            return replayed(limits)
         self.expire()
         if rid in self.reservations:
             return Reserved(self.reservations[rid][1])
@@ -150,13 +163,25 @@ class _Book:
         self.reservations[rid] = (self.clock() + ttl_s, amount, tuple(k for k, _ in limits))
         return Reserved(amount)
 
-    def settle(self, rid: str, actual: int) -> tuple[BudgetKey, ...]:
+    def claim(self, rid: str) -> tuple[BudgetKey, ...] | None:
+        """Mark live reservation ``rid`` settled (a replay is then a no-op) and return its
+        keys; None when it is unknown, expired, released or settled already."""
         self.expire()  # an expired reservation settles nothing, purged yet or not
-        entry = self.reservations.pop(rid, None)
-        if entry is None:
-            return ()
-        self.spend(entry[2], actual)
-        return entry[2]
+        if rid in self.settled or rid not in self.reservations:
+            return None
+        now = self.clock()
+        while self.settled:
+            oldest = next(iter(self.settled))
+            if self.settled[oldest] >= now - SETTLED_TTL_S:
+                break
+            del self.settled[oldest]
+        self.settled[rid] = now
+        return self.reservations[rid][2]
+
+    def record(self, rid: str, keys: Sequence[BudgetKey], actual: int) -> None:
+        """Turn claimed reservation ``rid`` into spend."""
+        self.reservations.pop(rid, None)
+        self.spend(keys, actual)
 
     def spend(self, keys: Sequence[BudgetKey], actual: int) -> None:
         for key in keys:
@@ -172,26 +197,15 @@ class MemoryBudgetStore:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._book = _Book(clock)
-        self._settled: dict[str, float] = {}  # rid -> when, oldest first; kept for a day
 
     async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
                       want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
-        if rid in self._settled:
-            return NoRoom(limits[0][0], 0) if limits else Reserved(0)
         return self._book.reserve(rid, limits, want_max, want_min, ttl_s)
 
     async def settle(self, rid: str, actual: int) -> None:
-        self._book.expire()
-        if rid not in self._book.reservations:
-            return
-        self._book.settle(rid, actual)
-        now = self._book.clock()
-        self._settled[rid] = now
-        while self._settled:
-            oldest = next(iter(self._settled))
-            if self._settled[oldest] >= now - 86400:
-                break
-            del self._settled[oldest]
+        keys = self._book.claim(rid)
+        if keys is not None:
+            self._book.record(rid, keys, actual)
 
     async def release(self, rid: str) -> None:
         self._book.reservations.pop(rid, None)
@@ -242,12 +256,13 @@ class SQLiteBudgetStore:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.executescript(_SCHEMA)
             self._db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now
-            self._db.execute("DELETE FROM settled WHERE at < ?", (clock() - 86400,))
+            self._db.execute("DELETE FROM settled WHERE at < ?", (clock() - SETTLED_TTL_S,))
             for budget, subject, window, amount in self._db.execute(
                 "SELECT budget, subject, window, micro_usd FROM spend"
             ):
                 self._book.spent[BudgetKey(budget, subject, window)] = amount
-            self._settled = {r for (r,) in self._db.execute("SELECT rid FROM settled")}
+            self._book.settled = dict(self._db.execute(
+                "SELECT rid, at FROM settled ORDER BY at"))
             self._db.execute("COMMIT")
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open the budget ledger {self._path}: {e}") from None
@@ -255,8 +270,6 @@ class SQLiteBudgetStore:
     async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
                       want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
         with self._lock:
-            if rid in self._settled:
-                return NoRoom(limits[0][0], 0) if limits else Reserved(0)
             return self._book.reserve(rid, limits, want_max, want_min, ttl_s)
 
     async def settle(self, rid: str, actual: int) -> None:
@@ -264,11 +277,9 @@ class SQLiteBudgetStore:
         # totals on the event loop never wait for a commit. Claiming ``rid`` first makes a
         # concurrent replay a no-op.
         with self._lock:
-            self._book.expire()  # an expired reservation settles nothing
-            if rid in self._settled or rid not in self._book.reservations:
-                return
-            keys = self._book.reservations[rid][2]
-            self._settled.add(rid)
+            keys = self._book.claim(rid)
+        if keys is None:
+            return
 
         def write() -> None:
             try:
@@ -290,10 +301,9 @@ class SQLiteBudgetStore:
         def recorded(done: Future[None]) -> None:  # runs however the awaiting task ends
             with self._lock:
                 if done.cancelled() or done.exception() is not None:
-                    self._settled.discard(rid)  # not recorded: the reservation stands
+                    self._book.settled.pop(rid, None)  # not recorded: the reservation stands
                 else:
-                    self._book.reservations.pop(rid, None)
-                    self._book.spend(keys, actual)
+                    self._book.record(rid, keys, actual)
 
         future = self._executor.submit(write)
         future.add_done_callback(recorded)

@@ -65,7 +65,7 @@ from sidecar.errors import (
 from sidecar.health import Circuit, Health, RetryBudget
 from sidecar.host import HostWatch
 from sidecar.limits import MemoryRateLimiter
-from sidecar.pressure import LocalLoad, Pressure, arrange, local_eta_s, waits_for_slot
+from sidecar.pressure import LocalLoad, Pressure, arrange, late_eta_s
 from sidecar.pricing import FREE, format_usd
 from sidecar.pricing import cost as cost_of
 from sidecar.providers.base import Provider, Reply
@@ -94,12 +94,13 @@ class Served(msgspec.Struct):
     attempts: int
     reason: str
     """``primary``, or ``offload:*`` / ``fallback:*`` reasons joined by commas."""
+    cost: int | None
+    """µ$ recorded for this answer (None: the target's price is unknown, or, for a paid
+    stream, not known until it ends)."""
 
 
 class Completed(Served):
     reply: Reply
-    cost: int | None
-    """µ$ recorded for this answer (None: the target's price is unknown)."""
 
 
 class Streaming(Served):
@@ -109,7 +110,6 @@ class Streaming(Served):
     ``[DONE]``; ``cost`` is known now only for free targets (0), else None."""
 
     frames: AsyncIterator[bytes]
-    cost: int | None
 
 
 class _Attempt(msgspec.Struct):
@@ -230,7 +230,7 @@ class Gateway:
         self._finished(done, completed=True)
         # Shielded: the provider has billed this; a client leaving now must not lose it.
         cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
-        return Completed(done.target.key, done.attempts, done.reason, reply, cost)
+        return Completed(done.target.key, done.attempts, done.reason, cost, reply)
 
     async def stream(self, call: Call, ctx: Context) -> Streaming:
         """Serve a stream call; returns once the first frame has arrived, so a target that
@@ -255,9 +255,8 @@ class Gateway:
         (first, frames), done = await self._run(call, route, ctx, est, attempt)
         circuit = self.health.circuit(done.target.key)
         free = done.ticket.price == FREE
-        return Streaming(done.target.key, done.attempts, done.reason,
-                         self._relay(first, frames, ctx, circuit, route, est, done),
-                         0 if free else None)
+        return Streaming(done.target.key, done.attempts, done.reason, 0 if free else None,
+                         self._relay(first, frames, ctx, circuit, route, est, done))
 
     # --- the pipeline ---------------------------------------------------------------------
 
@@ -308,7 +307,6 @@ class Gateway:
                     raise _deadline(failures)
                 ticket: Ticket | None = None
                 meter = Meter()
-                started: float | None = None
                 try:
                     async with asyncio.timeout_at(ctx.deadline):
                         ticket = await self.accountant.reserve(call, target, ctx.identity, est)
@@ -318,18 +316,16 @@ class Gateway:
                                      else msgspec.structs.replace(call, token_cap=ticket.cap))
                         started = self._clock()
                         self.tracker.started(target.key)
-                        result = await attempt(provider, target, remaining, this_call, meter)
-                except BaseException as e:
-                    if started is not None:
-                        self.tracker.finished(target.key)
-                    if isinstance(e, TimeoutError):
-                        circuit.release()
-                        await self.accountant.release(ticket)
-                        raise _deadline(failures) from None
-                    if not isinstance(e, UpstreamError):
-                        circuit.release()
-                        await asyncio.shield(self.accountant.release(ticket))
-                        raise
+                        try:
+                            result = await attempt(provider, target, remaining, this_call, meter)
+                        except BaseException:
+                            self.tracker.finished(target.key)
+                            raise
+                except TimeoutError:
+                    circuit.release()
+                    await self.accountant.release(ticket)
+                    raise _deadline(failures) from None
+                except UpstreamError as e:
                     await self.accountant.release(ticket)
                     self._note_limits(target, meter)
                     if not e.retryable:
@@ -347,6 +343,10 @@ class Gateway:
                     tries += 1
                     await asyncio.sleep(delay)
                     continue
+                except BaseException:
+                    circuit.release()
+                    await asyncio.shield(self.accountant.release(ticket))
+                    raise
                 circuit.success()
                 self._note_limits(target, meter)
                 if call.stream:
@@ -379,18 +379,14 @@ class Gateway:
     def _too_slow(self, target: Target, est: Estimate, ctx: Context, *,
                   queued: bool = False) -> LocalTooSlow | None:
         """Why a local target cannot answer before the deadline, if its queue and measured
-        speed say so. ``queued``: only when the request would also wait for a free slot (a
-        local-first route's own choice is not given up for a long ``max_tokens`` alone)."""
+        speed say so (``queued``: see :func:`~sidecar.pressure.late_eta_s`)."""
         if target.provider != LOCAL_PROVIDER or self._local_load is None:
             return None
         load = self._local_load(target.model)
-        if load is None or (queued and not waits_for_slot(load)):
-            return None
-        eta = local_eta_s(load, est.max_tokens)
-        if eta is None:
-            return None
         left = ctx.deadline - self._clock()
-        if eta <= left:
+        eta = None if load is None else late_eta_s(load, est.max_tokens, left,
+                                                   only_if_queued=queued)
+        if load is None or eta is None:
             return None
         speed = f", {load.decode_tps:.0f} tokens/s" if load.decode_tps else ""
         return LocalTooSlow(

@@ -57,19 +57,20 @@ class HostWatch:
         priority to them and ``unload_idle`` unloads the idle ones (the model pool's)."""
         self.settings = pressure_settings(config, psutil.virtual_memory().total)
         self.pressure = Pressure()
-        self._nice = config.nice or None
-        self._cpus = config.cpus or None
-        self._threads = config.threads or None
-        self._set_priority = set_priority
+        self._yielded = (config.nice or None, config.cpus or None, config.threads or None)
+        self._set_priority = set_priority if self._yielded != (None, None, None) else None
         self._unload_idle = unload_idle
         self._unloading: asyncio.Task[None] | None = None
-        self.yielding = False
-        """Whether local workers run reniced/pinned now."""
         self._monitor = Monitor(Sampler(), config.sample_interval_s, workers, self.on_sample)
 
     @property
     def snapshot(self) -> ResourceSnapshot:
         return self._monitor.latest
+
+    @property
+    def yielding(self) -> bool:
+        """Whether local workers run reniced/pinned now."""
+        return self.pressure.cpu and self._set_priority is not None
 
     async def start(self) -> None:
         await self._monitor.start()
@@ -78,8 +79,8 @@ class HostWatch:
         await self._monitor.aclose()
         if self._unloading is not None:
             self._unloading.cancel()
-        if self.yielding and self._set_priority is not None:
-            self._set_priority(None, None, None)
+        if self.yielding:
+            self._yield(False)
 
     def on_sample(self, snap: ResourceSnapshot) -> None:
         before = self.pressure
@@ -94,20 +95,19 @@ class HostWatch:
 
     @staticmethod
     async def _give_memory_back(unload_idle: Callable[[], Awaitable[list[str]]]) -> None:
-        names = await unload_idle()
+        try:
+            names = await unload_idle()
+        except Exception as e:  # nobody awaits this task: say it here
+            print(f"sidecar: host pressure: unloading idle local models failed: {e!r}",
+                  file=sys.stderr, flush=True)
+            return
         if names:
             print(f"sidecar: host pressure: unloaded idle local models: {', '.join(names)}",
                   file=sys.stderr, flush=True)
 
     def _yield(self, on: bool) -> None:
-        if self._set_priority is None or (self._nice, self._cpus, self._threads) == (
-                None, None, None):
-            return
-        if on:
-            self._set_priority(self._nice, self._cpus, self._threads)
-        else:
-            self._set_priority(None, None, None)
-        self.yielding = on
+        if self._set_priority is not None:
+            self._set_priority(*(self._yielded if on else (None, None, None)))
 
     def _describe(self, snap: ResourceSnapshot) -> str:
         p = self.pressure

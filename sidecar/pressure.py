@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -140,7 +140,16 @@ def local_eta_s(load: LocalLoad, max_tokens: int | None) -> float | None:
     return eta
 
 
-Reason = Literal["offload:cpu", "offload:memory", "offload:queue"]
+def late_eta_s(load: LocalLoad, max_tokens: int | None, left_s: float, *,
+               only_if_queued: bool = False) -> float | None:
+    """:func:`local_eta_s` when it exceeds ``left_s`` (the request would miss its deadline),
+    else None (in time, or not measured). ``only_if_queued``: only when the request would
+    also wait for a free slot (a local-first route's own choice is not given up for a long
+    ``max_tokens`` alone)."""
+    if only_if_queued and not waits_for_slot(load):
+        return None
+    eta = local_eta_s(load, max_tokens)
+    return eta if eta is not None and eta > left_s else None
 
 
 class Arrangement(msgspec.Struct, frozen=True):

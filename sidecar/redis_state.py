@@ -64,21 +64,29 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from sidecar.budget import BudgetKey, LedgerUnavailable, NoRoom, Reserved, Totals
+from sidecar.budget import (
+    SETTLED_TTL_S,
+    BudgetKey,
+    LedgerUnavailable,
+    NoRoom,
+    Reserved,
+    Totals,
+    replayed,
+)
 from sidecar.limits import LimiterUnavailable, Rate, gcra_slack
 
 T = TypeVar("T")
 
-SETTLED_TTL_S = 86400
-"""How long a settled reservation id is remembered (a replay within it changes nothing)."""
-
 # --- Lua ----------------------------------------------------------------------------------
 
-_PRELUDE = """
+_NOW_US = """
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+"""
+
+_PRELUDE = _NOW_US + """
 
 -- An integer as a string: Lua's own number formatting loses digits past 14.
 local function int(x)
@@ -234,11 +242,7 @@ return out
 # GCRA in Redis µs. The TAT is stored as "<integer µs> <fraction of a µs>" and all the
 # arithmetic is relative to now, so no precision is lost to the size of the timestamp (a
 # double holds today's time in µs only to a quarter µs).
-_GCRA_PRELUDE = """
-local function now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+_GCRA_PRELUDE = _NOW_US + """
 -- Store TAT = now + ahead, expiring when it is no longer ahead of the clock.
 local function store(key, now, ahead)
   local whole = math.floor(ahead)
@@ -439,8 +443,7 @@ class RedisBudgetStore(_RedisClient):
             return Reserved(int(_s(reply[1])))
         if status == "noroom":
             return NoRoom(order[int(reply[1]) - 1], int(_s(reply[2])))
-        # A settled id is finished: reserving it again reserves nothing.
-        return NoRoom(limits[0][0], 0) if limits else Reserved(0)
+        return replayed(limits)  # a settled id
 
     async def settle(self, rid: str, actual: int) -> None:
         """Add ``actual`` µ$ to every key of live reservation ``rid``, once.

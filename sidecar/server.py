@@ -129,7 +129,7 @@ def build_gateway(config: Config) -> Gateway:
     store, limiter = build_state(config)
     host = HostWatch(config.resources) if local is None else HostWatch(
         config.resources,
-        workers=lambda: [(s.name, s.pid) for s in local.pool.status() if s.pid is not None],
+        workers=local.pool.worker_pids,
         set_priority=local.pool.set_priority,
         unload_idle=local.pool.unload_idle,
     )

@@ -35,8 +35,6 @@ Safe for concurrent calls on one event loop; holds no per-call state.
 from __future__ import annotations
 
 import logging
-import re
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, NoReturn, TypeVar
 
@@ -47,7 +45,8 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from sidecar.errors import SidecarError
-from sidecar.gateway import Completed, Context, Gateway, Served
+from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, served_meta
+from sidecar.gateway import Completed, Context, Gateway
 from sidecar.grpc.translation import (
     ChunkReader,
     StreamEnd,
@@ -62,7 +61,6 @@ from sidecar.pricing import format_usd
 log = logging.getLogger("sidecar.grpc")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # grpc.aio reports "no deadline" as a time remaining of centuries.
 _NO_DEADLINE_S = 10 * 365 * 86400.0
 
@@ -78,7 +76,8 @@ class SidecarServicer:
         to it), ``[server].max_request_timeout_s``."""
         self._gateway = gateway
         self._max_timeout_s = max_timeout_s
-        self._models = _models(gateway)
+        self._models = pb.ListModelsResponse(
+            models=[pb.Model(id=id, owned_by=owner) for id, owner in model_ids(gateway.router)])
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The service's method handlers by method name."""
@@ -109,7 +108,7 @@ class SidecarServicer:
 
     async def chat(self, request: pb.ChatRequest, context: ServicerContext) -> pb.ChatResponse:
         meta = _metadata(context)
-        request_id = _request_id(meta)
+        request_id = request_id_of(meta)
         try:
             ctx = self._context(context, meta, request_id)
             done = await self._gateway.complete(chat_call(request, stream=False), ctx)
@@ -122,14 +121,14 @@ class SidecarServicer:
         cancellation lands in this coroutine wherever it waits and ``finally`` closes the
         frames at once rather than when a suspended generator is collected."""
         meta = _metadata(context)
-        request_id = _request_id(meta)
+        request_id = request_id_of(meta)
         frames: AsyncIterator[bytes] | None = None
         try:
             ctx = self._context(context, meta, request_id)
             streaming = await self._gateway.stream(chat_call(request, stream=True), ctx)
             frames = streaming.frames
             await context.send_initial_metadata(
-                _served(request_id, streaming, streaming.cost))
+                tuple(served_meta(request_id, streaming).items()))
             reader = ChunkReader(streaming.target)
             first = True
             async for frame in frames:
@@ -155,7 +154,7 @@ class SidecarServicer:
 
     async def embed(self, request: pb.EmbedRequest, context: ServicerContext) -> pb.EmbedResponse:
         meta = _metadata(context)
-        request_id = _request_id(meta)
+        request_id = request_id_of(meta)
         try:
             ctx = self._context(context, meta, request_id)
             done = await self._gateway.complete(embed_call(request), ctx)
@@ -166,9 +165,9 @@ class SidecarServicer:
     async def list_models(self, request: pb.ListModelsRequest, context: ServicerContext
                           ) -> pb.ListModelsResponse:
         meta = _metadata(context)
-        request_id = _request_id(meta)
+        request_id = request_id_of(meta)
         try:
-            self._gateway.authenticate(_api_key(meta))
+            self._gateway.authenticate(api_key(meta))
             context.set_trailing_metadata((("x-request-id", request_id),))
             return self._models
         except Exception as e:
@@ -178,7 +177,7 @@ class SidecarServicer:
 
     def _context(self, context: ServicerContext, meta: dict[str, str], request_id: str
                  ) -> Context:
-        identity = self._gateway.authenticate(_api_key(meta))
+        identity = self._gateway.authenticate(api_key(meta))
         remaining = context.time_remaining()
         if remaining is None or remaining >= _NO_DEADLINE_S:
             deadline = self._gateway.deadline(None)
@@ -192,23 +191,6 @@ def _metadata(context: ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-def _request_id(meta: dict[str, str]) -> str:
-    given = meta.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
-        return given
-    return uuid.uuid4().hex
-
-
-def _api_key(meta: dict[str, str]) -> str | None:
-    """Like the HTTP front end: a bearer token, else ``x-api-key``; ``""`` for an
-    ``authorization`` entry of another scheme (so it is "incorrect", not "missing")."""
-    auth = meta.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else ""
-    return meta.get("x-api-key")
-
-
 _Unary = TypeVar("_Unary", pb.ChatResponse, pb.EmbedResponse)
 
 
@@ -219,34 +201,7 @@ def _stamped(out: _Unary, done: Completed, request_id: str, context: ServicerCon
     out.route_reason = done.reason
     if done.cost is not None:
         out.cost_micro_usd, out.cost_usd = done.cost, format_usd(done.cost)
-    context.set_trailing_metadata(_served(request_id, done, done.cost))
-    return out
-
-
-def _served(request_id: str, served: Served, cost: int | None) -> Metadata:
-    out: list[tuple[str, str | bytes]] = [
-        ("x-request-id", request_id),
-        ("x-sidecar-target", served.target),
-        ("x-sidecar-attempts", str(served.attempts)),
-        ("x-sidecar-route-reason", served.reason),
-    ]
-    if cost is not None:
-        out.append(("x-sidecar-cost-usd", format_usd(cost)))
-    return tuple(out)
-
-
-def _models(gateway: Gateway) -> pb.ListModelsResponse:
-    """Every route, then every ``provider/model`` target once (as ``GET /v1/models``)."""
-    routes = gateway.router.routes
-    out = pb.ListModelsResponse()
-    seen = set()
-    for r in routes:
-        out.models.add(id=r.model, owned_by="sidecar")
-        seen.add(r.model)
-    for t in (t for r in routes for t in r.targets):
-        if t.key not in seen:
-            seen.add(t.key)
-            out.models.add(id=t.key, owned_by=t.provider)
+    context.set_trailing_metadata(tuple(served_meta(request_id, done).items()))
     return out
 
 
@@ -266,7 +221,7 @@ def error_status(err: SidecarError) -> tuple[grpc.StatusCode, str, Metadata]:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(err.retry_after_s * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        trailing.append(("retry-after", str(max(1, round(err.retry_after_s + 0.499)))))
+        trailing.append(("retry-after", retry_after(err.retry_after_s)))
     status = rpc_status.to_status(status_pb2.Status(
         code=code.value[0], message=err.message, details=details))
     return code, err.message, tuple(status.trailing_metadata) + tuple(trailing)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import uuid
 from collections.abc import Coroutine
 from typing import Any
@@ -30,9 +29,9 @@ from sidecar.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.gateway import Completed, Context, Gateway, Served, error_body
+from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, served_meta
+from sidecar.gateway import Completed, Context, Gateway, error_body
 from sidecar.health import CircuitView
-from sidecar.pricing import format_usd
 from sidecar.providers.local import LocalProvider
 from sidecar.types import Call, Op, validate_call
 
@@ -40,7 +39,6 @@ log = logging.getLogger("sidecar.http")
 
 _JSON = "application/json"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
 
@@ -83,21 +81,6 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-def _request_id(request: Request[Any, Any, Any]) -> str:
-    given = request.headers.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
-        return given
-    return uuid.uuid4().hex
-
-
-def _api_key(request: Request[Any, Any, Any]) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else ""
-    return request.headers.get("x-api-key")
-
-
 def _timeout(request: Request[Any, Any, Any]) -> float | None:
     value = request.headers.get("x-sidecar-timeout")
     if value is None:
@@ -110,30 +93,10 @@ def _timeout(request: Request[Any, Any, Any]) -> float | None:
         ) from None
 
 
-def _served_headers(request_id: str, served: Served, cost: int | None) -> dict[str, str]:
-    """Who served it and why there; ``x-sidecar-cost-usd`` when known now (a paid stream's
-    cost comes as an SSE comment at its end)."""
-    headers = {
-        "x-request-id": request_id,
-        "x-sidecar-target": served.target,
-        "x-sidecar-attempts": str(served.attempts),
-        "x-sidecar-route-reason": served.reason,
-    }
-    if cost is not None:
-        headers["x-sidecar-cost-usd"] = format_usd(cost)
-    return headers
-
-
 def _models_body(gateway: Gateway) -> bytes:
-    """``GET /v1/models``: every route, then every ``provider/model`` target once."""
-    routes = gateway.router.routes
-    data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "sidecar"}
-            for r in routes]
-    seen = {r.model for r in routes}
-    for t in (t for r in routes for t in r.targets):
-        if t.key not in seen:
-            seen.add(t.key)
-            data.append({"id": t.key, "object": "model", "created": 0, "owned_by": t.provider})
+    """``GET /v1/models``."""
+    data = [{"id": id, "object": "model", "created": 0, "owned_by": owner}
+            for id, owner in model_ids(gateway.router)]
     return _encoder.encode({"object": "list", "data": data})
 
 
@@ -175,7 +138,7 @@ def _status(gateway: Gateway) -> dict[str, Any]:
 def error_response(err: SidecarError, request_id: str | None = None) -> Response[bytes]:
     headers = {"x-request-id": request_id or uuid.uuid4().hex}
     if err.retry_after_s is not None:
-        headers["retry-after"] = str(max(1, round(err.retry_after_s + 0.499)))
+        headers["retry-after"] = retry_after(err.retry_after_s)
     return Response(error_body(err), status_code=err.status, media_type=_JSON, headers=headers)
 
 
@@ -183,15 +146,15 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     """Build the HTTP application. ``gateway`` is owned by the caller."""
 
     async def serve(op: Op, request: Request[Any, Any, Any]) -> Response[Any]:
-        request_id = _request_id(request)
+        request_id = request_id_of(request.headers)
         request.state.request_id = request_id
         # Authentication comes before anything else looks at the request.
-        identity = gateway.authenticate(_api_key(request))
+        identity = gateway.authenticate(api_key(request.headers))
         ctx = Context(request_id, gateway.deadline(_timeout(request)), identity)
         call = decode_call(op, await request.body())
         if call.stream:
             streaming = await gateway.stream(call, ctx)
-            headers = _served_headers(request_id, streaming, streaming.cost)
+            headers = served_meta(request_id, streaming)
             return Stream(
                 streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
             )
@@ -201,7 +164,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         return Response(
             done.reply.body,
             media_type=_JSON,
-            headers=_served_headers(request_id, done, done.cost),
+            headers=served_meta(request_id, done),
         )
 
     @post("/v1/chat/completions", status_code=200)
@@ -220,18 +183,18 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
 
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
-        gateway.authenticate(_api_key(request))
+        gateway.authenticate(api_key(request.headers))
         return Response(models_body, media_type=_JSON)
 
     @get("/v1/sidecar/budgets")
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
-        identity = gateway.authenticate(_api_key(request))
+        identity = gateway.authenticate(api_key(request.headers))
         views = await gateway.accountant.views(identity, gateway.auth)
         return Response(_encoder.encode({"object": "list", "data": views}), media_type=_JSON)
 
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
-        gateway.authenticate(_api_key(request))
+        gateway.authenticate(api_key(request.headers))
         return Response(_encoder.encode(_status(gateway)), media_type=_JSON)
 
     @get("/healthz")
