@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
+import psutil
 import pytest
 
 from local_models.catalog import ModelSpec, build_catalog
@@ -36,22 +39,31 @@ class SidecarProcess:
 
     def __init__(
         self,
-        config_text: str,
-        tmp_path: Path,
+        config_text: str | None,
+        tmp_path: Path | None = None,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
     ) -> None:
-        self.config_path = tmp_path / f"sidecar-{time.monotonic_ns()}.toml"
-        self.config_path.write_text(textwrap.dedent(config_text))
-        full_env = {**os.environ, **(env or {})}
+        """``config_text`` None: neither ``--config`` nor ``SIDECAR_CONFIG``, so the embedded
+        default (local inference with the default model, nothing remote) serves."""
+        self.config_path: Path | None = None
+        if config_text is None:
+            config_args: tuple[str, ...] = ()
+            full_env = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
+        else:
+            assert tmp_path is not None, "a config file needs tmp_path"
+            self.config_path = tmp_path / f"sidecar-{time.monotonic_ns()}.toml"
+            self.config_path.write_text(textwrap.dedent(config_text))
+            config_args = ("--config", str(self.config_path))
+            full_env = dict(os.environ)
+        full_env.update(env or {})
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "sidecar",
                 "serve",
-                "--config",
-                str(self.config_path),
+                *config_args,
                 "--port",
                 "0",
                 "--grpc-port",
@@ -67,6 +79,12 @@ class SidecarProcess:
         self.port = self._wait_ready(timeout=30)
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
+
+    def sdk(self, key: str = "unused", timeout: float | httpx.Timeout = 120.0,
+            **options: Any) -> openai.OpenAI:
+        """An ``openai`` SDK client of this sidecar, with no retries (``options`` go to it)."""
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0,
+                             timeout=timeout, **options)
 
     def _wait_ready(self, timeout: float) -> int:
         assert self.proc.stdout is not None
@@ -112,6 +130,20 @@ def fake() -> Iterator[FakeProvider]:
         yield f
 
 
+@pytest.fixture(scope="module")
+def fake_mod() -> Iterator[FakeProvider]:
+    """One fake provider per test module (a module's sidecars are pointed at it)."""
+    with FakeProvider() as f:
+        yield f
+
+
+@pytest.fixture
+def fp(fake_mod: FakeProvider) -> FakeProvider:
+    """The module's fake provider, reset (no scripts, no recorded requests) for each test."""
+    fake_mod.reset()
+    return fake_mod
+
+
 @pytest.fixture
 def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     started: list[SidecarProcess] = []
@@ -124,6 +156,39 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     yield start
     for p in started:
         p.stop()
+
+
+def poll(pred: Callable[[], bool], within: float = 30.0, interval: float = 0.02) -> float:
+    """Wait for a condition that has no event to wait on, with a deadline; returns the
+    seconds it took."""
+    start = time.monotonic()
+    while not pred():
+        assert time.monotonic() - start < within, "condition not reached in time"
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def gone(proc: psutil.Process | int) -> bool:
+    """Whether a process (or pid) has exited: it no longer exists, or is a zombie."""
+    try:
+        if isinstance(proc, int):
+            proc = psutil.Process(proc)
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def local_workers(pid: int) -> list[psutil.Process]:
+    """The live local model worker processes that are children of process ``pid``."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if (child.status() != psutil.STATUS_ZOMBIE
+                    and "local_models.worker" in " ".join(child.cmdline())):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def run_cli(
@@ -140,26 +205,6 @@ def run_cli(
 
 
 # --- local inference ------------------------------------------------------------------------
-
-
-class DefaultSidecarProcess(SidecarProcess):
-    """``sidecar serve`` with neither ``--config`` nor ``SIDECAR_CONFIG``: the embedded
-    default (local inference with the default model, nothing remote)."""
-
-    def __init__(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
-        full_env = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--port", "0", "--grpc-port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=ROOT,
-        )
-        self.output = []
-        self.port = self._wait_ready(timeout=30)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = f"{self.url}/v1"
 
 
 @pytest.fixture(scope="session")

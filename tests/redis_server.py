@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import pytest
 
+from tests.conftest import closed_port
+
 START_TIMEOUT_S = 10.0
 
 
@@ -35,14 +37,6 @@ def redis_server_binary() -> str:
     if path is None:
         pytest.skip("redis-server is not on PATH (install Redis to run the Redis tests)")
     return path
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def _answers_ping(port: int) -> bool:
@@ -80,7 +74,7 @@ class RedisServer:
         """Start on a fresh free port (a few tries, in case another process takes it)."""
         error: RuntimeError | None = None
         for _ in range(5):
-            self.port = free_port()
+            self.port = closed_port()
             try:
                 self._spawn()
                 return

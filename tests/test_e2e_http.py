@@ -102,12 +102,6 @@ targets = [{{ provider = "p1", model = "fo{i}-a" }}, {{ provider = "p2", model =
 
 
 @pytest.fixture(scope="module")
-def fake_mod() -> Iterator[FakeProvider]:
-    with FakeProvider() as f:
-        yield f
-
-
-@pytest.fixture(scope="module")
 def sidecar(
     fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
@@ -118,14 +112,8 @@ def sidecar(
 
 
 @pytest.fixture
-def fp(fake_mod: FakeProvider) -> FakeProvider:
-    fake_mod.reset()
-    return fake_mod
-
-
-@pytest.fixture
 def client(sidecar: SidecarProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=sidecar.base_url, api_key="unused", max_retries=0, timeout=30)
+    return sidecar.sdk("unused", timeout=30)
 
 
 _counter = iter(range(FRESH_ROUTES))
@@ -394,11 +382,8 @@ def test_deadline_bounds_a_hanging_provider(sidecar: SidecarProcess, fp: FakePro
 
 def test_slow_drip_stream_is_cut_at_deadline(sidecar: SidecarProcess, fp: FakeProvider) -> None:
     fp.script("only", slow_drip(interval_s=0.2, chunks=50))
-    client = openai.OpenAI(
-        base_url=sidecar.base_url,
-        api_key="x",
-        max_retries=0,
-        default_headers={"x-sidecar-timeout": "1"},
+    client = sidecar.sdk(
+        "x", timeout=openai.DEFAULT_TIMEOUT, default_headers={"x-sidecar-timeout": "1"}
     )
     started = time.monotonic()
     got = []
@@ -589,7 +574,7 @@ def test_api_keys(start_sidecar, fake: FakeProvider) -> None:  # type: ignore[no
         assert _assert_envelope(r, 401)["type"] == "authentication_error"
     assert httpx.get(sc.base_url + "/models").status_code == 401
     assert fake.requests() == []
-    good = openai.OpenAI(base_url=sc.base_url, api_key="sk-client-2", max_retries=0)
+    good = sc.sdk("sk-client-2", timeout=openai.DEFAULT_TIMEOUT)
     assert good.chat.completions.create(model="p/m", messages=[{"role": "user", "content": "x"}])
     r = httpx.post(
         sc.base_url + "/chat/completions", json=body, headers={"x-api-key": "sk-client-1"}
@@ -612,7 +597,7 @@ def test_circuit_opens_then_recovers(start_sidecar, fake: FakeProvider) -> None:
         model = "chat"
         targets = [{{ provider = "p", model = "flaky" }}, {{ provider = "p", model = "backup" }}]
     """)
-    client = openai.OpenAI(base_url=sc.base_url, api_key="x", max_retries=0)
+    client = sc.sdk("x", timeout=openai.DEFAULT_TIMEOUT)
     msg = [{"role": "user", "content": "x"}]
     fake.script("flaky", status(500), status(500))
     for _ in range(2):
@@ -664,7 +649,7 @@ def test_sigterm_drains_inflight_stream(
         base_url = "{fake.openai_base_url}"
     """)
     fake.script("m", slow_drip(interval_s=0.05, chunks=10))
-    client = openai.OpenAI(base_url=sc.base_url, api_key="x", max_retries=0)
+    client = sc.sdk("x", timeout=openai.DEFAULT_TIMEOUT)
     stream = client.chat.completions.create(
         model="p/m", stream=True, messages=[{"role": "user", "content": "x"}]
     )
@@ -729,7 +714,7 @@ def test_request_one_target_cannot_express_goes_to_the_next(start_sidecar, fake:
     assert ready["targets"]["claude/c"]["consecutive_failures"] == 0
     # an Anthropic stream that dies after its preamble, before a token, is replaced
     fake.script("c", hang(after_chunks=0))
-    client = openai.OpenAI(base_url=sc.base_url, api_key="x", max_retries=0)
+    client = sc.sdk("x", timeout=openai.DEFAULT_TIMEOUT)
     with client.chat.completions.with_streaming_response.create(
         model="mixed", messages=[{"role": "user", "content": "hi"}], stream=True
     ) as resp:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import SidecarProcess
 from tests.fakes.provider import FakeProvider, ok
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redis_server_fixture
 
 FLEET = 3
 PAID_COST = 4 * 100 + 2 * 1000  # 4 prompt + 2 completion tokens at the prices below
@@ -112,22 +112,7 @@ def micro(usd: str) -> int:
 REDIS_PASSWORD = "redis-pw-9d8c7b6a5f"
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer(password=REDIS_PASSWORD) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def fake_mod() -> Iterator[FakeProvider]:
-    with FakeProvider() as f:
-        yield f
-
-
-@pytest.fixture
-def fp(fake_mod: FakeProvider) -> FakeProvider:
-    fake_mod.reset()
-    return fake_mod
+redis_server = redis_server_fixture(scope="module", password=REDIS_PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +136,6 @@ def views(sidecar: SidecarProcess) -> dict[tuple[str, str], dict[str, Any]]:
                   headers={"authorization": "Bearer k-free"}, timeout=10)
     assert r.status_code == 200, r.text
     return {(v["name"], v["subject"]): v for v in r.json()["data"]}
-
-
-def client(sidecar: SidecarProcess, key: str = "k-free") -> openai.OpenAI:
-    return openai.OpenAI(base_url=sidecar.base_url, api_key=key, max_retries=0, timeout=30)
 
 
 def chat(c: openai.OpenAI, model: str) -> Any:
@@ -214,7 +195,7 @@ def test_the_fleet_shares_one_rate_limit(fleet: list[SidecarProcess], fp: FakePr
     stop_at = time.monotonic() + 2.5
 
     def run(sidecar: SidecarProcess) -> None:
-        c = client(sidecar, "k-fleet")
+        c = sidecar.sdk("k-fleet", timeout=30)
         for _ in range(5000):
             start = time.monotonic()
             if start >= stop_at:
@@ -257,7 +238,7 @@ def test_redis_down_paid_fails_closed_free_and_local_serve_then_recovers(
     fp.set_default("paid", ok(prompt_tokens=4, completion_tokens=2))
     # Up: paid calls work everywhere.
     for s in fleet:
-        assert chat(client(s), "pq/paid").headers["x-sidecar-target"] == "pq/paid"
+        assert chat(s.sdk("k-free", timeout=30), "pq/paid").headers["x-sidecar-target"] == "pq/paid"
     assert fp.stats()["requests"] == FLEET
 
     # Redis goes away while a paid call is at the provider: its cost cannot be recorded,
@@ -267,7 +248,7 @@ def test_redis_down_paid_fails_closed_free_and_local_serve_then_recovers(
 
     def call() -> None:
         try:
-            in_flight.append(chat(client(fleet[1]), "pq/paid"))
+            in_flight.append(chat(fleet[1].sdk("k-free", timeout=30), "pq/paid"))
         except openai.APIStatusError as e:
             in_flight.append(e)
 
@@ -282,7 +263,7 @@ def test_redis_down_paid_fails_closed_free_and_local_serve_then_recovers(
         assert outcome.status_code == 503
         assert "cost could not be recorded" in outcome.message
         for s in fleet:
-            c = client(s)
+            c = s.sdk("k-free", timeout=30)
             # A paid target cannot be bounded without the ledger: 503, nothing sent.
             with pytest.raises(openai.APIStatusError) as e:
                 chat(c, "pq/paid")
@@ -295,12 +276,13 @@ def test_redis_down_paid_fails_closed_free_and_local_serve_then_recovers(
             assert raw.headers["x-sidecar-target"] == "onhost/anything"
             assert raw.headers["x-sidecar-cost-usd"] == "0.000000"
             # Rate limits fail open by default: the limited key still gets through.
-            assert chat(client(s, "k-fleet"), "onhost/anything").http_response.status_code == 200
+            limited = s.sdk("k-fleet", timeout=30)
+            assert chat(limited, "onhost/anything").http_response.status_code == 200
             r = httpx.get(f"{s.url}/v1/sidecar/budgets",
                           headers={"authorization": "Bearer k-free"}, timeout=10)
             assert r.status_code == 503 and "ledger" in r.json()["error"]["message"]
         # A route with a local target falls back to it, and nothing paid leaks out.
-        raw = chat(client(fleet[0]), "paid-or-local")
+        raw = chat(fleet[0].sdk("k-free", timeout=30), "paid-or-local")
         assert raw.headers["x-sidecar-target"] == "local/smollm2"
         assert raw.headers["x-sidecar-cost-usd"] == "0.000000"
         assert [r["model"] for r in fp.requests()].count("paid") == FLEET + 1
@@ -311,7 +293,7 @@ def test_redis_down_paid_fails_closed_free_and_local_serve_then_recovers(
 
     # Back (empty: nothing is persisted): paid calls work again on every sidecar.
     for s in fleet:
-        raw = chat(client(s), "pq/paid")
+        raw = chat(s.sdk("k-free", timeout=30), "pq/paid")
         assert raw.headers["x-sidecar-target"] == "pq/paid"
         assert raw.headers["x-sidecar-cost-usd"] == "0.002400"
     spent = [micro(views(s)[("roomy", "pq")]["spent_usd"]) for s in fleet]

@@ -103,12 +103,6 @@ targets = [{{ provider = "p2", model = "priced" }}]
 HI = [pb.Message(role=pb.ROLE_USER, content="hi")]
 
 
-@pytest.fixture(scope="module")
-def fake_mod() -> Iterator[FakeProvider]:
-    with FakeProvider() as f:
-        yield f
-
-
 class GrpcSidecar(SidecarProcess):
     """``sidecar serve`` with gRPC on a free loopback port (``--grpc-port 0`` turns gRPC
     off, so the test picks the port) and optionally on a Unix socket. Both listen once
@@ -141,12 +135,6 @@ def channel(sidecar: GrpcSidecar) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def stub(channel: grpc.Channel) -> sidecar_pb2_grpc.SidecarStub:
     return sidecar_pb2_grpc.SidecarStub(channel)
-
-
-@pytest.fixture
-def fp(fake_mod: FakeProvider) -> FakeProvider:
-    fake_mod.reset()
-    return fake_mod
 
 
 def chat(model: str, **kw: Any) -> pb.ChatRequest:

@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 
 from sidecar.limits import LimiterUnavailable, MemoryRateLimiter, Rate, RateLimiter, gcra
 from sidecar.redis_state import RedisRateLimiter
-from tests.redis_server import RedisServer, free_port, redis_server_fixture
+from tests.conftest import closed_port
+from tests.redis_server import RedisServer, redis_server_fixture
 
 redis_server = redis_server_fixture(scope="module")
 lone_redis = redis_server_fixture(scope="function")
@@ -176,7 +177,7 @@ async def test_redis_many_concurrent_callers_share_one_burst(redis_server: Redis
 
 
 async def test_redis_cost_above_burst_needs_no_redis() -> None:
-    lim = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    lim = RedisRateLimiter(f"redis://127.0.0.1:{closed_port()}/0", timeout_s=0.2)
     try:
         assert await lim.acquire("k", Rate(1.0, 2.0), cost=3.0) == math.inf
         with pytest.raises(LimiterUnavailable):

@@ -91,28 +91,12 @@ targets = [{{ provider = "told", model = "t1" }}, {{ provider = "p1", model = "t
 
 
 @pytest.fixture(scope="module")
-def fake_mod() -> Iterator[FakeProvider]:
-    with FakeProvider() as f:
-        yield f
-
-
-@pytest.fixture(scope="module")
 def sidecar(fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[SidecarProcess]:
     proc = SidecarProcess(CONFIG.format(url=fake_mod.openai_base_url),
                           tmp_path_factory.mktemp("limits"))
     yield proc
     proc.stop()
-
-
-@pytest.fixture
-def fp(fake_mod: FakeProvider) -> FakeProvider:
-    fake_mod.reset()
-    return fake_mod
-
-
-def client(sidecar: SidecarProcess, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=sidecar.base_url, api_key=key, max_retries=0, timeout=20)
 
 
 def ask(c: openai.OpenAI, model: str) -> openai.APIStatusError | None:
@@ -142,7 +126,7 @@ def hammer(sidecar: SidecarProcess, keys: list[str], model: str, duration_s: flo
     stop_at = time.monotonic() + duration_s
 
     def run(key: str) -> None:
-        c = client(sidecar, key)
+        c = sidecar.sdk(key, timeout=20)
         for _ in range(5000):
             start = time.monotonic()
             if start >= stop_at:
@@ -192,18 +176,18 @@ def test_key_rpm_under_load(sidecar: SidecarProcess, fp: FakeProvider) -> None:
     load = hammer(sidecar, ["k-steady", "k-steady"], "chat", 2.5)
     check_rate(load, 120, fp, "a", "key 'steady'")
     # Another key on the same route is not limited by it.
-    assert ask(client(sidecar, "k-free1"), "chat") is None
+    assert ask(sidecar.sdk("k-free1", timeout=20), "chat") is None
 
 
 def test_route_rpm_is_shared_by_every_key(sidecar: SidecarProcess, fp: FakeProvider) -> None:
     load = hammer(sidecar, ["k-free1", "k-free2"], "busy-route", 2.5)
     check_rate(load, 120, fp, "rl", "route 'busy-route'")
     # Other routes are not limited by it.
-    assert ask(client(sidecar, "k-free1"), "chat") is None
+    assert ask(sidecar.sdk("k-free1", timeout=20), "chat") is None
 
 
 def test_retry_after_is_accurate(sidecar: SidecarProcess, fp: FakeProvider) -> None:
-    c = client(sidecar, "k-precise")  # 30 rpm: a burst of 3, then one per 2 s
+    c = sidecar.sdk("k-precise", timeout=20)  # 30 rpm: a burst of 3, then one per 2 s
     results = [ask(c, "chat") for _ in range(3)]
     assert results == [None, None, None]
     err = ask(c, "chat")
@@ -219,7 +203,7 @@ def test_retry_after_is_accurate(sidecar: SidecarProcess, fp: FakeProvider) -> N
 
 def test_key_tpm_counts_what_the_calls_used(sidecar: SidecarProcess, fp: FakeProvider) -> None:
     fp.set_default("tk", ok(prompt_tokens=20, completion_tokens=80))
-    c = client(sidecar, "k-tokens")  # 600 tpm: 10 tokens/s, a burst of 60
+    c = sidecar.sdk("k-tokens", timeout=20)  # 600 tpm: 10 tokens/s, a burst of 60
     assert ask(c, "tokens-route") is None  # admitted on its prompt; it used 100 tokens
     err = ask(c, "tokens-route")
     assert err is not None and err.status_code == 429
@@ -228,12 +212,12 @@ def test_key_tpm_counts_what_the_calls_used(sidecar: SidecarProcess, fp: FakePro
     assert 4 <= int(err.response.headers["retry-after"]) <= 6
     assert fp.stats()["requests"] == 1
     # Other keys still go.
-    assert ask(client(sidecar, "k-free2"), "tokens-route") is None
+    assert ask(sidecar.sdk("k-free2", timeout=20), "tokens-route") is None
 
 
 def test_provider_rpm_skips_to_the_next_target(sidecar: SidecarProcess,
                                                fp: FakeProvider) -> None:
-    c = client(sidecar, "k-free1")
+    c = sidecar.sdk("k-free1", timeout=20)
     body: dict[str, Any] = {"model": "outbound",
                             "messages": [{"role": "user", "content": "hi"}]}
     first = c.chat.completions.with_raw_response.create(**body)
@@ -258,7 +242,7 @@ def test_what_the_provider_says_about_its_limit_is_obeyed(sidecar: SidecarProces
     }
     fp.script("t1", status(200, body=answer, headers={
         "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "30s"}))
-    c = client(sidecar, "k-free2")
+    c = sidecar.sdk("k-free2", timeout=20)
     body: dict[str, Any] = {"model": "provider-said",
                             "messages": [{"role": "user", "content": "hi"}]}
     first = c.chat.completions.with_raw_response.create(**body)
@@ -293,6 +277,6 @@ def test_an_anonymous_key_never_shares_a_named_keys_identity(
         assert "keys[0].name" in check.stderr, check.stderr
         return
     sidecar = start_sidecar(text)
-    assert ask(client(sidecar, "sk-named-1"), "p1/a") is None  # its burst of one
+    assert ask(sidecar.sdk("sk-named-1", timeout=20), "p1/a") is None  # its burst of one
     # The anonymous key has no limit of its own; it must not be limited as 'key-1'.
-    assert ask(client(sidecar, "sk-anonymous-1"), "p1/a") is None
+    assert ask(sidecar.sdk("sk-anonymous-1", timeout=20), "p1/a") is None

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from local_models.catalog import build_catalog
-from tests.conftest import DefaultSidecarProcess, SidecarProcess, local_spec
+from tests.conftest import SidecarProcess, gone, local_spec, local_workers, poll
 from tests.fakes.provider import FakeProvider, hang, ok, status
 from tests.gguf_files import short_by
 
@@ -30,41 +30,9 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
 HI = [{"role": "user", "content": "hi"}]
 
 
-def sdk(sc: SidecarProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=sc.base_url, api_key="unused", max_retries=0, timeout=120)
-
-
-def workers(sc: SidecarProcess) -> list[psutil.Process]:
-    """The sidecar's live local worker processes."""
-    found = []
-    for child in psutil.Process(sc.proc.pid).children():
-        try:
-            if (child.status() != psutil.STATUS_ZOMBIE
-                    and "local_models.worker" in " ".join(child.cmdline())):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 def the_worker(sc: SidecarProcess) -> psutil.Process:
-    [worker] = workers(sc)
+    [worker] = local_workers(sc.proc.pid)
     return worker
-
-
-def poll(pred: Callable[[], bool], within: float = 30.0) -> None:
-    """Wait for a condition that has no event to wait on, with a deadline."""
-    deadline = time.monotonic() + within
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def assert_alive(sc: SidecarProcess) -> None:
@@ -88,14 +56,14 @@ def budget_mib(n_models: float, **spec: Any) -> int:
 
 @pytest.fixture(scope="module")
 def default_sidecar() -> Iterator[SidecarProcess]:
-    sc = DefaultSidecarProcess()
+    sc = SidecarProcess(None)
     yield sc
     sc.stop()
 
 
 @pytest.fixture
 def client(default_sidecar: SidecarProcess) -> openai.OpenAI:
-    return sdk(default_sidecar)
+    return default_sidecar.sdk()
 
 
 def test_no_config_serves_the_default_model(
@@ -115,7 +83,7 @@ def test_no_config_serves_the_default_model(
         usage = completion.usage
         assert usage is not None and 0 < usage.completion_tokens <= 8
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    assert len(workers(default_sidecar)) == 1  # one model, one worker
+    assert len(local_workers(default_sidecar.proc.pid)) == 1  # one model, one worker
 
 
 def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
@@ -333,18 +301,6 @@ targets = [{{ provider = "local", model = "one" }}, {{ provider = "p", model = "
 
 
 @pytest.fixture(scope="module")
-def fake_mod() -> Iterator[FakeProvider]:
-    with FakeProvider() as f:
-        yield f
-
-
-@pytest.fixture
-def fp(fake_mod: FakeProvider) -> FakeProvider:
-    fake_mod.reset()
-    return fake_mod
-
-
-@pytest.fixture(scope="module")
 def single(fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[SidecarProcess]:
     sc = SidecarProcess(SINGLE.format(url=fake_mod.openai_base_url),
@@ -400,7 +356,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
 
 @pytest.fixture
 def witness(pair: SidecarProcess) -> Iterator[Witness]:
-    w = Witness(sdk(pair), "two")  # one of the two sequences
+    w = Witness(pair.sdk(), "two")  # one of the two sequences
     assert w.running.wait(60)
     yield w
     w.close()
@@ -410,13 +366,13 @@ def _steps_to_serve_the_next(sc: SidecarProcess, witness: Witness) -> int:
     """Decode steps (witness tokens) a short request on the other sequence takes. Had a
     finished request kept its sequence, this would wait for its ~2000 tokens."""
     before = witness.tokens
-    c = sdk(sc).chat.completions.create(model="two", messages=HI, max_tokens=4)  # type: ignore[arg-type]
+    c = sc.sdk().chat.completions.create(model="two", messages=HI, max_tokens=4)  # type: ignore[arg-type]
     assert c.choices[0].message.content is not None
     return witness.tokens - before
 
 
 def test_closing_a_stream_frees_the_slot(pair: SidecarProcess, witness: Witness) -> None:
-    stream = sdk(pair).completions.create(model="two", prompt=COUNTING, max_tokens=2000,
+    stream = pair.sdk().completions.create(model="two", prompt=COUNTING, max_tokens=2000,
                                           temperature=0, stream=True)
     next(iter(stream))
     stream.close()
@@ -434,8 +390,8 @@ def test_deadline_mid_generation_frees_the_slot(pair: SidecarProcess, witness: W
     assert _steps_to_serve_the_next(pair, witness) < 100
     # a stream: cut by an error event (or, on a machine too busy to send a first token in
     # time, refused with 504 before it committed)
-    hurried = openai.OpenAI(base_url=pair.base_url, api_key="x", max_retries=0,
-                            default_headers={"x-sidecar-timeout": "2"})
+    hurried = pair.sdk("x", timeout=openai.DEFAULT_TIMEOUT,
+                       default_headers={"x-sidecar-timeout": "2"})
     with pytest.raises(openai.APIError, match="deadline"):
         for _ in hurried.completions.create(model="two", prompt=COUNTING, max_tokens=2000,
                                             temperature=0, stream=True):
@@ -453,7 +409,7 @@ def test_client_giving_up_on_a_request_frees_the_slot(pair: SidecarProcess,
 
 
 def test_queue_bound_gives_503_with_retry_after(single: SidecarProcess) -> None:
-    client = sdk(single)
+    client = single.sdk()
 
     def post() -> httpx.Response:
         return httpx.post(single.base_url + "/chat/completions", timeout=120,
@@ -481,7 +437,7 @@ def test_queue_bound_gives_503_with_retry_after(single: SidecarProcess) -> None:
 
 
 def test_worker_killed_mid_stream_ends_with_an_error_event(single: SidecarProcess) -> None:
-    client = sdk(single)
+    client = single.sdk()
     with client.completions.create(model="one", prompt=COUNTING, max_tokens=2000,
                                    temperature=0, stream=True) as stream:
         chunks = iter(stream)
@@ -501,7 +457,7 @@ def test_worker_killed_mid_stream_ends_with_an_error_event(single: SidecarProces
 def test_worker_killed_mid_request_falls_back_to_the_next_target(
     single: SidecarProcess, fp: FakeProvider
 ) -> None:
-    client = sdk(single)
+    client = single.sdk()
     client.completions.create(model="one", prompt=COUNTING, max_tokens=1)  # loaded, idle
     worker = the_worker(single)
     idle_cpu = sum(worker.cpu_times()[:2])
@@ -600,7 +556,7 @@ def hybrid(fake_mod: FakeProvider, broken_path: Path, tmp_path_factory: pytest.T
 def test_remote_failure_falls_back_to_local(hybrid: SidecarProcess, fp: FakeProvider,
                                             fault: str) -> None:
     fp.script(f"send-{fault}", FAULTS[fault])
-    client = sdk(hybrid)
+    client = hybrid.sdk()
     raw = client.chat.completions.with_raw_response.create(
         model=f"send-{fault}", messages=HI, max_tokens=6, temperature=0  # type: ignore[arg-type]
     )
@@ -616,7 +572,7 @@ def test_remote_failure_falls_back_to_local(hybrid: SidecarProcess, fp: FakeProv
 def test_remote_failure_falls_back_to_local_stream(hybrid: SidecarProcess, fp: FakeProvider,
                                                    fault: str) -> None:
     fp.script(f"stream-{fault}", FAULTS[fault])
-    client = sdk(hybrid)
+    client = hybrid.sdk()
     with client.chat.completions.with_streaming_response.create(
         model=f"stream-{fault}", messages=HI, max_tokens=6, temperature=0,  # type: ignore[arg-type]
         stream=True, stream_options={"include_usage": True},
@@ -630,14 +586,14 @@ def test_remote_failure_falls_back_to_local_stream(hybrid: SidecarProcess, fp: F
 
 def test_remote_healthy_serves_first(hybrid: SidecarProcess, fp: FakeProvider) -> None:
     fp.script("send-500", ok(text="from remote"))
-    raw = sdk(hybrid).chat.completions.with_raw_response.create(model="send-500", messages=HI)  # type: ignore[arg-type]
+    raw = hybrid.sdk().chat.completions.with_raw_response.create(model="send-500", messages=HI)  # type: ignore[arg-type]
     assert raw.headers["x-sidecar-target"] == "p/send-500"
     assert raw.parse().choices[0].message.content == "from remote"
 
 
 def test_request_local_cannot_express_goes_to_the_remote(hybrid: SidecarProcess,
                                                          fp: FakeProvider) -> None:
-    client = sdk(hybrid)
+    client = hybrid.sdk()
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for extra in ({"tools": [tool]}, {"n": 2}):
         raw = client.chat.completions.with_raw_response.create(
@@ -657,9 +613,9 @@ def test_corrupt_model_is_reported_at_startup_and_the_good_one_serves(
     assert "local model 'broken' is unavailable" in startup
     assert str(broken_path) in startup and "truncated" in startup
     assert "smollm2' is unavailable" not in startup
-    ids = [m.id for m in sdk(hybrid).models.list()]
+    ids = [m.id for m in hybrid.sdk().models.list()]
     assert "broken" in ids and "smollm2" in ids
-    c = sdk(hybrid).chat.completions.create(model="smollm2", messages=HI, max_tokens=2)  # type: ignore[arg-type]
+    c = hybrid.sdk().chat.completions.create(model="smollm2", messages=HI, max_tokens=2)  # type: ignore[arg-type]
     assert c.choices[0].message.content
 
 
@@ -673,7 +629,7 @@ def test_request_to_the_corrupt_model_fails_clearly(hybrid: SidecarProcess, fp: 
         assert "local/broken" in message and str(broken_path) in message
         assert "truncated" in message
     # a route that starts with it falls back; one that ends with it reports it
-    raw = sdk(hybrid).chat.completions.with_raw_response.create(model="broken-first", messages=HI)  # type: ignore[arg-type]
+    raw = hybrid.sdk().chat.completions.with_raw_response.create(model="broken-first", messages=HI)  # type: ignore[arg-type]
     assert raw.headers["x-sidecar-target"] == "p/after"
     assert raw.headers["x-sidecar-attempts"] == "2"
     fp.script("before", status(500))
@@ -703,7 +659,7 @@ def test_memory_budget_unloads_one_model_for_the_other(
         n_ctx = 512
         n_parallel = 1
     """)
-    client = sdk(sc)
+    client = sc.sdk()
     answers, previous = [], None
     for model in ["a", "b", "a", "b"]:
         raw = client.completions.with_raw_response.create(model=model, prompt=COUNTING,
@@ -727,10 +683,10 @@ def test_idle_model_is_unloaded(start_sidecar: Callable[..., SidecarProcess]) ->
         n_ctx = 512
         n_parallel = 1
     """)
-    client = sdk(sc)
+    client = sc.sdk()
     first = client.completions.create(model="m", prompt=COUNTING, max_tokens=3, temperature=0)
     worker = the_worker(sc)
-    poll(lambda: gone(worker) and not workers(sc))
+    poll(lambda: gone(worker) and not local_workers(sc.proc.pid))
     again = client.completions.create(model="m", prompt=COUNTING, max_tokens=3, temperature=0)
     assert again.choices[0].text == first.choices[0].text
     assert the_worker(sc).pid != worker.pid
@@ -744,7 +700,7 @@ def test_sigterm_stops_the_workers(start_sidecar: Callable[..., SidecarProcess])
         n_ctx = 512
         n_parallel = 1
     """)
-    sdk(sc).completions.create(model="m", prompt=COUNTING, max_tokens=1)
+    sc.sdk().completions.create(model="m", prompt=COUNTING, max_tokens=1)
     worker = the_worker(sc)
     assert sc.stop() == 0
     poll(lambda: gone(worker), within=10)

@@ -31,8 +31,8 @@ from local_models.pool import (
     WorkerCrashed,
 )
 from local_models.protocol import ChatMessage, Done, Sampling
+from tests.conftest import gone, local_workers, model_with_chat_template
 from tests.conftest import local_spec as spec
-from tests.conftest import model_with_chat_template
 from tests.gguf_files import short_by, write_model, write_not_gguf
 
 GREEDY = Sampling(temperature=0.0)
@@ -81,13 +81,6 @@ async def wait_until(pred: Callable[[], bool], within: float = 30.0) -> None:
             if pred():
                 return
             await asyncio.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.fixture(scope="module")
@@ -237,18 +230,13 @@ async def test_text_deltas_are_whole_utf8(make_pool: Callable[..., ModelPool]) -
     assert all("\ufffd" not in p for p in whole)
 
 
-def _workers_of_this_process() -> list[psutil.Process]:
-    return [c for c in psutil.Process().children()
-            if not gone(c.pid) and "local_models.worker" in " ".join(c.cmdline())]
-
-
 async def test_concurrent_first_requests_share_one_load(
     make_pool: Callable[..., ModelPool],
 ) -> None:
     pool = make_pool(spec(n_parallel=4))
     results = await asyncio.gather(*(collect(pool, **counting(3)) for _ in range(4)))
     assert len({r.text for r in results}) == 1
-    [worker] = _workers_of_this_process()
+    [worker] = local_workers(os.getpid())
     assert worker.pid == status(pool).pid
 
 
@@ -268,7 +256,7 @@ async def test_cancelled_while_loading_then_the_next_uses_the_loaded_model(
     assert status(pool).in_flight == 0
     r = await collect(pool, **counting(3))  # the load went on; no second worker
     assert r.done.completion_tokens == 3
-    [worker] = _workers_of_this_process()
+    [worker] = local_workers(os.getpid())
     assert worker.pid == status(pool).pid
 
 

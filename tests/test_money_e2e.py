@@ -78,18 +78,6 @@ def chat_body(model: str, **fields: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
 
 
-@pytest.fixture(scope="module")
-def fake_mod() -> Iterator[FakeProvider]:
-    with FakeProvider() as f:
-        yield f
-
-
-@pytest.fixture
-def fp(fake_mod: FakeProvider) -> FakeProvider:
-    fake_mod.reset()
-    return fake_mod
-
-
 # --- client keys ----------------------------------------------------------------------------
 
 SERVER_KEY = "sk-sidecar-server-7f3a9c1e5b"
@@ -141,10 +129,10 @@ def test_keys_bearer_and_x_api_key_and_every_bad_key_is_a_401_that_touches_nothi
     url = f"{sidecar.base_url}/chat/completions"
 
     # Good keys: Bearer with a [server].api_keys key, Bearer and x-api-key with a [[keys]] one.
-    server = openai.OpenAI(base_url=sidecar.base_url, api_key=SERVER_KEY, max_retries=0)
+    server = sidecar.sdk(SERVER_KEY, timeout=openai.DEFAULT_TIMEOUT)
     raw = server.chat.completions.with_raw_response.create(**chat_body("chat"))
     assert raw.headers["x-sidecar-cost-usd"] == "0.002400"
-    alice = openai.OpenAI(base_url=sidecar.base_url, api_key=ALICE_KEY, max_retries=0)
+    alice = sidecar.sdk(ALICE_KEY, timeout=openai.DEFAULT_TIMEOUT)
     with alice.chat.completions.create(**chat_body("chat"), stream=True) as stream:
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     r = httpx.post(url, json=chat_body("chat"), headers={"x-api-key": ALICE_KEY})
@@ -154,7 +142,7 @@ def test_keys_bearer_and_x_api_key_and_every_bad_key_is_a_401_that_touches_nothi
 
     # Bad keys: the SDK with a wrong key, streaming or not.
     for wrong in WRONG_KEYS:
-        bad = openai.OpenAI(base_url=sidecar.base_url, api_key=wrong, max_retries=0)
+        bad = sidecar.sdk(wrong, timeout=openai.DEFAULT_TIMEOUT)
         with pytest.raises(openai.AuthenticationError) as e:
             bad.chat.completions.create(**chat_body("chat"))
         assert e.value.status_code == 401
@@ -294,7 +282,7 @@ def money(fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def client(money: SidecarProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=money.base_url, api_key="unused", max_retries=0, timeout=60)
+    return money.sdk("unused", timeout=60)
 
 
 def test_non_stream_cost_header_is_exact(money: SidecarProcess, client: openai.OpenAI,
@@ -596,8 +584,7 @@ def test_concurrent_clients_never_overspend_and_fall_back_to_local(
     assert targets.count("local/smollm2") == CLIENTS - paid >= CLIENTS - 10
 
     # From now on the answers come from the local model, and nothing leaks to the provider.
-    client = openai.OpenAI(base_url=sidecar.base_url, api_key="unused", max_retries=0,
-                           timeout=60)
+    client = sidecar.sdk("unused", timeout=60)
     raw = client.completions.with_raw_response.create(model="money", prompt="hi", max_tokens=2)
     assert raw.headers["x-sidecar-target"] == "local/smollm2"
     assert raw.headers["x-sidecar-route-reason"] == "fallback:budget"
@@ -623,8 +610,7 @@ def test_concurrent_clients_are_rejected_once_the_budget_is_spent(
                                           '{ provider = "pp", model = "paid" }'))
     fp.set_default("paid", paid_ok(delay_s=0.1))
     limit = round(TINY_LIMIT_USD * 1e6)
-    client = openai.OpenAI(base_url=sidecar.base_url, api_key="unused", max_retries=0,
-                           timeout=30)
+    client = sidecar.sdk("unused", timeout=30)
 
     # No max_tokens: the provider is sent the limit that the remaining budget can pay for.
     remaining = micro(budget_views(sidecar.url)[("tiny", "*")]["remaining_usd"])
@@ -684,7 +670,7 @@ def test_a_request_for_several_choices_cannot_overspend(
                                           '{ provider = "pp", model = "paid" }'))
     # What a provider bills for n=8 choices of up to 10 tokens each: 80 completion tokens.
     fp.set_default("paid", ok(prompt_tokens=4, completion_tokens=80))
-    client = openai.OpenAI(base_url=sidecar.base_url, api_key="unused", max_retries=0)
+    client = sidecar.sdk("unused", timeout=openai.DEFAULT_TIMEOUT)
     # Its worst case (80 400 µ$) is more than the whole budget (25 200 µ$): refusing it is
     # right, serving it must not spend past the limit.
     with contextlib.suppress(openai.RateLimitError):
@@ -733,8 +719,7 @@ def test_sigkill_mid_flight_loses_no_recorded_spend_and_no_reservation_survives(
     lock = threading.Lock()
 
     def loop() -> None:
-        client = openai.OpenAI(base_url=sidecar.base_url, api_key="unused", max_retries=0,
-                               timeout=15)
+        client = sidecar.sdk("unused", timeout=15)
         for _ in range(30):  # bounded; ends at the first failure (the sidecar is gone)
             try:
                 raw = client.chat.completions.with_raw_response.create(
@@ -765,7 +750,7 @@ def test_sigkill_mid_flight_loses_no_recorded_spend_and_no_reservation_survives(
     assert view["reserved_usd"] == "0.000000"  # the killed process's reservations are gone
     # And the restarted sidecar keeps counting on the same ledger.
     fp.set_default("paid", paid_ok())
-    client = openai.OpenAI(base_url=again.base_url, api_key="unused", max_retries=0)
+    client = again.sdk("unused", timeout=openai.DEFAULT_TIMEOUT)
     client.chat.completions.create(**chat_body("pd/paid"), max_tokens=2)
     assert spent(again.url, "forever") == recorded + PAID_COST
 

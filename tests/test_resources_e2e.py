@@ -19,14 +19,10 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import SidecarProcess
+from tests.conftest import SidecarProcess, poll
 from tests.fakes.provider import FakeProvider, hang, ok, status
 
 HI = [{"role": "user", "content": "hi"}]
-
-
-def sdk(sc: SidecarProcess, timeout: float = 120) -> openai.OpenAI:
-    return openai.OpenAI(base_url=sc.base_url, api_key="unused", max_retries=0, timeout=timeout)
 
 
 def status_of(sc: SidecarProcess) -> dict[str, Any]:
@@ -36,18 +32,9 @@ def status_of(sc: SidecarProcess) -> dict[str, Any]:
     return body
 
 
-def poll(pred: Callable[[], bool], within: float) -> float:
-    """Wait for a condition that has no event to wait on; returns the seconds it took."""
-    start = time.monotonic()
-    while not pred():
-        assert time.monotonic() - start < within, "condition not reached in time"
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
 def ask(sc: SidecarProcess, model: str, **kw: Any) -> tuple[str, str]:
     """(target, route reason) of one chat completion."""
-    raw = sdk(sc).chat.completions.with_raw_response.create(
+    raw = sc.sdk().chat.completions.with_raw_response.create(
         model=model, messages=HI, max_tokens=kw.pop("max_tokens", 4), temperature=0, **kw)
     assert raw.parse().choices[0].message.content is not None
     return raw.headers["x-sidecar-target"], raw.headers["x-sidecar-route-reason"]
@@ -59,13 +46,16 @@ def thread_nices(pid: int) -> set[int]:
 
 
 @pytest.fixture
-def cpu_hog() -> Iterator[Callable[[], None]]:
-    """Start one busy process per CPU when called; they are always killed at the end."""
+def cpu_hog() -> Iterator[Callable[[], list[subprocess.Popen[bytes]]]]:
+    """Start one busy process per CPU when called (and return them); they are always killed
+    at the end."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start() -> None:
-        for _ in range(os.cpu_count() or 1):
-            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+    def start() -> list[subprocess.Popen[bytes]]:
+        started = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                   for _ in range(os.cpu_count() or 1)]
+        procs.extend(started)
+        return started
 
     yield start
     for p in procs:
@@ -105,7 +95,7 @@ targets = [{{ provider = "p", model = "remote" }}, {{ provider = "local", model 
 @pytest.mark.skipif(os.geteuid() != 0, reason="restoring niceness needs root or CAP_SYS_NICE")
 def test_local_first_route_offloads_under_a_cpu_hog_and_comes_back(
         start_sidecar: Callable[..., SidecarProcess], fake: FakeProvider,
-        cpu_hog: Callable[[], None]) -> None:
+        cpu_hog: Callable[[], list[subprocess.Popen[bytes]]]) -> None:
     sc = start_sidecar(LOCAL_FIRST.format(url=fake.openai_base_url))
     # Idle host: served locally, first choice.
     assert ask(sc, "private") == ("local/smollm2", "primary")
@@ -116,10 +106,10 @@ def test_local_first_route_offloads_under_a_cpu_hog_and_comes_back(
     assert model["loaded"] and thread_nices(pid) == {0}
     # The next snapshot (every 0.2 s) lists the worker with its own CPU and memory.
     poll(lambda: any(w["pid"] == pid and w["rss_bytes"] > 0
-                     for w in status_of(sc)["host"]["workers"]), within=10)
+                     for w in status_of(sc)["host"]["workers"]), within=10, interval=0.05)
 
-    cpu_hog()
-    took = poll(lambda: status_of(sc)["pressure"]["cpu"], within=20)
+    hogs = cpu_hog()
+    took = poll(lambda: status_of(sc)["pressure"]["cpu"], within=20, interval=0.05)
     # The window is 1 s of samples every 0.2 s; a loaded 2-core box samples a little late.
     assert took < 1.0 + 4.0
     assert ask(sc, "private") == ("p/remote", "offload:cpu")
@@ -131,11 +121,10 @@ def test_local_first_route_offloads_under_a_cpu_hog_and_comes_back(
     assert st["route_reasons"]["offload:cpu"] == 2
 
     # Stop the hog: pressure clears after the calm window and local serves again.
-    for p in psutil.Process().children():
-        if p.cmdline()[-1:] == ["while True: pass"]:
-            p.kill()
-            p.wait()
-    poll(lambda: not status_of(sc)["pressure"]["cpu"], within=20)
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+    poll(lambda: not status_of(sc)["pressure"]["cpu"], within=20, interval=0.05)
     assert ask(sc, "private") == ("local/smollm2", "primary")
     assert thread_nices(pid) == {0}
     st = status_of(sc)
@@ -287,13 +276,13 @@ def test_latency_cost_and_least_busy_strategies(
 
     # least-busy: while a stream holds "a", the next request goes to "b".
     fake.script("a", hang(after_chunks=1))
-    client = sdk(sc)
+    client = sc.sdk()
     with client.chat.completions.create(model="idle", messages=HI,  # type: ignore[arg-type]
                                         stream=True) as held:
         next(iter(held))  # committed: the stream is in flight on "a"
         assert status_of(sc)["targets"]["p/a"]["in_flight"] == 1
         assert ask(sc, "idle")[0] == "p/b"
-    poll(lambda: status_of(sc)["targets"]["p/a"]["in_flight"] == 0, within=10)
+    poll(lambda: status_of(sc)["targets"]["p/a"]["in_flight"] == 0, within=10, interval=0.05)
     assert ask(sc, "idle")[0] == "p/a"
 
 
@@ -337,7 +326,7 @@ def test_local_first_offloads_when_the_queue_misses_the_deadline(
         start_sidecar: Callable[..., SidecarProcess], fake: FakeProvider) -> None:
     sc = start_sidecar(QUEUE.format(url=fake.openai_base_url))
     counting = {"model": "one", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "temperature": 0}
-    client = sdk(sc)
+    client = sc.sdk()
     client.completions.create(**counting, max_tokens=100)  # load, then measure
     client.completions.create(**counting, max_tokens=100)
     [m] = status_of(sc)["local_models"]
@@ -356,5 +345,5 @@ def test_local_first_offloads_when_the_queue_misses_the_deadline(
     assert ask(sc, "private", extra_headers=headers) == ("p/remote", "offload:queue")
     assert status_of(sc)["local_models"][0]["in_flight"] == 1  # nothing was queued locally
     held.close()
-    poll(lambda: status_of(sc)["local_models"][0]["in_flight"] == 0, within=10)
+    poll(lambda: status_of(sc)["local_models"][0]["in_flight"] == 0, within=10, interval=0.05)
     assert ask(sc, "private", extra_headers=headers) == ("local/one", "primary")
