@@ -34,19 +34,26 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Awaitable, Callable, Iterator, Sequence  # noqa: E402
+from collections.abc import Awaitable, Callable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 
+from benchmarks.harness import (  # noqa: E402
+    FAKE_READY,
+    SIDECAR_READY,
+    exit_on_sigterm,
+    free_port,
+    int_list,
+    log,
+    running,
+)
 from sidecar.grpc.v1 import sidecar_pb2 as pb  # noqa: E402
 from sidecar.grpc.v1 import sidecar_pb2_grpc  # noqa: E402
 
@@ -54,8 +61,6 @@ SIDECAR_CORE = 0
 LOAD_CORE = 1  # the fake provider and this process
 ROUTE = "bench"
 REPLY = "Hello from fake/bench"
-HTTP_READY = re.compile(r"sidecar: http listening on (\S+):(\d+)")
-FAKE_READY = re.compile(r"listening on http://(\S+):(\d+)")
 
 
 @dataclass(frozen=True)
@@ -77,62 +82,14 @@ class Row:
 
 # --- processes ---------------------------------------------------------------------------
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def can_pin() -> bool:
+    """Whether to pin the sidecar and the load to cores of their own: with two cores or
+    more, and taskset to do it."""
+    return (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-PIN = (os.cpu_count() or 1) >= 2 and bool(
-    subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).stdout)
-
-
-def pinned(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if PIN else []
-
-
-def drain(lines: Iterator[str]) -> None:
-    for _ in lines:
-        pass
-
-
-@contextlib.contextmanager
-def running(command: list[str], ready: re.Pattern[str], what: str
-            ) -> Iterator[tuple[re.Match[str], psutil.Process]]:
-    """Start ``command`` in a session of its own, wait for a stdout line matching
-    ``ready`` (the rest of its output is drained in a thread), stop it afterwards. Yields
-    the match and the process (taskset execs the command, so it is the same one)."""
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        seen = []
-        deadline = time.monotonic() + 30
-        for line in proc.stdout:
-            seen.append(line)
-            if match := ready.search(line):
-                threading.Thread(target=drain, args=(proc.stdout,), daemon=True).start()
-                yield match, psutil.Process(proc.pid)
-                break
-            if time.monotonic() > deadline:
-                break
-        else:
-            raise RuntimeError(f"{what} did not start:\n{''.join(seen)}")
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+def pinned(core: int, pin: bool) -> list[str]:
+    return ["taskset", "-c", str(core)] if pin else []
 
 
 def sidecar_config(fake_port: int, grpc_port: int) -> str:
@@ -290,26 +247,30 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
-    ap.add_argument("--concurrency", default="1,32", help="comma-separated client counts")
+    ap.add_argument("--concurrency", type=int_list, default=[1, 32],
+                    help="comma-separated client counts (default 1,32)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before each cell")
     args = ap.parse_args(argv)
-    concurrency = [int(c) for c in args.concurrency.split(",")]
-    if PIN:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    pin = can_pin()
+    if pin:
         os.sched_setaffinity(0, {LOAD_CORE})
     else:
         log("fewer than 2 cores or no taskset: nothing is pinned")
     with tempfile.TemporaryDirectory() as tmp, running(
-        [*pinned(LOAD_CORE), sys.executable, "-m", "tests.fakes.provider", "--port", "0",
-         "--uvloop"], FAKE_READY, "the fake provider",
+        [*pinned(LOAD_CORE, pin), sys.executable, "-m", "tests.fakes.provider", "--port", "0",
+         "--uvloop"], FAKE_READY, "the fake provider", timeout_s=30,
     ) as (fake, _):
         grpc_port = free_port()
         config = Path(tmp) / "sidecar.toml"
         config.write_text(sidecar_config(int(fake.group(2)), grpc_port))
-        with running([*pinned(SIDECAR_CORE), sys.executable, "-m", "sidecar", "serve",
-                      "--config", str(config)], HTTP_READY, "the sidecar") as (ready, sidecar):
+        with running([*pinned(SIDECAR_CORE, pin), sys.executable, "-m", "sidecar", "serve",
+                      "--config", str(config)], SIDECAR_READY, "the sidecar",
+                     timeout_s=30) as (ready, proc):
             import uvloop
 
-            rows = uvloop.run(bench(sidecar, int(ready.group(2)), grpc_port, concurrency,
+            sidecar = psutil.Process(proc.pid)  # taskset execs the command: the same process
+            rows = uvloop.run(bench(sidecar, int(ready.group(2)), grpc_port, args.concurrency,
                                     args.duration, args.warmup))
     print(markdown_table(rows))
     return 0

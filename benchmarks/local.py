@@ -34,9 +34,7 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,15 +47,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+from cpu_meter import CpuMeter
+from harness import (
+    ROOT,
+    SIDECAR_READY,
+    choices,
+    exit_on_sigterm,
+    free_port,
+    int_list,
+    log,
+    stop,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "scripts" / "build-llama-server.sh"
 MODEL_NAME = "smollm2"
 N_CTX_SEQ = 2048  # context per parallel sequence, every server
 N_PARALLEL = 8  # llama-server's slots (the sidecar's default model has 8 as well)
 CHAT_PATH = "/v1/chat/completions"
-SIDECAR_READY = re.compile(r"sidecar: http listening on (\S+):(\d+)")
 SERVERS = ("raw", "llama_cpp.server", "llama-server", "sidecar")
 TOPICS = (
     "a lighthouse keeper", "a lost umbrella", "the last train home", "a robot gardener",
@@ -67,10 +73,6 @@ TOPICS = (
     "an astronaut's houseplant", "a library that never closes", "a bridge made of rope",
     "the smallest circus", "a letter that arrived fifty years late", "a kite in a storm",
 )
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def model_path() -> Path:
@@ -144,76 +146,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 # --- interference -----------------------------------------------------------------------
 
-def _busy_s() -> float:
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq
-
-
-def _tree_cpu_s(pids: Sequence[int], names: dict[int, str] | None = None) -> dict[int, float]:
-    """CPU seconds of ``pids`` and all their descendants, by pid (and into ``names``, a
-    short name of each process)."""
-    procs: dict[int, psutil.Process] = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(pid)
-            procs[pid] = root
-            for child in root.children(recursive=True):
-                procs[child.pid] = child
-    out: dict[int, float] = {}
-    for pid, proc in procs.items():
-        if pid == os.getpid():  # with the children it has waited for (the raw decode's)
-            t0 = os.times()
-            out[pid] = t0.user + t0.system + t0.children_user + t0.children_system
-            continue
-        with contextlib.suppress(psutil.Error):
-            t = proc.cpu_times()
-            out[pid] = t.user + t.system
-            if names is not None:
-                names[pid] = _short_name(proc)
-    return out
-
-
-def _short_name(proc: psutil.Process) -> str:
-    """``local_models.worker`` for ``python -m local_models.worker``, else the program."""
-    cmd = proc.cmdline()
-    if "-m" in cmd[:-1]:
-        return cmd[cmd.index("-m") + 1]
-    return Path(cmd[0]).name if cmd else proc.name()
-
-
-class CpuMeter:
-    """How much CPU processes other than ours (this script, the server and its children,
-    such as the sidecar's model worker) used between start() and other_cores(): the machine
-    is shared, and a llama.cpp process whose 2 threads share 2 cores with someone else's
-    work slows down far more than its share."""
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = [os.getpid(), *pids]
-        self.start()
-
-    def start(self) -> None:
-        self._t0 = time.monotonic()
-        self._busy0 = _busy_s()
-        self._ours0 = _tree_cpu_s(self.pids)
-
-    def other_cores(self) -> float:
-        wall = time.monotonic() - self._t0
-        self._names: dict[int, str] = {}
-        ours1 = _tree_cpu_s(self.pids, self._names)
-        self._ours = {pid: v - self._ours0.get(pid, 0.0) for pid, v in ours1.items()}
-        self._wall = wall
-        other = _busy_s() - self._busy0 - sum(self._ours.values())
-        return max(other, 0.0) / wall if wall > 0 else 0.0
-
-    def ours(self) -> str:
-        """The cores each of our processes used (after other_cores())."""
-        by_name: dict[str, float] = {}
-        for pid, cpu in self._ours.items():
-            name = "benchmark client" if pid == os.getpid() else self._names.get(pid, "?")
-            by_name[name] = by_name.get(name, 0.0) + cpu / self._wall
-        return ", ".join(f"{name} {cores:.2f}" for name, cores in by_name.items())
-
-
 def wait_quiet(pids: Sequence[int], threshold: float, max_wait_s: float) -> float:
     """Wait until other processes use less than ``threshold`` cores over 3 seconds, for at
     most ``max_wait_s``; returns the last measure."""
@@ -234,36 +166,6 @@ def wait_quiet(pids: Sequence[int], threshold: float, max_wait_s: float) -> floa
 
 
 # --- processes ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    """Stop ``proc``'s process group (it was started in a session of its own), then any of
-    its descendants that live in sessions of their own (the sidecar's model worker)."""
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    _gone, alive = psutil.wait_procs(children, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    psutil.wait_procs(alive, timeout=5)
-
 
 def tail(path: Path, lines: int = 30) -> str:
     try:
@@ -339,7 +241,7 @@ def running_server(name: str, model: Path, workdir: Path, threads: int,
         base_url = wait_ready(name, proc, log_path, port, timeout_s=120)
         yield Server(name, base_url, log_path, proc)
     finally:
-        stop(proc)
+        stop(proc, term_timeout_s=15)
 
 
 # --- the client --------------------------------------------------------------------------
@@ -576,29 +478,11 @@ def markdown(levels: Sequence[Level], raw: float | None, raw_other: float,
 
 # --- main --------------------------------------------------------------------------------
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("concurrency levels must be >= 1")
-    return values
-
-
-def _server_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in SERVERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"servers are {', '.join(SERVERS)}; got {text!r}")
-    return [s for s in SERVERS if s in names]  # fixed order
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--servers", type=_server_list, default=list(SERVERS),
+    p.add_argument("--servers", type=lambda text: choices(text, SERVERS), default=list(SERVERS),
                    help=f"comma separated subset of {','.join(SERVERS)} (default: all)")
-    p.add_argument("--levels", type=_int_list, default=[1, 4, 8],
+    p.add_argument("--levels", type=int_list, default=[1, 4, 8],
                    help="concurrency levels, comma separated (default 1,4,8)")
     p.add_argument("--requests-scale", type=float, default=None,
                    help="multiplies the requests per level: 8 at c=1, 4*c above "
@@ -666,10 +550,6 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds the context managers: the server stops
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--_raw-decode"]:  # the child run_raw_decode() starts
@@ -681,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     llama_server = find_llama_server(args.llama_server) if "llama-server" in servers else None
     if "llama_cpp.server" in servers:
         check_llama_cpp_server()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     log(f"model {model} ({model.stat().st_size / 1e6:.0f} MB); {cpu_name()}, "
         f"{cpu_count()} cores, {args.threads} threads; load {load_avg()}")
 

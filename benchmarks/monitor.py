@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from harness import log
+
 from sidecar.monitor import Monitor, ResourceSnapshot, Sampler
 
 WORKER_COUNTS = (0, 1, 4)
@@ -33,10 +35,6 @@ class Row:
     case: str
     median_ms: float
     p99_ms: float
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

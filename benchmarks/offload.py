@@ -40,28 +40,24 @@ import ctypes
 import hashlib
 import multiprocessing as mp
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import psutil
+from cpu_meter import CpuMeter
+from harness import FAKE_READY, SIDECAR_READY, choices, exit_on_sigterm, log, running
 
-ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "private"
 REMOTE_MODEL = "remote"
-SIDECAR_READY = re.compile(r"sidecar: http listening on (\S+):(\d+)")
-FAKE_READY = re.compile(r"listening on http://(\S+):(\d+)")
 OFFLOAD_CPU = "offload:cpu"
 TOPICS = (
     "a lighthouse keeper", "a lost umbrella", "the last train home", "a robot gardener",
@@ -141,77 +137,6 @@ prefer = "local"
 targets = [{{ provider = "local", model = "smollm2" }}, \
 {{ provider = "remote", model = "{REMOTE_MODEL}" }}]
 """
-
-
-# --- processes ---------------------------------------------------------------------------
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _drain(stream: Any) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        for _ in stream:
-            pass
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    """Stop ``proc``'s process group (it was started in a group of its own): SIGTERM, then
-    SIGKILL after 10 s; then whatever of its descendants is left (the sidecar starts its
-    model workers in sessions of their own, out of its group's reach)."""
-    descendants: list[psutil.Process] = []
-    with contextlib.suppress(psutil.Error):
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.wait()
-    _kill_group(proc.pid)
-    for child in descendants:
-        with contextlib.suppress(psutil.Error):
-            child.wait(5)
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def running(command: list[str], ready: re.Pattern[str], what: str, own_session: bool,
-            timeout_s: float = 60) -> Iterator[tuple[re.Match[str], subprocess.Popen[str]]]:
-    """Start ``command`` in a process group of its own (and, with ``own_session``, a
-    session of its own), wait (at most ``timeout_s``) for a stdout line matching ``ready``
-    (the rest of its output is drained in a thread), stop it afterwards."""
-    # Either way a Ctrl-C in the terminal reaches only this script, which stops the process.
-    group: dict[str, Any] = {"start_new_session": True} if own_session else {"process_group": 0}
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, **group)
-    try:
-        assert proc.stdout is not None
-        seen: list[str] = []
-        timer = threading.Timer(timeout_s, _kill_group, args=(proc.pid,))
-        timer.start()  # a process that never prints the line cannot block us
-        try:
-            match = None
-            for line in proc.stdout:
-                seen.append(line)
-                if match := ready.search(line):
-                    break
-        finally:
-            timer.cancel()
-        if match is None:
-            raise RuntimeError(f"{what} did not start:\n{''.join(seen[-30:])}")
-        threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-        yield match, proc
-    finally:
-        stop(proc)
 
 
 # --- the host app ------------------------------------------------------------------------
@@ -378,48 +303,6 @@ class Poller:
                 self._stop.wait(self.interval_s)
 
 
-# --- CPU used by processes that are not part of the benchmark ----------------------------
-
-def _busy_s() -> float:
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq
-
-
-def _tree_cpu_s(pids: Sequence[int]) -> float:
-    seen: dict[int, psutil.Process] = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(pid)
-            seen[pid] = root
-            for child in root.children(recursive=True):
-                seen[child.pid] = child
-    total = 0.0
-    for pid, proc in seen.items():
-        with contextlib.suppress(psutil.Error):
-            if pid == os.getpid():
-                t = os.times()
-                total += t.user + t.system
-                continue
-            ct = proc.cpu_times()
-            total += ct.user + ct.system
-    return total
-
-
-class CpuMeter:
-    """Cores used by processes other than ours (this script, the app, the sidecar with its
-    worker, the fake provider) between start and other_cores(): the machine is shared."""
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = [os.getpid(), *pids]
-        self.t0, self.busy0, self.ours0 = time.monotonic(), _busy_s(), _tree_cpu_s(self.pids)
-
-    def other_cores(self) -> float:
-        wall = time.monotonic() - self.t0
-        busy = _busy_s() - self.busy0
-        ours = _tree_cpu_s(self.pids) - self.ours0
-        return max(0.0, busy - ours) / wall if wall > 0 else 0.0
-
-
 # --- one mode ----------------------------------------------------------------------------
 
 @dataclass
@@ -496,7 +379,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, fake_port: int | None,
             app.start()
             pids += app.pids()
         poller = Poller(app, status_url, 0.25, hard_stop)
-        meter = CpuMeter(pids + list(args.extra_pids))
+        meter = CpuMeter(pids + list(args.extra_pids), reaped_children=False)
         t0 = time.monotonic()
         units0 = app.units() if app else 0
         poller.start()
@@ -602,11 +485,7 @@ def markdown(results: Sequence[Result]) -> str:
 # --- main --------------------------------------------------------------------------------
 
 def _mode_list(text: str) -> list[Mode]:
-    keys = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [k for k in keys if k not in MODES]
-    if unknown or not keys:
-        raise argparse.ArgumentTypeError(f"modes are {','.join(MODES)}; got {text!r}")
-    return [m for k, m in MODES.items() if k in keys]  # fixed order
+    return [MODES[k] for k in choices(text, MODES)]  # in MODES' order
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -639,14 +518,10 @@ def set_remote_delay(fake_port: int, delay_s: float) -> None:
     resp.raise_for_status()
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds the context managers: everything stops
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     modes: list[Mode] = args.modes
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     log(f"{len(os.sched_getaffinity(0))} usable CPUs, {args.app_processes} app processes, "
         f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results: list[Result] = []

@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import SIDECAR_READY, choices, exit_on_sigterm, free_port, int_list, log, stop
 
 SIDECAR_CORE = "0"
 LOAD_CORE = "1"  # nginx and wrk
 STREAM_CHUNKS = 20
 CHAT_PATH = "/v1/chat/completions"
 STREAM_PREFIX = "/stream"
-READY_LINE = re.compile(r"sidecar: http listening on (\S+):(\d+)")
 MODES = ("nonstream", "stream")
 
 
@@ -228,17 +228,6 @@ wrk.body = [[{mode.body}]]
 
 # --- processes ---------------------------------------------------------------------------
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def wait_for_port(port: int, proc: subprocess.Popen[Any], what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -279,20 +268,6 @@ def _drain(fd: int) -> None:
     with contextlib.suppress(OSError):
         while os.read(fd, 65536):
             pass
-
-
-def stop(proc: subprocess.Popen[Any], sig: signal.Signals = signal.SIGTERM) -> None:
-    """Stop ``proc``'s process group (it was started in a session of its own)."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @contextlib.contextmanager
@@ -337,7 +312,7 @@ def running_sidecar(
         )
     try:
         try:
-            match = wait_for_line(proc, READY_LINE, timeout_s=30)
+            match = wait_for_line(proc, SIDECAR_READY, timeout_s=30)
         except RuntimeError:
             log(stderr_path.read_text())
             raise
@@ -439,28 +414,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 # --- main --------------------------------------------------------------------------------
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("concurrency values must be >= 1")
-    return values
-
-
 def _mode_list(text: str) -> list[Mode]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in MODE_BY_NAME]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
-    return [MODE_BY_NAME[n] for n in names]
+    return [MODE_BY_NAME[n] for n in choices(text, MODES, fixed_order=False)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--duration", type=int, default=10, help="seconds per cell (default 10)")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 8, 64],
+    p.add_argument("--concurrency", type=int_list, default=[1, 8, 64],
                    help="wrk connections, comma separated (default 1,8,64)")
     p.add_argument("--modes", type=_mode_list, default=list(MODE_BY_NAME.values()),
                    help="nonstream, stream or both, comma separated (default both)")
@@ -482,14 +443,10 @@ def check_tools() -> None:
         raise SystemExit("needs two cores (the sidecar on core 0, nginx and wrk on core 1)")
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds the context managers: nginx and sidecar stop
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     modes: list[Mode] = args.modes
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
