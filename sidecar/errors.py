@@ -17,11 +17,15 @@ its gRPC status code (by name, so this module does not import grpc), the OpenAI 
         │                                                where the HTTP response arrives)
         ├── UpstreamUnreachable 502  retryable  connect refused/reset, protocol errors
         ├── UpstreamTimeout     504  retryable  no answer within the attempt's time
+        │   └── CutAttempt      504  retryable  no answer within its share of the deadline
         ├── UpstreamRateLimited 429  retryable  carries Retry-After
         ├── UpstreamServerError 502  retryable  5xx
         ├── UpstreamMalformed   502  retryable  a body that is not the promised wire format
+        ├── UpstreamAuthFailed  502  retryable  the provider refused the sidecar's own
+        │                                        credentials (401/403): the gateway's fault,
+        │                                        a health failure, never retried on it
         ├── UpstreamRejected    4xx  final      the provider refused the request itself
-        │                                        (400/401/403/404/422): returned to the client
+        │                                        (400/404/422...): returned to the client
         ├── UpstreamUnsupported 400  next target  this provider cannot express the request
         │                                        (e.g. audio parts for Anthropic); not a
         │                                        health failure; 400 if no target can
@@ -29,11 +33,19 @@ its gRPC status code (by name, so this module does not import grpc), the OpenAI 
         │                                        health failure; carries Retry-After
         │   └── LocalTooSlow    503  next target  its queue and speed miss the deadline
         ├── TargetLimited       429  next target  our own outbound limit for the provider
+        │   └── RetryAfterHeld  429  next target  an earlier 429's Retry-After still holds it
         ├── BudgetExhausted     429  next target  a budget cannot pay for a paid target
         │                                        (on_exhausted = "local"); free ones serve
         └── LedgerDown          503  next target  the ledger is unreachable (fail closed)
 
 Messages never contain secrets or stack traces: they are written for the client.
+
+``should_retry`` says whether the client may usefully send the same request again; it is
+sent as ``x-should-retry`` (which the OpenAI and Anthropic SDKs obey instead of their own
+status rules) on every error response, and as gRPC trailing metadata. Retrying helps when
+the condition passes (rate limits with a known wait, overload, draining, open circuits);
+it cannot when the request is bad, or the sidecar already tried every target within the
+client's deadline (502, 504): the SDK's retries would only stretch the deadline.
 """
 
 from __future__ import annotations
@@ -47,6 +59,8 @@ class SidecarError(Exception):
     type: str = "server_error"
     code: str | None = None
     retryable: bool = False
+    should_retry: bool = False
+    """Whether the client may usefully retry (``x-should-retry``); see the module doc."""
 
     def __init__(
         self, message: str, *, param: str | None = None, retry_after_s: float | None = None
@@ -90,6 +104,7 @@ class RateLimited(SidecarError):
     grpc_code = "RESOURCE_EXHAUSTED"
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    should_retry = True
 
 
 class BudgetRejected(RateLimited):
@@ -97,6 +112,7 @@ class BudgetRejected(RateLimited):
 
     type = "insufficient_quota"
     code = "budget_exhausted"
+    should_retry = False  # not before the window resets, which may be hours away
 
 
 class Unavailable(SidecarError):
@@ -104,6 +120,7 @@ class Unavailable(SidecarError):
     grpc_code = "UNAVAILABLE"
     type = "server_error"
     code = "unavailable"
+    should_retry = True
 
 
 class DeadlineExceeded(SidecarError):
@@ -134,6 +151,8 @@ class UpstreamError(SidecarError):
     route_reason = "upstream_error"
     """What ``x-sidecar-route-reason`` says when this failure moved a request on
     (``fallback:<route_reason>``)."""
+    retry_same_target = True
+    """Whether a retry on the same target (backoff, route ``retries``) may help."""
 
     def __init__(
         self,
@@ -167,6 +186,13 @@ class UpstreamTimeout(UpstreamError):
     route_reason = "timeout"
 
 
+class CutAttempt(UpstreamTimeout):
+    """An attempt abandoned at the end of its share of the request deadline (other targets
+    were left to try): a health failure of its target, not retried on it."""
+
+    retry_same_target = False
+
+
 class UpstreamRateLimited(UpstreamError):
     retryable = True
     status = 429
@@ -174,6 +200,7 @@ class UpstreamRateLimited(UpstreamError):
     type = "rate_limit_error"
     code = "upstream_rate_limited"
     route_reason = "upstream_429"
+    should_retry = True
 
 
 class UpstreamServerError(UpstreamError):
@@ -186,6 +213,18 @@ class UpstreamMalformed(UpstreamError):
     retryable = True
     code = "upstream_malformed"
     route_reason = "malformed"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The provider refused the sidecar's credentials (401/403: a revoked or mistyped
+    provider key). The client's request and key are not at fault: it counts against the
+    target, the next target is tried (never this one again for the request), and it reaches
+    the client as a 502 naming the provider, never as ``invalid_api_key``."""
+
+    retryable = True
+    retry_same_target = False
+    code = "upstream_auth_failed"
+    route_reason = "upstream_auth"
 
 
 class UpstreamRejected(UpstreamError):
@@ -219,6 +258,7 @@ class UpstreamOverloaded(UpstreamError):
     status = 503
     code = "overloaded"
     route_reason = "overloaded"
+    should_retry = True
 
 
 class LocalTooSlow(UpstreamOverloaded):
@@ -236,6 +276,14 @@ class TargetLimited(UpstreamRateLimited):
     counts_against_health = False
     code = "target_rate_limited"
     route_reason = "rate_limit"
+
+
+class RetryAfterHeld(TargetLimited):
+    """An earlier 429's Retry-After still holds this target (its circuit may be closed);
+    nothing was sent. 429 with the wait when it is the only reason nothing served."""
+
+    code = "upstream_rate_limited"
+    route_reason = "upstream_429"
 
 
 class BudgetExhausted(UpstreamError):
@@ -260,6 +308,7 @@ class LedgerDown(UpstreamError):
     status = 503
     code = "ledger_unavailable"
     route_reason = "ledger"
+    should_retry = True
 
 
 _GRPC_BY_STATUS = {
@@ -278,6 +327,4 @@ def rejected(status: int, message: str, *, target: str, code: str | None = None,
     """Build the error for a provider's 4xx answer, keeping its status for the client."""
     err = UpstreamRejected(message, target=target, status=status, code=code, param=param)
     err.grpc_code = _GRPC_BY_STATUS.get(status, "FAILED_PRECONDITION")
-    if status == 401:
-        err.type = "authentication_error"
     return err

@@ -47,11 +47,13 @@ from sidecar.errors import (
     AllTargetsFailed,
     BudgetExhausted,
     BudgetRejected,
+    CutAttempt,
     DeadlineExceeded,
     InvalidRequest,
     LedgerDown,
     LocalTooSlow,
     RateLimited,
+    RetryAfterHeld,
     SidecarError,
     Unauthenticated,
     Unavailable,
@@ -74,6 +76,10 @@ from sidecar.strategies import TargetTracker
 from sidecar.types import Call, Meter
 
 T = TypeVar("T")
+
+ATTEMPT_SHARE = 0.5
+"""The fraction of the time left that an attempt gets when other targets may follow it
+(the last one gets all of it): a hung target leaves the next one time to answer."""
 
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -297,6 +303,13 @@ class Gateway:
             while True:
                 now = self._clock()
                 if not circuit.try_acquire(now):
+                    held = circuit.held_for_s(now)
+                    if held is not None:  # a 429's Retry-After, not the breaker
+                        failures.append(RetryAfterHeld(
+                            f"{target.key} is rate limited by the provider for {held:.1f} "
+                            "more seconds", target=target.key, retry_after_s=round(held, 3)))
+                        _note(reasons, f"fallback:{RetryAfterHeld.route_reason}")
+                        break
                     at = circuit.available_at(now)
                     next_open = at if next_open is None else min(next_open, at)
                     _note(reasons, "fallback:circuit_open")
@@ -305,6 +318,10 @@ class Gateway:
                 if remaining <= 0:
                     circuit.release()
                     raise _deadline(failures)
+                # A target with others after it gets a share of what is left, so a hung
+                # one cannot use up the whole deadline; the last one gets all of it.
+                cut = (None if not self._others_after(order, i, call, now)
+                       else now + remaining * ATTEMPT_SHARE)
                 ticket: Ticket | None = None
                 meter = Meter()
                 try:
@@ -317,7 +334,9 @@ class Gateway:
                         started = self._clock()
                         self.tracker.started(target.key)
                         try:
-                            result = await attempt(provider, target, remaining, this_call, meter)
+                            result = await _cut_at(
+                                cut, target, attempt(provider, target, remaining, this_call,
+                                                     meter))
                         except BaseException:
                             self.tracker.finished(target.key)
                             raise
@@ -355,6 +374,15 @@ class Gateway:
                 self.reasons.update(reasons or ["primary"])
                 return result, _Attempt(target, attempts, ticket, meter, reason, started)
         raise self._exhausted(call, route, failures, next_open)
+
+    def _others_after(self, order: list[Target], i: int, call: Call, now: float) -> bool:
+        """Whether a target after ``order[i]`` may be tried now (it serves the operation
+        and its circuit lets calls through)."""
+        for t in order[i + 1:]:
+            if (self.providers[t.provider].supports(call.op)
+                    and self.health.circuit(t.key).available_at(now) <= now):
+                return True
+        return False
 
     def _order(self, call: Call, route: Route, ctx: Context, est: Estimate
                ) -> tuple[list[Target], list[str]]:
@@ -421,7 +449,7 @@ class Gateway:
     def _retry_delay(self, err: UpstreamError, tries: int, route: Route, ctx: Context
                      ) -> float | None:
         """Seconds to wait before retrying the same target, or None to move on."""
-        if tries >= route.retries:
+        if tries >= route.retries or not err.retry_same_target:
             return None
         if err.retry_after_s is not None:
             if err.retry_after_s > self._routing.max_retry_after_s:
@@ -452,6 +480,14 @@ class Gateway:
         last = failures[-1]
         if all(isinstance(f, UpstreamUnsupported) for f in failures):
             return InvalidRequest(last.message, param=last.param)
+        refused = [f for f in failures if isinstance(f, UpstreamUnsupported)]
+        if refused:
+            # The targets that were tried decide the answer; the refusals are only added.
+            tried = [f for f in failures if not isinstance(f, UpstreamUnsupported)]
+            err = self._exhausted(call, route, tried, next_open)
+            err.message += " Not tried: " + "; ".join(f.message for f in refused) + "."
+            err.args = (err.message,)
+            return err
         if isinstance(last, LocalTooSlow):
             # Local was the last resort and would only time out: say so now, with why the
             # targets before it did not answer.
@@ -460,7 +496,12 @@ class Gateway:
         if all(isinstance(f, UpstreamOverloaded) for f in failures):
             return Unavailable(last.message, retry_after_s=last.retry_after_s)
         if all(not f.counts_against_health for f in failures):
-            # Every target was skipped: say why, budget first (it is the client's to fix).
+            # Every target was skipped. A free or local one that was full, or whose circuit
+            # is open, is why nothing served: say that (503), with the budget's reason.
+            busy = next((f for f in failures if isinstance(f, UpstreamOverloaded)), None)
+            if busy is not None or next_open is not None:
+                return self._unavailable(route, failures, busy, next_open)
+            # Else say why, budget first (it is the client's to fix).
             for kind in (BudgetExhausted, LedgerDown):
                 skipped = next((f for f in failures if isinstance(f, kind)), None)
                 if isinstance(skipped, BudgetExhausted):
@@ -480,6 +521,20 @@ class Gateway:
         return AllTargetsFailed(
             f"All {len(failures)} attempts for '{route.model}' failed. Last: {last.message}"
         )
+
+    def _unavailable(self, route: Route, failures: list[UpstreamError],
+                     busy: UpstreamError | None, next_open: float | None) -> Unavailable:
+        """503 for a route whose every target was skipped while one of them was full
+        (``busy``) or behind an open circuit (``next_open``), naming every reason."""
+        waits = [f.retry_after_s for f in failures if f.retry_after_s is not None]
+        parts = [f.message for f in failures if f is not busy]
+        if next_open is not None:
+            waits.append(max(0.0, next_open - self._clock()))
+            parts.append("the other targets' circuits are open")
+        head = busy.message if busy is not None else (
+            f"No target of '{route.model}' can serve now")
+        return Unavailable(head + (". Other targets: " + "; ".join(parts) if parts else "")
+                           + ".", retry_after_s=round(min(waits), 3) if waits else 1.0)
 
     async def _relay(
         self, first: bytes, frames: AsyncGenerator[bytes, None], ctx: Context, circuit: Circuit,
@@ -531,6 +586,21 @@ class Gateway:
 def _note(reasons: list[str], reason: str) -> None:
     if reason not in reasons:
         reasons.append(reason)
+
+
+async def _cut_at(cut: float | None, target: Target, attempt: Awaitable[T]) -> T:
+    """Await ``attempt``; at loop time ``cut`` (None: never) abandon it as an
+    :class:`UpstreamTimeout` of ``target``, which then counts against its health."""
+    if cut is None:
+        return await attempt
+    try:
+        async with asyncio.timeout_at(cut):
+            return await attempt
+    except TimeoutError:
+        raise CutAttempt(
+            f"{target.key} did not answer within its share of the request deadline",
+            target=target.key,
+        ) from None
 
 
 def _deadline(failures: list[UpstreamError]) -> DeadlineExceeded:

@@ -59,6 +59,13 @@ class Circuit:
             return now + self._cooldown_s
         return self._blocked_until
 
+    def held_for_s(self, now: float) -> float | None:
+        """Seconds a Retry-After still holds the target when that, not the breaker, is
+        why no call may go through now (None otherwise)."""
+        if self.state is not CircuitState.CLOSED or self._blocked_until <= now + _SLACK_S:
+            return None
+        return self._blocked_until - now
+
     def try_acquire(self, now: float) -> bool:
         """Claim the right to call the target now. A half-open circuit lets one caller in;
         that caller must end with :meth:`success`, :meth:`failure` or :meth:`release`."""

@@ -216,7 +216,8 @@ def error_status(err: SidecarError) -> tuple[grpc.StatusCode, str, Metadata]:
                   (("type", err.type), ("code", err.code), ("param", err.param)) if v},
     )
     details = [_pack(info)]
-    trailing: list[tuple[str, str | bytes]] = []
+    trailing: list[tuple[str, str | bytes]] = [
+        ("x-should-retry", "true" if err.should_retry else "false")]
     if err.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(err.retry_after_s * 1e9))

@@ -136,7 +136,10 @@ def _status(gateway: Gateway) -> dict[str, Any]:
 
 
 def error_response(err: SidecarError, request_id: str | None = None) -> Response[bytes]:
-    headers = {"x-request-id": request_id or uuid.uuid4().hex}
+    """The error envelope, with ``retry-after`` when known and ``x-should-retry`` (which
+    the OpenAI SDKs obey over their own status rules) always."""
+    headers = {"x-request-id": request_id or uuid.uuid4().hex,
+               "x-should-retry": "true" if err.should_retry else "false"}
     if err.retry_after_s is not None:
         headers["retry-after"] = retry_after(err.retry_after_s)
     return Response(error_body(err), status_code=err.status, media_type=_JSON, headers=headers)

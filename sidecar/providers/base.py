@@ -28,6 +28,7 @@ import msgspec
 
 from sidecar.config import ProviderConfig
 from sidecar.errors import (
+    UpstreamAuthFailed,
     UpstreamError,
     UpstreamMalformed,
     UpstreamRateLimited,
@@ -220,7 +221,8 @@ def status_error(status: int, body: bytes, headers: httpx.Headers, target: str) 
     """Translate a non-2xx upstream answer, using its status and structured error body.
 
     Both OpenAI (``{"error": {...}}``) and Anthropic (``{"type": "error", "error": {...}}``)
-    envelopes carry ``error.message``; anything else gets a generic message.
+    envelopes carry ``error.message``; anything else gets a generic message. 401/403 mean
+    the provider refused the sidecar's key (:class:`UpstreamAuthFailed`), not the client's.
     """
     message, code, param = f"HTTP {status}", None, None
     try:
@@ -236,6 +238,14 @@ def status_error(status: int, body: bytes, headers: httpx.Headers, target: str) 
     text = f"{target}: {message}"
     if status == 429:
         return UpstreamRateLimited(text, target=target, retry_after_s=retry_after_s(headers))
+    if status in (401, 403):
+        # The sidecar's own provider key was refused: say so without the provider's text,
+        # which may echo the key it received.
+        provider = target.split("/", 1)[0]
+        return UpstreamAuthFailed(
+            f"provider {provider} rejected the sidecar's credentials (HTTP {status})",
+            target=target,
+        )
     if status in (408, 425) or status >= 500:
         return UpstreamServerError(text, target=target, retry_after_s=retry_after_s(headers))
     if 400 <= status < 500:
