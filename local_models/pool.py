@@ -430,7 +430,9 @@ class ModelPool:
 
     async def _admit(self, model: _Model) -> None:
         n_parallel = model.n_parallel
-        if model.slots.locked() and model.queued >= self.settings.max_queue:
+        # Count who is present, not the semaphore: a waiter woken by a freed slot is still
+        # counted as queued until it runs, and a newcomer then is within the bound.
+        if model.in_flight + model.queued >= n_parallel + self.settings.max_queue:
             duration = model.avg_duration_s if model.avg_duration_s is not None else 1.0
             wait = duration * (model.queued + n_parallel) / n_parallel
             raise Overloaded(
