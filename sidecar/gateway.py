@@ -589,18 +589,23 @@ def _note(reasons: list[str], reason: str) -> None:
 
 
 async def _cut_at(cut: float | None, target: Target, attempt: Awaitable[T]) -> T:
-    """Await ``attempt``; at loop time ``cut`` (None: never) abandon it as an
-    :class:`UpstreamTimeout` of ``target``, which then counts against its health."""
+    """Await ``attempt``; at loop time ``cut`` (None: never) abandon it as a
+    :class:`CutAttempt` of ``target``, which then counts against a remote one's health."""
     if cut is None:
         return await attempt
     try:
         async with asyncio.timeout_at(cut):
             return await attempt
     except TimeoutError:
-        raise CutAttempt(
+        err = CutAttempt(
             f"{target.key} did not answer within its share of the request deadline",
             target=target.key,
-        ) from None
+        )
+        if target.provider == LOCAL_PROVIDER:
+            # A local model that is slow to start is busy, not hung (its pool watches its
+            # workers): no verdict on its health.
+            err.counts_against_health = False
+        raise err from None
 
 
 def _deadline(failures: list[UpstreamError]) -> DeadlineExceeded:

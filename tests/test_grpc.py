@@ -380,6 +380,7 @@ def test_all_targets_failed(stub: sidecar_pb2_grpc.SidecarStub, fp: FakeProvider
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert err.details().startswith("All 1 attempts for 'single' failed.")
     assert "Traceback" not in err.details()
+    assert dict(err.trailing_metadata())["x-should-retry"] == "false"
 
 
 def test_rate_limited_carries_retry_info(stub: sidecar_pb2_grpc.SidecarStub,
@@ -391,6 +392,7 @@ def test_rate_limited_carries_retry_info(stub: sidecar_pb2_grpc.SidecarStub,
     trailers = dict(err.trailing_metadata())
     assert trailers["retry-after"] == "30"
     assert trailers["x-request-id"] == "rl-1"
+    assert trailers["x-should-retry"] == "true"
     status_ = rpc_status.from_call(err)
     assert status_ is not None and status_.message == err.details()
     retry, info = error_details_pb2.RetryInfo(), error_details_pb2.ErrorInfo()

@@ -20,6 +20,7 @@ from local_models.protocol import ChatMessage, Done, Sampling
 from tests.conftest import SidecarProcess
 from tests.conftest import local_spec as spec
 from tests.fakes.provider import FakeProvider
+from tests.test_local_pool import wait_until
 from tests.test_money_e2e import PAID_COST, TINY_LIMIT_USD, budget_config, burst, paid_ok
 
 GREEDY = Sampling(temperature=0.0)
@@ -39,9 +40,7 @@ async def test_a_freed_slot_has_room_for_a_newcomer_before_the_woken_waiter_runs
     running = pool.generate("m", prompt="1, 2, 3, 4, 5,", max_tokens=400, sampling=GREEDY)
     assert isinstance(await anext(running), str)
     waiting = asyncio.create_task(_answer(pool, 3))
-    async with asyncio.timeout(30):
-        while next(s for s in pool.status() if s.name == "m").queued != 1:
-            await asyncio.sleep(0.02)
+    await wait_until(lambda: next(s for s in pool.status() if s.name == "m").queued == 1)
     # Ending the running request frees its slot and wakes the waiting one, which has not
     # run yet; a request arriving now (same loop step) finds one waiting, none running.
     await running.aclose()
