@@ -320,7 +320,7 @@ class Gateway:
                     raise _deadline(failures)
                 # A target with others after it gets a share of what is left, so a hung
                 # one cannot use up the whole deadline; the last one gets all of it.
-                cut = (None if not self._others_after(order, i, call, now)
+                cut = (None if not self._others_after(order, i, call, est, ctx, now)
                        else now + remaining * ATTEMPT_SHARE)
                 ticket: Ticket | None = None
                 meter = Meter()
@@ -375,12 +375,14 @@ class Gateway:
                 return result, _Attempt(target, attempts, ticket, meter, reason, started)
         raise self._exhausted(call, route, failures, next_open)
 
-    def _others_after(self, order: list[Target], i: int, call: Call, now: float) -> bool:
-        """Whether a target after ``order[i]`` may be tried now (it serves the operation
-        and its circuit lets calls through)."""
+    def _others_after(self, order: list[Target], i: int, call: Call, est: Estimate,
+                      ctx: Context, now: float) -> bool:
+        """Whether a target after ``order[i]`` may be tried now: it serves the operation,
+        its circuit lets calls through and, if local, it could answer in time."""
         for t in order[i + 1:]:
             if (self.providers[t.provider].supports(call.op)
-                    and self.health.circuit(t.key).available_at(now) <= now):
+                    and self.health.circuit(t.key).available_at(now) <= now
+                    and self._too_slow(t, est, ctx) is None):
                 return True
         return False
 
