@@ -3,7 +3,8 @@
     authenticate -> resolve route -> plan (strategy) -> arrange (host pressure)
     -> for each target:
         local deadline check -> circuit check -> budget reserve -> outbound limit
-        -> provider call (bounded by the request deadline)
+        -> provider call (bounded by the request deadline; by ``ATTEMPT_SHARE`` of the
+           time left when a later target could still answer, so a hung one fails over)
         -> on retryable failure: record health, retry with backoff (within the retry
            budget, honouring Retry-After) or fail over to the next target
 
