@@ -61,6 +61,17 @@ def test_retry_after_blocks_target_until_then() -> None:
     assert c.view(1.0).retry_in_s == 1.0
 
 
+def test_held_for_tells_a_retry_after_hold_from_an_open_circuit() -> None:
+    c = Circuit(failures_to_open=2, cooldown_s=60)
+    assert c.held_for_s(0) is None
+    c.failure(0, retry_after_s=5)
+    assert c.state is CircuitState.CLOSED and not c.try_acquire(1)
+    assert c.held_for_s(1) == 4  # closed: only the Retry-After holds it
+    assert c.held_for_s(5) is None and c.try_acquire(5)
+    c.failure(5, retry_after_s=5)
+    assert c.state is CircuitState.OPEN and c.held_for_s(6) is None  # the breaker does
+
+
 def test_retry_budget_caps_retries_to_ratio_of_traffic() -> None:
     clock = Clock()
     budget = RetryBudget(ratio=0.2, minimum=2, clock=clock)
