@@ -43,7 +43,7 @@ Messages never contain secrets or stack traces: they are written for the client.
 ``should_retry`` says whether the client may usefully send the same request again; it is
 sent as ``x-should-retry`` (which the OpenAI and Anthropic SDKs obey instead of their own
 status rules) on every error response, and as gRPC trailing metadata. Retrying helps when
-the condition passes (rate limits with a known wait, overload, draining, open circuits);
+the condition passes (rate limits, overload, draining, open circuits);
 it cannot when the request is bad, or the sidecar already tried every target within the
 client's deadline (502, 504): the SDK's retries would only stretch the deadline.
 """
