@@ -755,6 +755,36 @@ def test_sigkill_mid_flight_loses_no_recorded_spend_and_no_reservation_survives(
     assert spent(again.url, "forever") == recorded + PAID_COST
 
 
+@pytest.mark.parametrize("where", ["XDG_DATA_HOME", "HOME"])
+def test_the_default_ledger_is_one_file_whichever_directory_the_sidecar_starts_in(
+    fp: FakeProvider, start_sidecar: SidecarFactory, tmp_path: Path, where: str
+) -> None:
+    """No ``[state]``: the default path goes through the file's interpolation (and ``~``),
+    so a restart from another working directory counts on the same ledger."""
+    text = ledger_config(fp, tmp_path).replace("[state]", "").replace(
+        f'path = "{tmp_path}"', "")
+    assert "[state]" not in text and "path =" not in text
+    if where == "XDG_DATA_HOME":
+        env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+        ledger = tmp_path / "data" / "sidecar" / "ledger.sqlite3"
+    else:  # an empty XDG_DATA_HOME means unset, as in a shell
+        env = {"XDG_DATA_HOME": "", "HOME": str(tmp_path / "home")}
+        ledger = tmp_path / "home" / ".local" / "share" / "sidecar" / "ledger.sqlite3"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    fp.set_default("paid", paid_ok())
+    first = start_sidecar(text, env=env, cwd=one)
+    first.sdk().chat.completions.create(**chat_body("pd/paid"), max_tokens=2)
+    assert spent(first.url, "forever") == PAID_COST
+    first.stop()
+    second = start_sidecar(text, env=env, cwd=two)
+    assert spent(second.url, "forever") == PAID_COST
+    second.stop()
+    assert ledger.is_file()
+    assert [p.name for p in one.iterdir()] == [] and [p.name for p in two.iterdir()] == []
+
+
 def test_unwritable_ledger_is_a_startup_error_naming_the_path(
     fp: FakeProvider, tmp_path: Path
 ) -> None:
