@@ -365,7 +365,9 @@ def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
 def _expand_home(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """``data`` with a leading ``~`` of the ledger path replaced by the home directory."""
     state = data.get("state")
-    path = state.get("path") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        return data
+    path = state.get("path")
     if not isinstance(path, str) or not (path == "~" or path.startswith("~/")):
         return data
     home = env.get("HOME") or os.path.expanduser("~")
