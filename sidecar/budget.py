@@ -280,6 +280,10 @@ _SPEND = ("INSERT INTO spend VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
 _keys_codec = msgspec.json.Decoder(list[tuple[str, str, str]])
 
 
+_Write = tuple[str, Callable[[], object], Future[None]]
+"""A queued ledger write: what it is (for errors), its statements, its outcome."""
+
+
 class Recovered(msgspec.Struct, frozen=True):
     """What opening a ledger charged for the reservations a killed process left."""
 
@@ -298,7 +302,8 @@ class SQLiteBudgetStore:
     (:attr:`recovered` says how many and how much): the crashed call may have been billed.
     Settled ids are kept for a day so a replay does not count twice. The file is locked
     against a second process (SQLite's exclusive locking mode). Every write runs on one
-    dedicated thread, off the event loop; a call awaits only its own write.
+    dedicated thread, off the event loop; a call awaits only its own write, and the writes
+    queued while one commits commit together in the next transaction (group commit).
 
     ``synchronous = "NORMAL"`` (WAL) makes each commit survive a crash of the process;
     ``"FULL"`` also a crash of the host (an fsync per commit).
@@ -312,6 +317,8 @@ class SQLiteBudgetStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sidecar-ledger")
+        self._queue: list[_Write] = []
+        self._queue_lock = threading.Lock()
         self.recovered = Recovered()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,22 +352,60 @@ class SQLiteBudgetStore:
         self._db.execute("DELETE FROM reservation")
         return Recovered(len(rows), sum(amount for _, amount, _ in rows))
 
-    def _transaction(self, what: str, statements: Callable[[], object]) -> None:
-        """Run ``statements`` in one transaction (on the ledger thread)."""
+    def _write(self, what: str, statements: Callable[[], object]) -> Future[None]:
+        """Queue ``statements`` for the ledger thread; the future is done once they are
+        committed. Writes queued while one commits go together in the next transaction
+        (a group commit), in order, so a burst costs one commit, not one each."""
+        future: Future[None] = Future()
+        with self._queue_lock:
+            self._queue.append((what, statements, future))
+            first = len(self._queue) == 1
+        if first:
+            self._executor.submit(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        """Commit everything queued (on the ledger thread). When the group fails, each
+        write is retried alone, so only the ones that fail by themselves report it."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        batch = [w for w in batch if w[2].set_running_or_notify_cancel()]
+        if not batch:
+            return
+        try:
+            self._commit(batch)
+        except sqlite3.Error as e:
+            if len(batch) == 1:
+                batch[0][2].set_exception(self._unavailable(batch[0][0], e))
+                return
+            for write in batch:
+                try:
+                    self._commit([write])
+                except sqlite3.Error as e1:
+                    write[2].set_exception(self._unavailable(write[0], e1))
+                else:
+                    write[2].set_result(None)
+        else:
+            for _, _, future in batch:
+                future.set_result(None)
+
+    def _commit(self, batch: list[_Write]) -> None:
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            statements()
+            for _, statements, _ in batch:
+                statements()
             self._db.execute("COMMIT")
-        except sqlite3.Error as e:
+        except sqlite3.Error:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            raise LedgerUnavailable(
-                f"cannot write the budget ledger {self._path} ({what}): {e}"
-            ) from None
+            raise
+
+    def _unavailable(self, what: str, e: sqlite3.Error) -> LedgerUnavailable:
+        return LedgerUnavailable(f"cannot write the budget ledger {self._path} ({what}): {e}")
 
     def _write_spend(self, rid: str, keys: Sequence[BudgetKey], actual: int,
-                     settled: bool) -> None:
-        """Turn journalled reservation ``rid`` into ``actual`` spend (on the ledger thread)."""
+                     settled: bool) -> Future[None]:
+        """Turn journalled reservation ``rid`` into ``actual`` spend."""
         def statements() -> None:
             self._db.executemany(
                 _SPEND, [(k.budget, k.subject, k.window, actual) for k in keys])
@@ -368,24 +413,18 @@ class SQLiteBudgetStore:
                 self._db.execute("INSERT INTO settled VALUES (?, ?)", (rid, self._clock()))
             self._db.execute("DELETE FROM reservation WHERE rid = ?", (rid,))
 
-        self._transaction("settle", statements)
+        return self._write("settle" if settled else "expiry", statements)
 
     def _write_expired(self, gone: list[Expired]) -> None:
         """Write down what an expiry spent (called under the lock: queued, not awaited).
         If the write fails the rows stay, and the next start spends them the same."""
-        def write() -> None:
-            for rid, amount, keys in gone:
-                self._write_spend(rid, keys, amount, settled=False)
-
-        self._executor.submit(write).add_done_callback(_log_failure)
+        for rid, amount, keys in gone:
+            self._write_spend(rid, keys, amount, settled=False).add_done_callback(_log_failure)
 
     def _forget(self, rid: str) -> Future[None]:
         """Drop the journal row of ``rid`` (queued after any write of it)."""
-        def delete() -> None:
-            self._transaction("release", lambda: self._db.execute(
-                "DELETE FROM reservation WHERE rid = ?", (rid,)))
-
-        return self._executor.submit(delete)
+        return self._write("release", lambda: self._db.execute(
+            "DELETE FROM reservation WHERE rid = ?", (rid,)))
 
     async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]],
                       want_max: int, want_min: int, ttl_s: float) -> Reserved | NoRoom:
@@ -401,11 +440,8 @@ class SQLiteBudgetStore:
         row = (rid, amount, msgspec.json.encode([[k.budget, k.subject, k.window]
                                                  for k in keys]).decode())
 
-        def write() -> None:
-            self._transaction("reserve", lambda: self._db.execute(
-                "INSERT OR REPLACE INTO reservation VALUES (?, ?, ?)", row))
-
-        written = asyncio.wrap_future(self._executor.submit(write))
+        written = asyncio.wrap_future(self._write("reserve", lambda: self._db.execute(
+            "INSERT OR REPLACE INTO reservation VALUES (?, ?, ?)", row)))
         try:
             # Shielded: a cancelled caller will not call the provider, so the row is
             # dropped again below, after the write (never racing it).
@@ -436,7 +472,7 @@ class SQLiteBudgetStore:
                 else:
                     self._book.record(rid, keys, actual)
 
-        future = self._executor.submit(self._write_spend, rid, keys, actual, True)
+        future = self._write_spend(rid, keys, actual, settled=True)
         future.add_done_callback(recorded)
         await asyncio.wrap_future(future)
 
