@@ -148,7 +148,6 @@ Expired = tuple[str, int, tuple[BudgetKey, ...]]
 """An expired reservation: its id, amount and budget keys."""
 
 
-
 class _Book:
     """The shared bookkeeping of the in-process stores (memory, and SQLite's decisions)."""
 
