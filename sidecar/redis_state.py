@@ -223,15 +223,21 @@ return 1
 # KEYS: rid record.  ARGV: rid, prefix.
 _RELEASE = _PRELUDE + """
 local rid, prefix = ARGV[1], ARGV[2]
-local keys = redis.call('HGET', KEYS[1], 'keys')
-if not keys then
+local rec = redis.call('HMGET', KEYS[1], 'exp', 'keys')
+if not rec[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-for _, b in ipairs(cjson.decode(keys)) do
-  drop(prefix .. 'resv:' .. b, prefix .. 'resv-amt:' .. b, prefix .. 'reserved:' .. b, rid)
+local live = tonumber(rec[1]) > now_us()
+for _, b in ipairs(cjson.decode(rec[2])) do
+  local z, h, r = prefix .. 'resv:' .. b, prefix .. 'resv-amt:' .. b, prefix .. 'reserved:' .. b
+  if live then
+    drop(z, h, r, rid)
+  else  -- expired: spent at its amount, as for settle
+    purge(z, h, r, prefix .. 'spend:' .. b, now_us())
+  end
 end
-return 1
+return live and 1 or 0
 """
 
 # KEYS: 4 per budget key (as for reserve).  Returns spent, reserved per key, as strings.

@@ -169,12 +169,14 @@ async def test_an_expired_reservation_is_spent_at_its_amount(store: BudgetStore)
     assert await store.reserve("r2", [(G, 1000)], 1000, 1, 60) == Reserved(400)
 
 
-async def test_a_settle_after_the_expiry_changes_nothing(store: BudgetStore) -> None:
+async def test_a_settle_or_release_after_the_expiry_changes_nothing(store: BudgetStore) -> None:
     """Even when nothing else looked at the ledger since it expired."""
     await store.reserve("r1", [(G, 1000)], 100, 100, 0.1)
-    await asyncio.sleep(0.25)  # let it expire, with no other call in between
+    await store.reserve("r2", [(G, 1000)], 50, 50, 0.1)
+    await asyncio.sleep(0.25)  # let them expire, with no other call in between
     await store.settle("r1", 70)
-    assert (await store.totals([G]))[G] == Totals(100, 0)
+    await store.release("r2")
+    assert (await store.totals([G]))[G] == Totals(150, 0)
 
 
 async def test_totals_of_unknown_keys_are_zero(store: BudgetStore) -> None:
