@@ -18,6 +18,11 @@ The :class:`Accountant` is called by the gateway at four points of a request:
 * :meth:`~Accountant.settle` after a success (the actual cost from the usage, durably
   recorded before the answer goes out) or :meth:`~Accountant.release` after a failure.
 
+A reservation is durable before the provider is called (see :mod:`sidecar.budget`), so a
+crash between reserve and settle, or a settle or release the ledger could not take, costs
+the attempt's worst case (its reservation is spent when it expires, or when the SQLite
+ledger is opened again), never a lost charge.
+
 Free targets (local models, providers marked ``free``) never reserve. A paid target whose
 price is unknown cannot be bounded, so under a budget it is skipped like an exhausted one.
 """
@@ -355,7 +360,7 @@ class Accountant:
             if self._budgets_closed:
                 raise Unavailable(f"The answer's cost could not be recorded: {e}",
                                   retry_after_s=1.0) from None
-            log.warning("spend not recorded: %s", e)
+            log.warning("spend not recorded (its reservation will count as spent): %s", e)
         return actual
 
     async def release(self, ticket: Ticket | None) -> None:
@@ -364,8 +369,8 @@ class Accountant:
         assert self._store is not None
         try:
             await self._store.release(ticket.rid)
-        except LedgerUnavailable as e:  # the reservation expires on its own
-            log.warning("reservation not released: %s", e)
+        except LedgerUnavailable as e:  # it expires, spent at its worst case: never lost
+            log.warning("reservation not released (it will count as spent): %s", e)
 
     async def views(self, identity: str | None, auth: bool) -> list[BudgetView]:
         """Every budget's current window; with auth on, per-key budgets of ``identity`` only."""

@@ -3,8 +3,12 @@
 Contract:
 
 * :func:`load_config` reads a TOML file, replaces ``${VAR}`` / ``${VAR:-default}`` in every
-  string from the environment (the only place the environment is read), decodes the result
-  into :class:`Config` and checks cross references. Any problem raises :class:`ConfigError`
+  string from the environment (the only place the environment is read; as in a shell,
+  ``:-`` takes the default when the variable is unset or empty), decodes the result into
+  :class:`Config` and checks cross references. Defaults that hold ``${...}`` (the ledger
+  path) are filled in before the interpolation, so they get exactly the file's treatment,
+  and a leading ``~`` of the ledger path is expanded; :func:`default_config` goes the same
+  way. Any problem raises :class:`ConfigError`
   whose message starts with the path of the offending value, e.g.
   ``routes[0].targets[1].provider: unknown provider 'opnai'``.
 * Unknown keys are errors (``forbid_unknown_fields``), so a typo never becomes a silent
@@ -264,13 +268,18 @@ class BudgetConfig(_Base, frozen=True):
     """scope = "provider": only this provider; unset: every provider has its own."""
 
 
+#: Where the SQLite ledger lives when ``[state].path`` is not set; interpolated (and ``~``
+#: expanded) by :func:`parse_config` like a value of the file.
+DEFAULT_LEDGER_PATH = "${XDG_DATA_HOME:-~/.local/share}/sidecar/ledger.sqlite3"
+
+
 class StateConfig(_Base, frozen=True):
     """Where budgets and rate limits live."""
 
     backend: Literal["sqlite", "memory", "redis"] = "sqlite"
     """sqlite: durable, this host; memory: lost on restart; redis: shared by a fleet."""
-    path: str = "${XDG_DATA_HOME:-~/.local/share}/sidecar/ledger.sqlite3"
-    """The SQLite ledger (backend = "sqlite")."""
+    path: str = DEFAULT_LEDGER_PATH
+    """The SQLite ledger (backend = "sqlite"); a leading ``~`` is the home directory."""
     redis_url: str | None = None
     redis_prefix: str = "sidecar:"
     redis_timeout_s: PositiveFloat = 0.5
@@ -305,9 +314,10 @@ DEFAULT_LOCAL_MODEL = LocalModelConfig(
 )
 
 
-def default_config() -> Config:
-    """The embedded default: local inference with the default model, nothing remote."""
-    return Config(local_models=(DEFAULT_LOCAL_MODEL,))
+def default_config(env: dict[str, str] | None = None) -> Config:
+    """The embedded default: local inference with the default model, nothing remote (its
+    defaults interpolated like an empty file's)."""
+    return msgspec.structs.replace(parse_config({}, env), local_models=(DEFAULT_LOCAL_MODEL,))
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -318,10 +328,10 @@ def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
+            if default is not None:
+                return env.get(name) or default
             if name in env:
                 return env[name]
-            if default is not None:
-                return default
             raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
 
         return _VAR.sub(sub, value)
@@ -344,9 +354,30 @@ def _validation_message(err: msgspec.ValidationError) -> str:
     return f"{path}: {m.group('msg')}" if path else m.group("msg")
 
 
+def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the defaults that hold ``${...}`` filled in where the file has none."""
+    state = data.get("state", {})
+    if not isinstance(state, dict) or "path" in state:
+        return data  # a state that is not a table is reported by the decoding
+    return {**data, "state": {**state, "path": DEFAULT_LEDGER_PATH}}
+
+
+def _expand_home(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """``data`` with a leading ``~`` of the ledger path replaced by the home directory."""
+    state = data.get("state")
+    if not isinstance(state, dict):
+        return data
+    path = state.get("path")
+    if not isinstance(path, str) or not (path == "~" or path.startswith("~/")):
+        return data
+    home = env.get("HOME") or os.path.expanduser("~")
+    return {**data, "state": {**state, "path": home.rstrip("/") + path[1:]}}
+
+
 def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
     """Decode an already-parsed TOML document. Raises :class:`ConfigError`."""
-    data = _interpolate(data, "", dict(os.environ) if env is None else env)
+    env = dict(os.environ) if env is None else env
+    data = _expand_home(_interpolate(_with_defaults(data), "", env), env)
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as e:

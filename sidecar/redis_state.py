@@ -23,9 +23,8 @@ percent-escaped inside each part, so two different budget keys never share a nam
 * ``{prefix}resv:{b}`` (sorted set) -- reservation id -> expiry (Redis µs);
 * ``{prefix}resv-amt:{b}`` (hash) -- reservation id -> amount reserved;
 * ``{prefix}reserved:{b}`` (string) -- the sum of the live amounts, so a reserve costs O(1),
-  not O(concurrent requests). Expired entries are removed lazily by every script that reads
-  the key, so a crashed sidecar's reservation stops counting once it expires; these three
-  keys carry a Redis TTL past their last expiry, so an abandoned budget key disappears;
+  not O(concurrent requests). These three keys carry no Redis TTL: they are deleted when
+  their last reservation goes, and an expired reservation is never just dropped;
 * ``{prefix}rid:{rid}`` (hash, TTL = the reservation's) -- amount, expiry and budget keys of
   one reservation, so any sidecar can settle or release it by id;
 * ``{prefix}settled:{rid}`` (string, TTL one day) -- the marker that makes settle
@@ -42,12 +41,24 @@ primary (a proxy, or a name that failover updates). Replication is asynchronous,
 failover can lose the last writes the old primary acknowledged (spend may be under-counted
 by the requests settled in that moment).
 
+**A crashed sidecar.** Its reservations stay in Redis and keep counting as reserved (the
+budget's room is the same as if they were spent) until they expire, ``ttl_s`` after they
+were made (the gateway's longest request deadline plus a minute). An expired reservation is
+then **spent at its reserved amount**, the worst case of a call that may have been billed:
+every script that reads a budget key (reserve, totals, and settle of an expired id) first
+moves that key's expired entries from reserved to spent, atomically, on Redis's clock. So
+whichever sidecar of the fleet looks first, the result is the same, and a key nobody reads
+keeps them as reservations until someone does (nothing is lost meanwhile). A settle or
+release that arrives after the expiry changes nothing. The same happens to a reservation
+whose settle or release failed because Redis was unreachable: charged at its worst case,
+never lost.
+
 **Failures.** Any connection error, protocol error or time-out becomes
 :class:`~sidecar.budget.LedgerUnavailable` / :class:`~sidecar.limits.LimiterUnavailable`
 within about ``timeout_s``; the message names the Redis URL with its password replaced by
 ``***``. The connection pool reconnects on its own once Redis answers again. A call that
-timed out may still have been applied by Redis: a reserve then expires on its own, and
-settle/release are idempotent, so retrying them is safe.
+timed out may still have been applied by Redis: a reserve then expires (and is spent at its
+amount, see above), and settle/release are idempotent, so retrying them is safe.
 """
 
 from __future__ import annotations
@@ -93,9 +104,10 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
--- Drop the expired reservations of one budget key.
--- z: rid -> expiry; h: rid -> amount; r: sum of the amounts in h.
-local function purge(z, h, r, now)
+-- Spend the expired reservations of one budget key at their amounts: their sidecar died
+-- (or lost Redis) before it settled or released them, and the call may have been billed.
+-- z: rid -> expiry; h: rid -> amount; r: sum of the amounts in h; s: the key's spend.
+local function purge(z, h, r, s, now)
   local gone = redis.call('ZRANGEBYSCORE', z, '-inf', int(now))
   if #gone > 0 then
     local sum = 0
@@ -105,6 +117,7 @@ local function purge(z, h, r, now)
     end
     redis.call('ZREMRANGEBYSCORE', z, '-inf', int(now))
     redis.call('DECRBY', r, int(sum))
+    redis.call('INCRBY', s, int(sum))
   end
   -- No live reservation left: the sum is zero by definition (this also heals any drift).
   if redis.call('ZCARD', z) == 0 then
@@ -140,7 +153,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 for i = 0, n - 1 do
   local b = 3 + 4 * i
-  purge(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], now)
+  purge(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b], now)
 end
 local rec = redis.call('HMGET', KEYS[1], 'amount', 'exp')
 if rec[1] and tonumber(rec[2]) > now then
@@ -170,14 +183,6 @@ for i = 0, n - 1 do
   redis.call('ZADD', z, int(exp), rid)
   redis.call('HSET', h, rid, int(amount))
   redis.call('INCRBY', r, int(amount))
-  local keep = ttl_ms + 1000
-  local cur = redis.call('PTTL', z)
-  if cur > keep then
-    keep = cur
-  end
-  for _, k in ipairs({z, h, r}) do
-    redis.call('PEXPIRE', k, int(keep))
-  end
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'amount', int(amount), 'exp', int(exp), 'keys', ARGV[6])
@@ -200,9 +205,12 @@ end
 redis.call('DEL', KEYS[1])
 local live = tonumber(rec[1]) > now
 for _, b in ipairs(cjson.decode(rec[2])) do
-  drop(prefix .. 'resv:' .. b, prefix .. 'resv-amt:' .. b, prefix .. 'reserved:' .. b, rid)
+  local z, h, r = prefix .. 'resv:' .. b, prefix .. 'resv-amt:' .. b, prefix .. 'reserved:' .. b
   if live then
+    drop(z, h, r, rid)
     redis.call('INCRBY', prefix .. 'spend:' .. b, actual)
+  else  -- expired: spent at its amount, as any reader of the key would find it
+    purge(z, h, r, prefix .. 'spend:' .. b, now)
   end
 end
 if not live then
@@ -215,15 +223,21 @@ return 1
 # KEYS: rid record.  ARGV: rid, prefix.
 _RELEASE = _PRELUDE + """
 local rid, prefix = ARGV[1], ARGV[2]
-local keys = redis.call('HGET', KEYS[1], 'keys')
-if not keys then
+local rec = redis.call('HMGET', KEYS[1], 'exp', 'keys')
+if not rec[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-for _, b in ipairs(cjson.decode(keys)) do
-  drop(prefix .. 'resv:' .. b, prefix .. 'resv-amt:' .. b, prefix .. 'reserved:' .. b, rid)
+local live = tonumber(rec[1]) > now_us()
+for _, b in ipairs(cjson.decode(rec[2])) do
+  local z, h, r = prefix .. 'resv:' .. b, prefix .. 'resv-amt:' .. b, prefix .. 'reserved:' .. b
+  if live then
+    drop(z, h, r, rid)
+  else  -- expired: spent at its amount, as for settle
+    purge(z, h, r, prefix .. 'spend:' .. b, now_us())
+  end
 end
-return 1
+return live and 1 or 0
 """
 
 # KEYS: 4 per budget key (as for reserve).  Returns spent, reserved per key, as strings.
@@ -232,7 +246,7 @@ local now = now_us()
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
   local b = 1 + 4 * i
-  purge(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], now)
+  purge(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b], now)
   out[#out + 1] = redis.call('GET', KEYS[b]) or '0'
   out[#out + 1] = redis.call('GET', KEYS[b + 3]) or '0'
 end

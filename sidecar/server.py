@@ -35,6 +35,7 @@ from sidecar.gateway import Gateway
 from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.limits import MemoryRateLimiter, RateLimiter
+from sidecar.pricing import format_usd
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider
 from sidecar.providers.local import LocalProvider
@@ -100,7 +101,12 @@ def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
         return None, MemoryRateLimiter()
     if state.backend == "memory":
         return MemoryBudgetStore(), MemoryRateLimiter()
-    return SQLiteBudgetStore(Path(state.path).expanduser()), MemoryRateLimiter()
+    ledger = SQLiteBudgetStore(Path(state.path).expanduser())
+    if ledger.recovered.reservations:
+        print(f"sidecar: charged {ledger.recovered.reservations} reservations of a previous "
+              f"run at their reserved amount ({format_usd(ledger.recovered.micro_usd)} USD): "
+              "their calls were in flight when it stopped", file=sys.stderr, flush=True)
+    return ledger, MemoryRateLimiter()
 
 
 def build_gateway(config: Config) -> Gateway:

