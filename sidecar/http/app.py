@@ -195,7 +195,8 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
         gateway.authenticate(api_key(request.headers))
-        return Response(_encoder.encode(_status(gateway)), media_type=_JSON)
+        return Response(gateway.redact.data(_encoder.encode(_status(gateway))),
+                        media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:
@@ -212,8 +213,8 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         local = gateway.providers.get(LOCAL_PROVIDER)
         if isinstance(local, LocalProvider):
             body["local_models"] = local.pool.status()
-        return Response(_encoder.encode(body), status_code=200 if ready else 503,
-                        media_type=_JSON)
+        return Response(gateway.redact.data(_encoder.encode(body)),
+                        status_code=200 if ready else 503, media_type=_JSON)
 
     def on_sidecar_error(request: Request[Any, Any, Any], exc: SidecarError) -> Response[bytes]:
         return error_response(exc, getattr(request.state, "request_id", None))
