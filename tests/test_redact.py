@@ -7,6 +7,7 @@ import base64
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -22,7 +23,7 @@ from sidecar.redact import (
     secrets_of,
     short_secrets,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 OPENAI_KEY = "sk-openai-secret-0001"
 ANTHROPIC_KEY = "sk-ant-secret/0002+x"
@@ -158,3 +159,23 @@ def test_install_redacts_log_records_and_std_streams() -> None:
     assert OPENAI_KEY not in both
     assert both.count(REDACTED) == 5, both
     assert "ValueError" in out.stderr  # the traceback is still there
+
+
+def test_check_warns_about_short_secrets_and_hides_url_credentials(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(f"""
+        [server]
+        api_keys = ["k1"]
+
+        [[providers]]
+        name = "p"
+        type = "openai"
+        base_url = "https://{URL_USER}:{URL_PW}@proxy.example/v1"
+        api_key = "{OPENAI_KEY}"
+    """))
+    out = run_cli("check", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert f"https://{REDACTED}@proxy.example/v1" in out.stdout
+    assert URL_PW not in out.stdout + out.stderr and OPENAI_KEY not in out.stdout
+    assert "warning: server.api_keys[0] is shorter than 8 characters" in out.stderr
+    assert "api_key " not in out.stderr  # long enough: no warning
