@@ -37,12 +37,11 @@ body on the development machine (``python benchmarks/redact_cost.py``).
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import re
 import sys
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 import msgspec
@@ -216,8 +215,9 @@ class Redactor:
 _REDACTED_BYTES = REDACTED.encode()
 
 
-class _RedactingStream(io.TextIOBase):
-    """A text stream that redacts what is written and passes it to ``inner``."""
+class _RedactingStream:
+    """A text stream that redacts what is written and passes it to ``inner``; everything
+    else (``fileno``, ``encoding``, ``isatty``...) is ``inner``'s."""
 
     def __init__(self, inner: TextIO, redactor: Redactor) -> None:
         self._inner = inner
@@ -227,17 +227,12 @@ class _RedactingStream(io.TextIOBase):
         self._inner.write(self._redactor.text(s))
         return len(s)
 
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         self._inner.flush()
-
-    def fileno(self) -> int:
-        return self._inner.fileno()
-
-    def isatty(self) -> bool:
-        return self._inner.isatty()
-
-    def writable(self) -> bool:
-        return True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -274,6 +269,6 @@ def install(redactor: Redactor) -> None:
 
     logging.setLogRecordFactory(make_record)
     if not isinstance(sys.stdout, _RedactingStream):
-        sys.stdout = _RedactingStream(sys.stdout, redactor)
+        sys.stdout = cast(TextIO, _RedactingStream(sys.stdout, redactor))
     if not isinstance(sys.stderr, _RedactingStream):
-        sys.stderr = _RedactingStream(sys.stderr, redactor)
+        sys.stderr = cast(TextIO, _RedactingStream(sys.stderr, redactor))

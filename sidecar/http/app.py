@@ -190,7 +190,8 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
         identity = gateway.authenticate(api_key(request.headers))
         views = await gateway.accountant.views(identity, gateway.auth)
-        return Response(_encoder.encode({"object": "list", "data": views}), media_type=_JSON)
+        body = _encoder.encode({"object": "list", "data": views})
+        return Response(gateway.redact.data(body), media_type=_JSON)
 
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
