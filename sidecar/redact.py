@@ -11,10 +11,11 @@ composition root (:mod:`sidecar.server`) and applied where text leaves:
 * the status endpoints' bodies;
 * the process's log records (a record factory) and its stdout/stderr (:func:`install`).
 
-What is secret (:func:`secrets_of`): provider ``api_key``\\ s, the values of provider
+What is secret (:func:`secrets_of`): provider ``api_key`` values, the values of provider
 ``headers`` (and the token after a ``Bearer``/``Basic`` scheme in them), client keys
-(``server.api_keys``, ``[[keys]].key``), the password in ``state.redis_url`` and the
-userinfo of a provider ``base_url`` (the password, or a lone user name).
+(``server.api_keys``, ``[[keys]].key``), and in ``state.redis_url`` and provider
+``base_url`` values: the userinfo (the password, or a lone user name) and the values of query
+parameters named like ``pass``/``key``/``token``/``secret``/``sig``.
 
 Forms searched for each secret: the text itself, its URL-encoded forms (``%XX`` upper and
 lower case, ``+`` for spaces), its JSON-escaped form (with ``\\/`` too), its base64 (standard
@@ -42,7 +43,7 @@ import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO, cast
-from urllib.parse import quote, quote_plus, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 import msgspec
 
@@ -54,6 +55,8 @@ MIN_SECRET_LEN = 8
 """Secrets shorter than this are not searched for (documented; ``sidecar check`` warns)."""
 
 _SCHEMES = ("bearer ", "basic ", "token ")
+_SECRET_PARAM = re.compile(r"pass|key|token|secret|sig", re.IGNORECASE)
+"""Query parameters of a URL whose values are secrets (``?password=``, ``?api-key=``)."""
 _SHORT = 256
 """Below this length a text is searched with one compiled pattern (see :class:`Redactor`)."""
 
@@ -72,15 +75,20 @@ def _userinfo(url: str) -> tuple[str | None, str | None]:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its userinfo (``user:password@``) replaced by ``[redacted]@``."""
+    """``url`` with its userinfo (``user:password@``) and the values of its secret query
+    parameters (see :func:`secrets_of`) replaced by ``[redacted]``."""
     try:
         parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return REDACTED
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{REDACTED}@{host}").geturl()
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc=f"{REDACTED}@{parts.netloc.rpartition('@')[2]}")
+    if any(_SECRET_PARAM.search(name) for name, _ in query):
+        parts = parts._replace(query="&".join(
+            f"{quote_plus(name)}={REDACTED if _SECRET_PARAM.search(name) else quote_plus(v)}"
+            for name, v in query))
+    return parts.geturl()
 
 
 def secrets_of(config: Config) -> list[tuple[str, str]]:
@@ -98,6 +106,13 @@ def secrets_of(config: Config) -> list[tuple[str, str]]:
                 out.append((f"{where} (user:password)", f"{user}:{password}"))
         elif user:
             out.append((f"{where} (user)", user))
+        try:
+            query = parse_qsl(urlsplit(url).query, keep_blank_values=False)
+        except ValueError:
+            query = []
+        for name, value in query:
+            if _SECRET_PARAM.search(name):
+                out.append((f"{where} (query {name})", value))
 
     for i, p in enumerate(config.providers):
         if p.api_key:

@@ -59,6 +59,16 @@ def test_every_configured_secret_is_found() -> None:
     assert URL_USER not in values  # a user name beside a password is not the secret
 
 
+def test_secrets_in_url_queries() -> None:
+    cfg = config(state={"backend": "redis",
+                        "redis_url": "rediss://cache:6380/0?password=query-pass-0008&db=0"})
+    cfg = msgspec.structs.replace(cfg, providers=(msgspec.structs.replace(
+        cfg.providers[0], base_url="https://az.example/v1?api-key=query-key-0009&v=2024"),))
+    r = Redactor.from_config(cfg)
+    assert r.text("q=query-pass-0008 k=query-key-0009 v=2024") == \
+        f"q={REDACTED} k={REDACTED} v=2024"
+
+
 def test_plain_bearer_and_header_echoes_are_redacted() -> None:
     r = Redactor.from_config(config())
     for secret in (OPENAI_KEY, ANTHROPIC_KEY, HEADER, CLIENT, NAMED, REDIS_PW, URL_PW):
@@ -131,6 +141,8 @@ def test_redact_url() -> None:
         f"https://{REDACTED}@host:8443/v1?x=1"
     assert redact_url("https://token@host/v1") == f"https://{REDACTED}@host/v1"
     assert redact_url("https://api.openai.com/v1") == "https://api.openai.com/v1"
+    assert redact_url("https://az.example/v1?api-version=1&api-key=k%2B1") == \
+        f"https://az.example/v1?api-version=1&api-key={REDACTED}"
 
 
 def test_install_redacts_log_records_and_std_streams() -> None:
