@@ -17,6 +17,7 @@ import msgspec
 
 from sidecar.budget import LedgerUnavailable
 from sidecar.config import Config, ConfigError, default_config, load_config
+from sidecar.redact import MIN_SECRET_LEN, redact_url, short_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8088"
 
@@ -53,7 +54,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config OK: {len(config.providers)} providers, {len(config.routes)} routes, "
           f"{len(config.local_models)} local models")
     for p in config.providers:
-        print(f"  provider {p.name:<16} {type(p).__name__:<18} {p.base_url}")
+        print(f"  provider {p.name:<16} {type(p).__name__:<18} {redact_url(p.base_url)}")
     for r in config.routes:
         targets = " -> ".join(
             f"{t.provider}/{t.model}" + (f" (w={t.weight:g})" if r.strategy == "weighted" else "")
@@ -66,6 +67,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  local    {m.name:<16} {source} (n_ctx {m.n_ctx} x {m.n_parallel})")
     for d in config.local.model_dirs:
         print(f"  local    {'*.gguf':<16} scanned in {d}")
+    for where in short_secrets(config):
+        print(f"warning: {where} is shorter than {MIN_SECRET_LEN} characters, so it is not "
+              "redacted from errors and logs", file=sys.stderr)
     return 0
 
 

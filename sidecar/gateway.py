@@ -72,6 +72,7 @@ from sidecar.pressure import LocalLoad, Pressure, arrange, late_eta_s
 from sidecar.pricing import FREE, format_usd
 from sidecar.pricing import cost as cost_of
 from sidecar.providers.base import Provider, Reply
+from sidecar.redact import Redactor
 from sidecar.routing import Route, Router, Target, plan
 from sidecar.strategies import TargetTracker
 from sidecar.types import Call, Meter
@@ -158,13 +159,17 @@ class Gateway:
         local_models: Iterable[str] = (),
         local_load: Callable[[str], LocalLoad | None] | None = None,
         host: HostWatch | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         """``providers`` by name (``local`` included when there are local models, whose
         names are ``local_models`` and whose queues ``local_load`` reports); ``accountant``
         applies budgets and rate limits (by default an in-memory one, enough when no
         budgets are configured); ``host`` says whether the host is under pressure (none:
-        never)."""
+        never); ``redactor`` takes configured secrets out of every error, body and frame
+        that :meth:`complete` and :meth:`stream` return or raise (by default one built from
+        ``config``)."""
         self._config = config
+        self.redact = redactor if redactor is not None else Redactor.from_config(config)
         self._routing = config.routing
         self.providers = dict(providers)
         self.router = Router(config, self.providers, local_models)
@@ -226,7 +231,31 @@ class Gateway:
 
     async def complete(self, call: Call, ctx: Context) -> Completed:
         """Serve a non-stream call. Its cost is recorded before this returns. Raises
-        :class:`SidecarError`."""
+        :class:`SidecarError`. Secrets are redacted from the error or the reply body."""
+        try:
+            done = await self._complete(call, ctx)
+        except SidecarError as e:
+            self.redact.error(e)  # in place: the same exception goes on, redacted
+            raise
+        body = self.redact.data(done.reply.body)
+        if body is not done.reply.body:
+            done.reply = msgspec.structs.replace(done.reply, body=body)
+        return done
+
+    async def stream(self, call: Call, ctx: Context) -> Streaming:
+        """Serve a stream call; returns once the first frame has arrived, so a target that
+        fails before its first token is replaced without the client seeing it. Secrets
+        are redacted from the error or from each frame."""
+        try:
+            streaming = await self._stream(call, ctx)
+        except SidecarError as e:
+            self.redact.error(e)  # in place: the same exception goes on, redacted
+            raise
+        if self.redact:
+            streaming.frames = _redacted(streaming.frames, self.redact)
+        return streaming
+
+    async def _complete(self, call: Call, ctx: Context) -> Completed:
         route, est = await self._admit(call, ctx)
 
         async def attempt(provider: Provider, target: Target, timeout_s: float, call: Call,
@@ -239,9 +268,7 @@ class Gateway:
         cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
         return Completed(done.target.key, done.attempts, done.reason, cost, reply)
 
-    async def stream(self, call: Call, ctx: Context) -> Streaming:
-        """Serve a stream call; returns once the first frame has arrived, so a target that
-        fails before its first token is replaced without the client seeing it."""
+    async def _stream(self, call: Call, ctx: Context) -> Streaming:
         route, est = await self._admit(call, ctx)
 
         async def attempt(
@@ -584,6 +611,16 @@ class Gateway:
             await self.host.aclose()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()),
                              self.accountant.aclose())
+
+
+async def _redacted(frames: AsyncIterator[bytes], redact: Redactor) -> AsyncIterator[bytes]:
+    """``frames`` with secrets redacted; closing it closes ``frames``."""
+    try:
+        async for frame in frames:
+            yield redact.data(frame)
+    finally:
+        if isinstance(frames, AsyncGenerator):
+            await frames.aclose()
 
 
 def _note(reasons: list[str], reason: str) -> None:

@@ -40,6 +40,8 @@ from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider
 from sidecar.providers.local import LocalProvider
 from sidecar.providers.openai import OpenAICompatible
+from sidecar.redact import Redactor
+from sidecar.redact import install as install_redaction
 
 log = logging.getLogger("sidecar")
 
@@ -109,9 +111,10 @@ def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
     return ledger, MemoryRateLimiter()
 
 
-def build_gateway(config: Config) -> Gateway:
+def build_gateway(config: Config, redactor: Redactor | None = None) -> Gateway:
     """Must run inside the event loop that will serve requests. Reports local models that
-    cannot be used on stderr; the rest of the sidecar serves regardless."""
+    cannot be used on stderr; the rest of the sidecar serves regardless. ``redactor``
+    (default: one built from ``config``) takes secrets out of what the gateway returns."""
     providers = {p.name: build_provider(p) for p in config.providers}
     names: list[str] = []
     local: LocalProvider | None = None
@@ -141,7 +144,8 @@ def build_gateway(config: Config) -> Gateway:
     )
     return Gateway(config, providers, local_models=names,
                    accountant=Accountant(config, store, limiter),
-                   local_load=None if local is None else local.load, host=host)
+                   local_load=None if local is None else local.load, host=host,
+                   redactor=redactor)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -158,8 +162,14 @@ async def run(config: Config) -> None:
     """Serve until a stop signal. Prints ``sidecar: http listening on HOST:PORT`` once
     both front ends accept connections (tests and scripts wait for that line), then
     ``sidecar: grpc listening on ADDRESS`` for each gRPC listener (``HOST:PORT``,
-    ``unix:PATH``; none when ``grpc_port`` is 0 and no ``uds`` is set)."""
-    gateway = build_gateway(config)
+    ``unix:PATH``; none when ``grpc_port`` is 0 and no ``uds`` is set).
+
+    Configured secrets are redacted from everything that leaves the process (see
+    :mod:`sidecar.redact`): log records and stdout/stderr from here on, and what the
+    gateway returns."""
+    redactor = Redactor.from_config(config)
+    install_redaction(redactor)
+    gateway = build_gateway(config, redactor)
     if gateway.host is not None:
         await gateway.host.start()
     server_cfg = config.server
@@ -190,6 +200,8 @@ async def run(config: Config) -> None:
             timeout_keep_alive=30,
         )
     )
+    if server_cfg.access_log:  # its lines are INFO records, below the level set above
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -193,12 +193,14 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
         identity = gateway.authenticate(api_key(request.headers))
         views = await gateway.accountant.views(identity, gateway.auth)
-        return Response(_encoder.encode({"object": "list", "data": views}), media_type=_JSON)
+        body = _encoder.encode({"object": "list", "data": views})
+        return Response(gateway.redact.data(body), media_type=_JSON)
 
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
         gateway.authenticate(api_key(request.headers))
-        return Response(_encoder.encode(_status(gateway)), media_type=_JSON)
+        return Response(gateway.redact.data(_encoder.encode(_status(gateway))),
+                        media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:
@@ -215,8 +217,8 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         local = gateway.providers.get(LOCAL_PROVIDER)
         if isinstance(local, LocalProvider):
             body["local_models"] = local.pool.status()
-        return Response(_encoder.encode(body), status_code=200 if ready else 503,
-                        media_type=_JSON)
+        return Response(gateway.redact.data(_encoder.encode(body)),
+                        status_code=200 if ready else 503, media_type=_JSON)
 
     def on_sidecar_error(request: Request[Any, Any, Any], exc: SidecarError) -> Response[bytes]:
         return error_response(exc, getattr(request.state, "request_id", None))

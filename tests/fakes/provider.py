@@ -60,6 +60,7 @@ import msgspec
 __all__ = [
     "Behaviour",
     "Disconnect",
+    "Echo",
     "FakeProvider",
     "Garbage",
     "Hang",
@@ -69,6 +70,7 @@ __all__ = [
     "Status",
     "StreamError",
     "disconnect",
+    "echo",
     "garbage",
     "hang",
     "ok",
@@ -177,7 +179,55 @@ class StreamError(_BehaviourBase, tag="stream_error"):
     message: str | None = None
 
 
-Behaviour: TypeAlias = Ok | Status | Hang | SlowDrip | Reset | Garbage | Disconnect | StreamError
+# --- Echo: a leaky upstream that echoes the credentials it received ----------------------
+
+
+class Echo(_BehaviourBase, tag="echo"):
+    """Echo what the request carried (its ``authorization`` and ``x-api-key`` headers and
+    all its headers, see :func:`echo_text`) back, as a leaky upstream or proxy would.
+
+    ``where="error"``: HTTP ``status`` with the echo as the error message (stream or not);
+    ``"ok"``: a normal 200 answer whose text is the echo (a stream sends it in one delta),
+    and whose non-stream JSON body also has it under ``"echo"`` (embeddings carry no text);
+    ``"stream_error"``: a stream sends the preamble, one delta, then an error event whose
+    message is the echo (non-stream: like ``"error"``)."""
+
+    where: Literal["error", "ok", "stream_error"] = "error"
+    status: Annotated[int, msgspec.Meta(ge=100, le=999)] = 500
+
+
+def echo(where: Literal["error", "ok", "stream_error"] = "error", *, code: int = 500) -> Echo:
+    return Echo(where=where, status=code)
+
+
+def echo_text(headers: dict[str, str]) -> str:
+    """What :class:`Echo` sends back for a request with ``headers``."""
+    return (f"echo: authorization={headers.get('authorization')!r} "
+            f"x-api-key={headers.get('x-api-key')!r} headers={_encode(headers).decode()}")
+
+
+def _echoed(b: Echo, headers: dict[str, str]) -> Behaviour:
+    """The behaviour that renders :class:`Echo` ``b`` for a request with ``headers``."""
+    text = echo_text(headers)
+    if b.where == "ok":
+        return Ok(text=text, chunks=1)
+    if b.where == "stream_error":
+        return StreamError(after_chunks=1, status=b.status, message=text)
+    return Status(status=b.status, message=text)
+
+
+def _with_echo(body: bytes, headers: dict[str, str]) -> bytes:
+    """A JSON answer ``body`` with the echo under ``"echo"``."""
+    obj = _decode(body)
+    return _encode({**obj, "echo": echo_text(headers)}) if isinstance(obj, dict) else body
+
+
+# --- end of Echo ------------------------------------------------------------------------
+
+
+Behaviour: TypeAlias = (
+    Ok | Status | Hang | SlowDrip | Reset | Garbage | Disconnect | StreamError | Echo
+)
 
 
 def ok(
@@ -252,7 +302,9 @@ def stream_error(
     return StreamError(after_chunks=after_chunks, status=code, message=message)
 
 
-_BEHAVIOUR_TYPES: Final = (Ok, Status, Hang, SlowDrip, Reset, Garbage, Disconnect, StreamError)
+_BEHAVIOUR_TYPES: Final = (
+    Ok, Status, Hang, SlowDrip, Reset, Garbage, Disconnect, StreamError, Echo
+)
 
 
 def _as_behaviour(b: Behaviour | dict[str, Any]) -> Behaviour:
@@ -1335,6 +1387,9 @@ class _Server:
             await conn.drain()
             return keep, "completed"
 
+        echoed = isinstance(b, Echo) and b.where == "ok" and not stream
+        if isinstance(b, Echo):
+            b = _echoed(b, req.headers)
         if isinstance(b, Disconnect):
             fin("disconnected")
             conn.close()
@@ -1399,6 +1454,8 @@ class _Server:
             await conn.drain()
             return keep, "completed"
 
+        if echoed:
+            plan.body = _with_echo(plan.body, req.headers)
         if not stream:
             if isinstance(b, SlowDrip):
                 conn.write(
