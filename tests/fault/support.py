@@ -85,8 +85,8 @@ def raw_request(
 
 
 def assert_envelope(r: RawResponse) -> dict[str, Any]:
-    """``r`` is a 4xx whose body is OpenAI's error envelope; returns the error object."""
-    assert 400 <= r.status < 500, r
+    """``r`` is an error whose body is OpenAI's error envelope; returns the error object."""
+    assert r.status >= 400, r
     try:
         obj = r.json()
     except ValueError:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import SidecarProcess
@@ -35,7 +35,7 @@ from tests.fault.support import (
 
 CLIENT_KEY = "sk-fuzz-client-key"
 AUTH = (b"authorization", b"Bearer " + CLIENT_KEY.encode())
-MAX_BODY = 256 * 1024
+MAX_BODY = 1024 * 1024
 EXAMPLES = int(os.environ.get("SIDECAR_FUZZ_EXAMPLES", "200"))
 
 FUZZ = settings(
@@ -280,6 +280,9 @@ def test_post_bodies(sidecar: SidecarProcess, fp: FakeProvider, path: str,
     @FUZZ
     @given(body=bodies(near_valid))
     def case(body: bytes) -> None:
+        # Within the body limit: past it the sidecar answers 413 and closes while the rest
+        # is still being sent, so the client may see a reset instead (TCP, not the sidecar).
+        assume(len(body) <= MAX_BODY)
         check(_post(sidecar, path, body), body)
 
     case()
