@@ -7,9 +7,10 @@ under a bounded load, and what must hold afterwards (issue 11):
   SSE error event, the exit is clean and nothing logs a traceback;
 * sidecar SIGKILL: clients see the connection end (no hang), a restart on the same ledger
   serves, and the spend of the paid calls in flight at the kill is not lost;
-* worker SIGKILL/SIGTERM with 6 requests in flight (past ``circuit_failures``): those fail
-  with a retryable error (the process survives), one death is one health event, so the next
-  request gets a new worker within 10 s and is served (no open circuit)."""
+* worker SIGKILL/SIGTERM with 6 requests in flight (past ``circuit_failures``): each is
+  served or fails with a retryable error (the process survives); one death is one health
+  event, so the next request gets a new worker within 10 s and is served (no open
+  circuit)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ from tests.fault.support import assert_envelope, follow_output, raw_request, tra
 
 HI = [{"role": "user", "content": "hi"}]
 GRACE_S = 6.0
+DRAIN_S = 2.0
 
 
-def _remote(fake: FakeProvider, extra: str = "") -> str:
+def _remote(fake: FakeProvider, extra: str = "", server: str = "") -> str:
     return f"""
         [server]
         shutdown_grace_s = {GRACE_S}
+        {server}
         [routing]
         retries = 0
         circuit_failures = 1000
@@ -65,7 +68,7 @@ def _chat(sc: SidecarProcess, model: str, timeout: float = 30, **extra: Any) -> 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones_with_503(
     start_sidecar: Callable[..., SidecarProcess], fake: FakeProvider
 ) -> None:
-    sc = start_sidecar(_remote(fake))
+    sc = start_sidecar(_remote(fake, server=f"drain_delay_s = {DRAIN_S}"))
     follow_output(sc)
     n = 8
     fake.set_default("slow", ok(delay_s=1.5))
@@ -75,7 +78,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones_with_503(
         sc.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         # During the drain delay the listener stays open: readiness says 503 (poll until
-        # the signal has been handled; a refused connection fails the test).
+        # the signal has been handled; a refused connection fails the test) ...
         while True:
             try:
                 ready = httpx.get(sc.url + "/readyz", timeout=5)
@@ -85,14 +88,20 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones_with_503(
                 break
             assert time.monotonic() - signalled < 1.0, "SIGTERM was not acted on within 1 s"
         assert ready.status_code == 503, ready.text
-        try:
-            refused = raw_request(sc.port, "POST", "/v1/chat/completions",
-                                  json.dumps({"model": "p/slow", "messages": HI}).encode())
-        except OSError as e:
-            pytest.fail(f"a new request during the drain: {e!r}, not 503 + Retry-After")
-        assert refused.status == 503, refused
-        assert int(refused.headers["retry-after"]) >= 1
-        assert_envelope(refused)
+        # ... and every new request gets 503 + Retry-After, for the whole delay.
+        probes = 0
+        while time.monotonic() - signalled < DRAIN_S - 0.5:
+            try:
+                refused = raw_request(sc.port, "POST", "/v1/chat/completions",
+                                      json.dumps({"model": "p/slow", "messages": HI}).encode())
+            except OSError as e:
+                pytest.fail(f"a new request {time.monotonic() - signalled:.2f}s into the "
+                            f"drain: {e!r}, not 503 + Retry-After")
+            assert refused.status == 503, refused
+            assert int(refused.headers["retry-after"]) >= 1
+            assert_envelope(refused)
+            probes += 1
+        assert probes >= 1
         answers = [f.result(timeout=GRACE_S + 10) for f in futures]
         finished = time.monotonic() - signalled
     assert [a.status_code for a in answers] == [200] * n, [a.text for a in answers]
@@ -232,14 +241,14 @@ def test_worker_death_under_load_is_one_event_and_the_model_comes_back(
             poll(lambda: sum(worker.cpu_times()[:2]) > idle_cpu + 0.3, within=60)
         finally:
             worker.send_signal(sig)
+        in_flight = sum(not f.done() for f in futures)
         answers = [f.result(timeout=120) for f in futures]
     poll(lambda: gone(worker), within=10)
     for a in answers:  # served, or failed with a retryable error in OpenAI's envelope
         assert a.status_code in (200, 502, 503), a.text
         if a.status_code != 200:
             assert a.json()["error"]["message"], a.text
-    failed = sum(a.status_code != 200 for a in answers)
-    assert failed >= 5, f"{failed} requests were in flight on the dying worker, not 5 or more"
+    assert in_flight == LOAD, f"only {in_flight} requests were in flight at the death"
     assert sc.proc.poll() is None
     # One death is one event: the next request is served by a new worker, not refused by
     # an open circuit, within 10 s.
