@@ -164,7 +164,7 @@ def test_fault_gets_a_clean_answer_within_the_deadline(
     except httpx.TransportError as e:
         pytest.fail(f"{fault}: the connection was cut without an answer: {e!r}")
     took = time.monotonic() - t0
-    assert took < DEADLINE_S + 1.5, f"{fault}: answered after {took:.1f}s"
+    assert took < DEADLINE_S + 2.5, f"{fault}: answered after {took:.1f}s"
     _assert_clean(r, content, stream, fault)
     assert not tracebacks(sidecar.output), tracebacks(sidecar.output)[0]
 
