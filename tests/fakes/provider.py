@@ -2,7 +2,8 @@
 
 It speaks enough of the OpenAI and Anthropic wire formats for the official SDKs to parse
 its answers, and every request can be scripted to misbehave (error statuses, hangs, slow
-drips, TCP resets, garbage, disconnects). It is built on plain ``asyncio.start_server``
+drips, TCP resets, garbage, disconnects, redirects, JSON of the wrong shape, impossible
+usage). It is built on plain ``asyncio.start_server``
 with its own tiny HTTP parser so that faults are exact at the byte and socket level.
 
 Endpoints (API):
