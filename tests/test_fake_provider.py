@@ -28,10 +28,12 @@ from tests.fakes.provider import (
     garbage,
     hang,
     ok,
+    redirect,
     reset,
     slow_drip,
     status,
     stream_error,
+    wrong_shape,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -496,6 +498,50 @@ def test_openai_stream_error_event(fp: FakeProvider, oai: openai.OpenAI) -> None
         for c in oai.chat.completions.create(model="m", messages=MSGS, stream=True):  # type: ignore[arg-type]
             got.append(c.choices[0].delta.content or "")
     assert "".join(got) == "Hell"  # the first of 5 deltas of "Hello from fake/m"
+
+
+def test_negative_and_absurd_usage(fp: FakeProvider, oai: openai.OpenAI) -> None:
+    fp.script("m", ok(prompt_tokens=-1000, completion_tokens=2**62), ok(completion_tokens=-7))
+    r = oai.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+    assert r.choices[0].message.content == "Hello from fake/m"
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (-1000, 2**62)
+    chunks = list(
+        oai.chat.completions.create(
+            model="m", messages=MSGS, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == -7
+    with pytest.raises(msgspec.ValidationError):
+        fp.script("m", {"kind": "ok", "prompt_tokens": 2**63})
+
+
+def test_redirect_is_not_followed_by_the_fake(fp: FakeProvider) -> None:
+    with FakeProvider() as other:
+        target = other.openai_base_url + "/chat/completions"
+        fp.script("m", redirect(target), redirect(target, code=307))
+        r = httpx.post(chat_url(fp), json={"model": "m"})
+        assert (r.status_code, r.headers["location"]) == (302, target)
+        r = httpx.post(chat_url(fp), json={"model": "m", "stream": True},
+                       follow_redirects=True)  # a client that follows gets the other server
+        assert r.status_code == 200 and len(other.requests()) == 1
+    with pytest.raises(msgspec.ValidationError):
+        fp.script("m", {"kind": "redirect", "location": "x", "status": 200})
+
+
+def test_wrong_shape(fp: FakeProvider) -> None:
+    fp.script("m", wrong_shape(), wrong_shape([1, 2]), wrong_shape({"choices": "x"}, frames=3))
+    r = httpx.post(chat_url(fp), json={"model": "m"})
+    assert (r.status_code, r.json()) == (200, {"unexpected": "shape"})
+    assert r.headers["content-type"] == "application/json"
+    assert httpx.post(chat_url(fp), json={"model": "m"}).json() == [1, 2]
+    r = httpx.post(chat_url(fp), json={"model": "m", "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.text == 'data: {"choices":"x"}\n\n' * 3 + "data: [DONE]\n\n"
+    fp.script("m", wrong_shape(frames=1))
+    r = httpx.post(fp.url + "/v1/messages", json={"model": "m", "stream": True})
+    assert r.text == 'event: message_start\ndata: {"unexpected":"shape"}\n\n'
 
 
 def test_delay(fp: FakeProvider) -> None:

@@ -2,7 +2,8 @@
 
 It speaks enough of the OpenAI and Anthropic wire formats for the official SDKs to parse
 its answers, and every request can be scripted to misbehave (error statuses, hangs, slow
-drips, TCP resets, garbage, disconnects). It is built on plain ``asyncio.start_server``
+drips, TCP resets, garbage, disconnects, redirects, JSON of the wrong shape, impossible
+usage). It is built on plain ``asyncio.start_server``
 with its own tiny HTTP parser so that faults are exact at the byte and socket level.
 
 Endpoints (API):
@@ -65,19 +66,23 @@ __all__ = [
     "Garbage",
     "Hang",
     "Ok",
+    "Redirect",
     "Reset",
     "SlowDrip",
     "Status",
     "StreamError",
+    "WrongShape",
     "disconnect",
     "echo",
     "garbage",
     "hang",
     "ok",
+    "redirect",
     "reset",
     "slow_drip",
     "status",
     "stream_error",
+    "wrong_shape",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -87,6 +92,8 @@ __all__ = [
 _Count = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 _Chunks = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
 _Seconds = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+_Tokens = Annotated[int, msgspec.Meta(ge=-(2**62), le=2**62)]
+"""Reported usage: negative or absurd values test how the gateway treats a lying upstream."""
 
 
 class _BehaviourBase(
@@ -112,8 +119,8 @@ class Ok(_BehaviourBase, tag="ok"):
     tool_call: bool = False
     tool_name: str | None = None
     tool_arguments: dict[str, Any] | None = None
-    prompt_tokens: _Count | None = None
-    completion_tokens: _Count | None = None
+    prompt_tokens: _Tokens | None = None
+    completion_tokens: _Tokens | None = None
 
 
 class Status(_BehaviourBase, tag="status"):
@@ -179,6 +186,23 @@ class StreamError(_BehaviourBase, tag="stream_error"):
     message: str | None = None
 
 
+class Redirect(_BehaviourBase, tag="redirect"):
+    """Answer ``status`` (a 3xx) with ``Location: location`` and a small JSON body, for
+    streams too: a client that follows it calls ``location`` (which tests point at another
+    loopback server, to see that nothing follows)."""
+
+    location: str
+    status: Annotated[int, msgspec.Meta(ge=300, le=399)] = 302
+
+
+class WrongShape(_BehaviourBase, tag="wrong_shape"):
+    """200 with a body that is valid JSON of the wrong shape (``body``, any JSON value);
+    streams: ``data: <body>`` SSE frames, then (OpenAI dialect) ``data: [DONE]``."""
+
+    body: Any = msgspec.field(default_factory=lambda: {"unexpected": "shape"})
+    frames: _Chunks = 2
+
+
 # --- Echo: a leaky upstream that echoes the credentials it received ----------------------
 
 
@@ -227,6 +251,7 @@ def _with_echo(body: bytes, headers: dict[str, str]) -> bytes:
 
 Behaviour: TypeAlias = (
     Ok | Status | Hang | SlowDrip | Reset | Garbage | Disconnect | StreamError | Echo
+    | Redirect | WrongShape
 )
 
 
@@ -302,8 +327,17 @@ def stream_error(
     return StreamError(after_chunks=after_chunks, status=code, message=message)
 
 
+def redirect(location: str, *, code: int = 302) -> Redirect:
+    return Redirect(location=location, status=code)
+
+
+def wrong_shape(body: Any = None, *, frames: int = 2) -> WrongShape:
+    return WrongShape(body={"unexpected": "shape"} if body is None else body, frames=frames)
+
+
 _BEHAVIOUR_TYPES: Final = (
-    Ok, Status, Hang, SlowDrip, Reset, Garbage, Disconnect, StreamError, Echo
+    Ok, Status, Hang, SlowDrip, Reset, Garbage, Disconnect, StreamError, Echo, Redirect,
+    WrongShape
 )
 
 
@@ -1420,6 +1454,33 @@ class _Server:
                     return keep, "completed"
             fin("completed")
             error(b.status, b.message, extra)
+            await conn.drain()
+            return keep, "completed"
+        if isinstance(b, Redirect):
+            payload = _encode({"redirect": b.location})
+            hdrs = {**id_headers, "location": b.location}
+            fin("completed")
+            conn.write(
+                conn.head(b.status, _JSON, length=len(payload), keep_alive=keep, extra=hdrs)
+                + payload
+            )
+            await conn.drain()
+            return keep, "completed"
+        if isinstance(b, WrongShape):
+            fin("completed")
+            shaped = _encode(b.body)
+            if stream:
+                conn.write(conn.head(200, _SSE, keep_alive=keep, extra=id_headers))
+                frame = b"data: " + shaped + b"\n\n"
+                if dialect == "anthropic":
+                    frame = b"event: message_start\n" + frame
+                frames = [frame] * b.frames + ([] if dialect == "anthropic" else [_DONE])
+                conn.write(b"".join(_chunk(f) for f in frames) + _LAST_CHUNK)
+            else:
+                conn.write(
+                    conn.head(200, _JSON, length=len(shaped), keep_alive=keep, extra=id_headers)
+                    + shaped
+                )
             await conn.drain()
             return keep, "completed"
         if isinstance(b, Garbage):
