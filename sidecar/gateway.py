@@ -326,7 +326,11 @@ class Gateway:
                     await self.accountant.release(ticket)
                     raise _deadline(failures) from None
                 except UpstreamError as e:
-                    await self.accountant.release(ticket)
+                    if meter.usage_invalid and ticket is not None:  # billed, amount unknown
+                        with contextlib.suppress(SidecarError):
+                            await self.accountant.settle(ticket, est, None, meter)
+                    else:
+                        await self.accountant.release(ticket)
                     self._note_limits(target, meter)
                     if not e.retryable:
                         circuit.success()  # it answered; the request itself was refused

@@ -33,7 +33,7 @@ from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, ser
 from sidecar.gateway import Completed, Context, Gateway, error_body
 from sidecar.health import CircuitView
 from sidecar.providers.local import LocalProvider
-from sidecar.types import Call, Op, validate_call
+from sidecar.types import MAX_DEPTH, Call, Op, validate_call
 
 log = logging.getLogger("sidecar.http")
 
@@ -47,10 +47,14 @@ def decode_call(op: Op, body: bytes) -> Call:
     """Validate a client body for ``op``. Raises :class:`InvalidRequest` with the path."""
     try:
         raw = _object_decoder.decode(body)
-    except msgspec.ValidationError:
-        raise InvalidRequest("The request body must be a JSON object.") from None
+    except msgspec.ValidationError as e:
+        if str(e).startswith("Expected `object`"):
+            raise InvalidRequest("The request body must be a JSON object.") from None
+        raise InvalidRequest(f"The request body is not valid: {e}") from None  # 1e999
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:  # thousands of nested brackets: never a real request
+        raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.") from None
     return validate_call(op, raw)
 
 

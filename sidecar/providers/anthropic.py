@@ -36,7 +36,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     UpstreamUnsupported,
 )
-from sidecar.providers.base import Reply, Upstream
+from sidecar.providers.base import Reply, Upstream, check_usage
 from sidecar.providers.sse import Event, SSEDecoder
 from sidecar.types import (
     Call,
@@ -574,6 +574,7 @@ class AnthropicMessages:
         content = self._body(call, model, target, stream=False)
         body = await self._http.post(_PATH, content, timeout_s, target, meter)
         completion = translate_message(body, target=target)
+        check_usage(completion.usage, target, meter)
         return Reply(_encoder.encode(completion), completion.usage)
 
     async def stream(self, call: Call, model: str, timeout_s: float,
@@ -592,6 +593,7 @@ class AnthropicMessages:
                 meter.content_chunks = translator.content_chunks
                 meter.content_chars = translator.content_chars
                 if translator.finished:
+                    check_usage(translator.usage, target, meter)
                     meter.usage = translator.usage
                 # The role preamble is held back until the first token, so a failure before
                 # it can still be replaced by another target.

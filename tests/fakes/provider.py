@@ -85,6 +85,8 @@ __all__ = [
 _Count = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 _Chunks = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
 _Seconds = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+_Tokens = Annotated[int, msgspec.Meta(ge=-(2**62), le=2**62)]
+"""Reported usage: negative or absurd values test how the gateway treats a lying upstream."""
 
 
 class _BehaviourBase(
@@ -110,8 +112,8 @@ class Ok(_BehaviourBase, tag="ok"):
     tool_call: bool = False
     tool_name: str | None = None
     tool_arguments: dict[str, Any] | None = None
-    prompt_tokens: _Count | None = None
-    completion_tokens: _Count | None = None
+    prompt_tokens: _Tokens | None = None
+    completion_tokens: _Tokens | None = None
 
 
 class Status(_BehaviourBase, tag="status"):
