@@ -76,7 +76,7 @@ MaxTokens = Annotated[int, Meta(ge=1, le=INT32_MAX)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
-ModelName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!-~]+( [!-~]+)*$")]
+ModelName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!-~]+( [!-~]+)*(?!\n)$")]
 """Printable ASCII, single inner spaces: a model name ends up in headers (``x-sidecar-target``),
 gRPC metadata and upstream URLs, where CR, LF, NUL or non-Latin-1 text would break them."""
 

@@ -10,7 +10,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -198,7 +197,7 @@ def test_bad_request_ids_are_replaced(sidecar: SidecarProcess, fp: FakeProvider)
                   b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         head = s.recv(65536).split(b"\r\n\r\n")[0].decode("ascii")
     assert head.startswith("HTTP/1.1 200"), head
-    rid = [ln for ln in head.split("\r\n") if ln.lower().startswith("x-request-id:")][0]
+    rid = next(ln for ln in head.split("\r\n") if ln.lower().startswith("x-request-id:"))
     assert rid.split(":", 1)[1].strip().isalnum()
 
 
