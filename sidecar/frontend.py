@@ -15,6 +15,11 @@ from sidecar.gateway import Served
 from sidecar.pricing import format_usd
 from sidecar.routing import Router
 
+MAX_HEADERS = 100
+"""Header fields one HTTP request may have."""
+MAX_HEAD_BYTES = 16 * 1024
+"""An HTTP request line and its ``name: value`` lines together; a gRPC call's metadata."""
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 

@@ -34,6 +34,7 @@ from sidecar.config import (
 from sidecar.gateway import Gateway
 from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
+from sidecar.http.protocol import CappedHttpToolsProtocol
 from sidecar.limits import MemoryRateLimiter, RateLimiter
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider
@@ -174,7 +175,7 @@ async def run(config: Config) -> None:
         uvicorn.Config(
             app,
             loop="none",
-            http="httptools",
+            http=CappedHttpToolsProtocol,
             lifespan="off",
             access_log=server_cfg.access_log,
             log_level="warning",

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -410,6 +410,10 @@ def test_rate_limited_carries_retry_info(stub: sidecar_pb2_grpc.SidecarStub,
     ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
      chat("chat", max_tokens=0)),
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, chat("nope")),
+    ({"model": "chat\r\nx: y", "messages": [{"role": "user", "content": "hi"}]},
+     chat("chat\r\nx: y")),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 5},
+     chat("chat", presence_penalty=5)),
 ])
 def test_invalid_requests_match_http(stub: sidecar_pb2_grpc.SidecarStub, sidecar: SidecarProcess,
                                      body: dict[str, Any], request_: pb.ChatRequest) -> None:
@@ -425,6 +429,20 @@ def test_invalid_requests_match_http(stub: sidecar_pb2_grpc.SidecarStub, sidecar
     assert info.metadata["code"] == http_err["code"]
     assert info.metadata.get("param") == http_err["param"]
     assert fail(stub.ChatStream, request_).code() == expected
+
+
+def test_non_finite_numbers_and_huge_metadata_are_refused(
+        stub: sidecar_pb2_grpc.SidecarStub, fp: FakeProvider) -> None:
+    for field in ("temperature", "presence_penalty", "frequency_penalty", "top_p"):
+        err = fail(stub.Chat, chat("chat", **{field: float("nan")}))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    extra = struct_pb2.Struct()
+    extra.update({"logit_bias": {"1": float("inf")}})
+    err = fail(stub.Chat, chat("chat", extra=extra))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "finite" in err.details()
+    big = (*AUTH, *((f"x-m{i}", "v" * 1000) for i in range(20)))
+    assert fail(stub.Chat, chat("chat"), metadata=big).code() != grpc.StatusCode.OK
+    assert fp.requests() == []
 
 
 def test_content_and_parts_together_is_invalid(stub: sidecar_pb2_grpc.SidecarStub) -> None:
