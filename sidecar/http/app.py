@@ -30,7 +30,7 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, served_meta
-from sidecar.gateway import Completed, Context, Gateway, error_body
+from sidecar.gateway import Completed, Context, Gateway, error_body, shut_down
 from sidecar.health import CircuitView
 from sidecar.providers.local import LocalProvider
 from sidecar.types import MAX_DEPTH, Call, Op, validate_call
@@ -59,23 +59,29 @@ def decode_call(op: Op, body: bytes) -> Call:
 
 
 async def _unless_client_leaves(request: Request[Any, Any, Any],
-                                call: Coroutine[Any, Any, Completed]) -> Completed | None:
+                                call: Coroutine[Any, Any, Completed],
+                                cut: asyncio.Event) -> Completed | None:
     """Await ``call``; if the client disconnects first, cancel it (so a local generation
-    frees its sequence and a remote call is closed) and return None."""
+    frees its sequence and a remote call is closed) and return None. If ``cut`` is set
+    first (the shutdown grace is over), cancel it and raise the gateway's shut-down 503."""
     task = asyncio.ensure_future(call)
     gone = asyncio.ensure_future(_disconnected(request))
+    stop = asyncio.ensure_future(cut.wait())
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, gone, stop), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
         raise
     finally:
         gone.cancel()
+        stop.cancel()
     if task.done():
         return task.result()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    if cut.is_set():
+        raise shut_down()
     return None
 
 
@@ -162,7 +168,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
             return Stream(
                 streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
             )
-        done = await _unless_client_leaves(request, gateway.complete(call, ctx))
+        done = await _unless_client_leaves(request, gateway.complete(call, ctx), gateway.cut_now)
         if done is None:  # nobody is left to answer; the call was cancelled upstream
             return Response(b"", status_code=499)
         return Response(
