@@ -10,6 +10,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -299,3 +300,69 @@ def test_impossible_usage_is_malformed_and_charged_the_reservation(
     assert still_reserved == 0
     assert spent - spent_before == reserved
     assert spent >= 0
+
+
+# --- 7. the OpenAPI document ----------------------------------------------------------------
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_openapi_document_describes_the_bodies(sidecar: SidecarProcess,
+                                               fp: FakeProvider) -> None:
+    r = httpx.get(sidecar.url + "/openapi.json", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    doc = r.json()
+    assert doc["openapi"].startswith("3.1")
+    schemas = doc["components"]["schemas"]
+    for ref in _refs(doc):  # every reference resolves
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    bodies = {}
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        op = doc["paths"][path]["post"]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        bodies[path] = schemas[ref.rsplit("/", 1)[1]]
+        assert "model" in bodies[path]["required"]
+        assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] \
+            .endswith("/ErrorEnvelope")
+    for path in ("/v1/models", "/healthz", "/readyz", "/v1/sidecar/budgets", "/openapi.json"):
+        assert "get" in doc["paths"][path]
+    assert "options" not in doc["paths"]["/v1/models"]
+    chat = bodies["/v1/chat/completions"]["properties"]
+    assert set(chat) >= {"model", "messages", "max_tokens", "seed", "stream", "tools"}
+    # The document states the limits the sidecar enforces: one past them gets 400.
+    limit = chat["max_tokens"]["anyOf"][0]["maximum"]
+    err = _error(_post(sidecar, _chat(max_tokens=limit + 1)), 400)
+    assert err["param"] == "max_tokens"
+    assert fp.requests() == []
+
+
+def test_openapi_document_needs_a_key_when_models_do(fake: FakeProvider,
+                                                     tmp_path: Path) -> None:
+    sc = SidecarProcess(f"""
+        [server]
+        api_keys = ["sk-client"]
+        [[providers]]
+        name = "p"
+        type = "openai"
+        base_url = "{fake.openai_base_url}"
+    """, tmp_path)
+    try:
+        assert httpx.get(sc.url + "/openapi.json", timeout=10).status_code == 401
+        assert httpx.get(sc.base_url + "/models", timeout=10).status_code == 401
+        doc = httpx.get(sc.url + "/openapi.json", timeout=10,
+                        headers={"authorization": "Bearer sk-client"}).json()
+        assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert doc["paths"]["/v1/chat/completions"]["post"]["security"] == [{"bearer": []}]
+        assert "security" not in doc["paths"]["/healthz"]["get"]
+    finally:
+        sc.stop()

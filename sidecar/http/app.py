@@ -1,7 +1,8 @@
 """Litestar application: OpenAI-compatible routes over the :class:`~sidecar.gateway.Gateway`.
 
 Bodies are read as bytes and decoded with msgspec straight into the request Structs (no
-pydantic, no OpenAPI schema generation in the request path). Answers from OpenAI-compatible
+pydantic, no OpenAPI schema generation in the request path; ``/openapi.json`` is built
+from the same Structs by :mod:`sidecar.http.openapi`). Answers from OpenAI-compatible
 providers are relayed as their own bytes. Every error leaves as OpenAI's envelope, with the
 status from :mod:`sidecar.errors`; unexpected exceptions become a generic 500 and are logged
 here, never sent.
@@ -32,6 +33,7 @@ from sidecar.errors import (
 from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, served_meta
 from sidecar.gateway import Completed, Context, Gateway, error_body, shut_down
 from sidecar.health import CircuitView
+from sidecar.http.openapi import openapi_document
 from sidecar.providers.local import LocalProvider
 from sidecar.types import MAX_DEPTH, Call, Op, validate_call
 
@@ -179,40 +181,48 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a chat completion (OpenAI's, stream or not)."""
         return await serve(Op.CHAT, request)
 
     @post("/v1/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a text completion (legacy)."""
         return await serve(Op.COMPLETIONS, request)
 
     @post("/v1/embeddings", status_code=200)
     async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create embeddings."""
         return await serve(Op.EMBEDDINGS, request)
 
     models_body = _models_body(gateway)
 
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """List the models clients may ask for: routes, then provider/model targets."""
         gateway.authenticate(api_key(request.headers))
         return Response(models_body, media_type=_JSON)
 
     @get("/v1/sidecar/budgets")
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Every budget's current window (per-key ones of the caller only)."""
         identity = gateway.authenticate(api_key(request.headers))
         views = await gateway.accountant.views(identity, gateway.auth)
         return Response(_encoder.encode({"object": "list", "data": views}), media_type=_JSON)
 
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Host pressure, targets' health and load, local models, route reasons."""
         gateway.authenticate(api_key(request.headers))
         return Response(_encoder.encode(_status(gateway)), media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:
+        """Liveness: 200 while the process serves."""
         return Response(b'{"status":"ok"}', media_type=_JSON)
 
     @get("/readyz")
     async def readyz() -> Response[bytes]:
+        """Readiness: 200, or 503 while draining; targets' circuits."""
         views = gateway.health.views()
         ready = not gateway.draining
         body: dict[str, Any] = {
@@ -249,9 +259,19 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         err = SidecarError("The sidecar hit an internal error.")
         return error_response(err, getattr(request.state, "request_id", None))
 
+    document: list[bytes] = []  # built on first use, from the finished app's routes
+
+    @get("/openapi.json")
+    async def openapi(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """The OpenAPI document of this API; needs a client key like ``/v1/models``."""
+        gateway.authenticate(api_key(request.headers))
+        if not document:
+            document.append(_encoder.encode(openapi_document(request.app, auth=gateway.auth)))
+        return Response(document[0], media_type=_JSON)
+
     return Litestar(
         route_handlers=[chat, completions, embeddings, models, budgets, status, healthz,
-                        readyz],
+                        readyz, openapi],
         exception_handlers={
             SidecarError: on_sidecar_error,
             HTTPException: on_http_error,
