@@ -85,9 +85,11 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_head:
             self._raw_bytes += len(data)
-            if self._raw_bytes > MAX_HEAD_BYTES + 8192:  # an unfinished head that grows on
-                self._reject()
-                return
+        self._feed(data)
+        if self._in_head and self._raw_bytes > MAX_HEAD_BYTES + 8192 and not self._rejected:
+            self._reject()  # a head still unfinished that grows on (one endless header)
+
+    def _feed(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
