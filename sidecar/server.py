@@ -6,7 +6,8 @@ new requests get 503 + Retry-After (UNAVAILABLE) while the listeners stay open f
 ``drain_delay_s``; then they close. Requests in flight get ``shutdown_grace_s`` from the
 signal to finish (HTTP and gRPC alike); at its end streams still running get an SSE error
 event (503 "shut down", the OpenAI envelope, no ``[DONE]``, as every mid-stream error) and
-other calls a 503 (:meth:`Gateway.cut`). Then provider connections are closed.
+other calls a 503 (:meth:`Gateway.cut`). A second signal ends the delay and the grace at
+once. Then provider connections are closed.
 """
 
 from __future__ import annotations
@@ -211,14 +212,24 @@ async def run(config: Config) -> None:
     finally:
         print("sidecar: draining", file=sys.stderr, flush=True)
         gateway.draining = True
+        forced = asyncio.Event()
+
+        def force() -> None:  # a second signal: no more waiting
+            forced.set()
+            gateway.cut()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, force)
         if grpc_server is not None:
             await grpc_server.drain()
         grace_end = loop.time() + server_cfg.shutdown_grace_s
         cutter = loop.call_at(grace_end, gateway.cut)
         if not task.done():  # the listeners stay open, answering 503
-            await asyncio.wait([task], timeout=server_cfg.drain_delay_s)
+            await asyncio.wait([task, asyncio.create_task(forced.wait())],
+                               timeout=server_cfg.drain_delay_s,
+                               return_when=asyncio.FIRST_COMPLETED)
         # After the cut, streams end at once; what is left gets _CUT_S more.
-        left = max(0.0, grace_end - loop.time()) + _CUT_S
+        left = _CUT_S if forced.is_set() else max(0.0, grace_end - loop.time()) + _CUT_S
         uv.config.timeout_graceful_shutdown = math.ceil(left)
         uv.should_exit = True
         if grpc_server is not None:

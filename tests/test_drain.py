@@ -147,3 +147,25 @@ def test_sigterm_drains_then_cuts_streams_cleanly(fake: FakeProvider, tmp_path: 
         sc.stop()
     output = "".join(sc.output)
     assert "Traceback" not in output and "Cancel" not in output, output
+
+
+def test_a_second_signal_cuts_at_once(fake: FakeProvider, tmp_path: Path) -> None:
+    sc = SidecarProcess(CONFIG.format(url=fake.url).replace(
+        f"shutdown_grace_s = {GRACE_S}", "shutdown_grace_s = 60").replace(
+        f"drain_delay_s = {DRAIN_DELAY_S}", "drain_delay_s = 30"), tmp_path)
+    try:
+        fake.script("long", slow_drip(interval_s=0.2, chunks=200))
+        long = _Stream(sc, "p/long")
+        assert long.started.wait(10)
+        sc.proc.send_signal(signal.SIGTERM)
+        poll(lambda: httpx.get(sc.url + "/readyz", timeout=5).status_code == 503)
+        sc.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert sc.proc.wait(10) == 0
+        assert time.monotonic() - signalled < 5
+        long.join(10)
+        assert long.error is None
+        assert "shut down" in json.loads(long.events()[-1])["error"]["message"]
+    finally:
+        sc.stop()
+    assert "Traceback" not in "".join(sc.output)
