@@ -33,8 +33,8 @@ from sidecar.gateway import Context
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
-from tests.conftest import ROOT, SidecarProcess, closed_port
-from tests.fakes.provider import FakeProvider, hang, ok, reset, status
+from tests.conftest import ROOT, SidecarProcess, closed_port, poll
+from tests.fakes.provider import FakeProvider, hang, ok, reset, slow_drip, status
 
 KEY = "sk-client-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -539,6 +539,34 @@ def test_drain_turns_health_not_serving(fake: FakeProvider, tmp_path: Path) -> N
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         assert proc.stop() == 0
+
+
+def test_drain_refuses_new_calls_then_cuts_streams_at_the_grace(fake: FakeProvider,
+                                                                 tmp_path: Path) -> None:
+    proc = GrpcSidecar(CONFIG.format(url=fake.url, key=KEY).replace(
+        "shutdown_grace_s = 2", "shutdown_grace_s = 2\ndrain_delay_s = 1"), tmp_path)
+    try:
+        fake.script("only", slow_drip(interval_s=0.2, chunks=200))
+        with grpc.insecure_channel(proc.grpc_address) as ch:
+            stub = sidecar_pb2_grpc.SidecarStub(ch)
+            stream = stub.ChatStream(chat("single"), metadata=AUTH, timeout=30)
+            assert next(stream).choices
+            proc.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            health = health_pb2_grpc.HealthStub(ch)
+            poll(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                 == health_pb2.HealthCheckResponse.NOT_SERVING)
+            err = fail(stub.Chat, chat("single"))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stream:
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shut down" in info.value.details()
+            assert 1.5 <= time.monotonic() - signalled <= 4
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in "".join(proc.output)
 
 
 # --- the servicer in process ----------------------------------------------------------------
