@@ -592,9 +592,10 @@ class AnthropicMessages:
                 out = translator.feed(piece)
                 meter.content_chunks = translator.content_chunks
                 meter.content_chars = translator.content_chars
+                usage = translator.usage
+                check_usage(usage, target, meter)  # before a usage chunk can be relayed
                 if translator.finished:
-                    check_usage(translator.usage, target, meter)
-                    meter.usage = translator.usage
+                    meter.usage = usage
                 # The role preamble is held back until the first token, so a failure before
                 # it can still be replaced by another target.
                 if out and translator.started:
