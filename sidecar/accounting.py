@@ -338,13 +338,16 @@ class Accountant:
                      meter: Meter | None) -> int | None:
         """Record the attempt's actual cost (µ$) before its answer is released; None when
         the price is unknown. Without a usage from the provider: prompt bound + what the
-        meter counted, or the reservation for a non-stream call. Raises
+        meter counted, or the reservation for a non-stream call; the reservation too when
+        the provider reported an impossible usage (``meter.usage_invalid``). Raises
         :class:`Unavailable` if the ledger cannot record it (and budgets fail closed)."""
         if ticket.price is None:
             return None
         if usage is None and meter is not None:
             usage = meter.usage
-        if usage is not None:
+        if meter is not None and meter.usage_invalid:
+            actual = ticket.amount  # it answered with an impossible usage: bill unknown
+        elif usage is not None:
             actual = cost(ticket.price, usage.prompt_tokens, usage.completion_tokens,
                           usage.cached_tokens)
         elif meter is not None:

@@ -60,7 +60,12 @@ class ServerConfig(_Base, frozen=True):
     """Total deadline of one request, streams included; ``x-sidecar-timeout`` overrides it."""
     max_request_timeout_s: PositiveFloat = 3600.0
     """The largest deadline a client may ask for with ``x-sidecar-timeout``."""
+    drain_delay_s: NonNegativeFloat = 1.0
+    """After SIGTERM/SIGINT the listeners stay open this long, answering 503 + Retry-After
+    (``/readyz`` 503, gRPC health NOT_SERVING), before they close."""
     shutdown_grace_s: NonNegativeFloat = 10.0
+    """From the signal, how long requests in flight may take; then streams still running
+    end with an SSE error event and other calls with 503."""
     access_log: bool = False
 
 

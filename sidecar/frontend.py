@@ -15,6 +15,11 @@ from sidecar.gateway import Served
 from sidecar.pricing import format_usd
 from sidecar.routing import Router
 
+MAX_HEADERS = 100
+"""Header fields one HTTP request may have."""
+MAX_HEAD_BYTES = 16 * 1024
+"""An HTTP request line and its ``name: value`` lines together; a gRPC call's metadata."""
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -36,14 +41,24 @@ def api_key(meta: Mapping[str, str]) -> str | None:
     return meta.get("x-api-key")
 
 
+_UNSAFE = re.compile(r"[^ -~]")
+
+
+def header_safe(value: str) -> str:
+    """``value`` with every character that is not printable ASCII replaced by ``?``, so no
+    text (a configured name included; clients' are validated before) can break a header or
+    a gRPC metadata value."""
+    return _UNSAFE.sub("?", value)
+
+
 def served_meta(request_id: str, served: Served) -> dict[str, str]:
     """Who served it and why there; ``x-sidecar-cost-usd`` when the cost is known now (a
-    paid stream's cost comes at its end)."""
+    paid stream's cost comes at its end). Every value is :func:`header_safe`."""
     out = {
-        "x-request-id": request_id,
-        "x-sidecar-target": served.target,
+        "x-request-id": header_safe(request_id),
+        "x-sidecar-target": header_safe(served.target),
         "x-sidecar-attempts": str(served.attempts),
-        "x-sidecar-route-reason": served.reason,
+        "x-sidecar-route-reason": header_safe(served.reason),
     }
     if served.cost is not None:
         out["x-sidecar-cost-usd"] = format_usd(served.cost)

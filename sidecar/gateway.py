@@ -187,6 +187,11 @@ class Gateway:
         self._keys = [(name, key.encode()) for name, key in keys]
         self.accountant = accountant or Accountant(config, None, MemoryRateLimiter())
         self.draining = False
+        """Set when the sidecar drains: new calls get 503 (see :meth:`cut`)."""
+        self.cut_now = asyncio.Event()
+        """Set by :meth:`cut`: calls still running must end now."""
+        self._waiting: set[asyncio.Timeout] = set()
+        """The deadlines of relays waiting for their next frame (for :meth:`cut`)."""
         self.host = host
         self._local_load = local_load
         self.tracker = TargetTracker()
@@ -373,7 +378,11 @@ class Gateway:
                     await self.accountant.release(ticket)
                     raise _deadline(failures) from None
                 except UpstreamError as e:
-                    await self.accountant.release(ticket)
+                    if meter.usage_invalid and ticket is not None:  # billed, amount unknown
+                        with contextlib.suppress(SidecarError):
+                            await self.accountant.settle(ticket, est, None, meter)
+                    else:
+                        await self.accountant.release(ticket)
                     self._note_limits(target, meter)
                     if not e.retryable:
                         circuit.success()  # it answered; the request itself was refused
@@ -582,8 +591,7 @@ class Gateway:
         try:
             yield first
             while True:
-                async with asyncio.timeout_at(ctx.deadline):
-                    frame = await anext(frames, None)
+                frame = await self._next_frame(frames, ctx.deadline)
                 if frame is None:
                     break
                 yield frame
@@ -594,6 +602,8 @@ class Gateway:
             yield DONE_FRAME
         except TimeoutError:
             yield error_frame(DeadlineExceeded("The request deadline passed mid-stream."))
+        except _Cut:
+            yield error_frame(shut_down())
         except UpstreamError as e:
             circuit.failure(self._clock(), e.retry_after_s)
             yield error_frame(e)
@@ -605,6 +615,35 @@ class Gateway:
             if not settled:
                 with contextlib.suppress(SidecarError):
                     await settle()
+
+    def cut(self) -> None:
+        """End every stream still running with a clean error event (503 "shutting down":
+        what was relayed is kept, its cost recorded), at once or as soon as its client takes
+        the next frame; front ends answer non-stream calls still running with 503 when
+        :attr:`cut_now` is set. For the end of the shutdown grace."""
+        self.draining = True
+        self.cut_now.set()
+        now = asyncio.get_running_loop().time()
+        for scope in list(self._waiting):
+            scope.reschedule(now)
+
+    async def _next_frame(self, frames: AsyncGenerator[bytes, None], deadline: float
+                          ) -> bytes | None:
+        """The next frame (None at the end). Raises TimeoutError at the deadline and
+        :class:`_Cut` once :meth:`cut` was called."""
+        if self.cut_now.is_set():
+            raise _Cut
+        try:
+            async with asyncio.timeout_at(deadline) as scope:
+                self._waiting.add(scope)
+                try:
+                    return await anext(frames, None)
+                finally:
+                    self._waiting.discard(scope)
+        except TimeoutError:
+            if self.cut_now.is_set():
+                raise _Cut from None
+            raise
 
     async def aclose(self) -> None:
         if self.host is not None:
@@ -621,6 +660,16 @@ async def _redacted(frames: AsyncIterator[bytes], redact: Redactor) -> AsyncIter
     finally:
         if isinstance(frames, AsyncGenerator):
             await frames.aclose()
+
+
+class _Cut(Exception):
+    """:meth:`Gateway.cut` ended a stream."""
+
+
+def shut_down() -> Unavailable:
+    """The error of a call that :meth:`Gateway.cut` ended."""
+    return Unavailable("The sidecar shut down before the answer was complete.",
+                       retry_after_s=1.0)
 
 
 def _note(reasons: list[str], reason: str) -> None:

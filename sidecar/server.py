@@ -2,14 +2,19 @@
 
 Nothing else constructs providers, the gateway or the apps. :func:`serve` blocks until
 SIGINT/SIGTERM, then drains: ``/readyz`` turns 503 and the gRPC health status NOT_SERVING,
-new requests get 503 (UNAVAILABLE), requests in flight get ``shutdown_grace_s`` to finish
-(HTTP and gRPC alike), and provider connections are closed.
+new requests get 503 + Retry-After (UNAVAILABLE) while the listeners stay open for
+``drain_delay_s``; then they close. Requests in flight get ``shutdown_grace_s`` from the
+signal to finish (HTTP and gRPC alike); at its end streams still running get an SSE error
+event (503 "shut down", the OpenAI envelope, no ``[DONE]``, as every mid-stream error) and
+other calls a 503 (:meth:`Gateway.cut`). A second signal ends the delay and the grace at
+once. Then provider connections are closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -34,6 +39,7 @@ from sidecar.config import (
 from sidecar.gateway import Gateway
 from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
+from sidecar.http.protocol import CappedHttpToolsProtocol
 from sidecar.limits import MemoryRateLimiter, RateLimiter
 from sidecar.pricing import format_usd
 from sidecar.providers.anthropic import AnthropicMessages
@@ -44,6 +50,9 @@ from sidecar.redact import Redactor
 from sidecar.redact import install as install_redaction
 
 log = logging.getLogger("sidecar")
+
+_CUT_S = 1.0
+"""How long calls have to end cleanly after the grace, before the servers cancel them."""
 
 
 def build_provider(config: ProviderConfig) -> Provider:
@@ -190,11 +199,13 @@ async def run(config: Config) -> None:
         uvicorn.Config(
             app,
             loop="none",
-            http="httptools",
+            http=CappedHttpToolsProtocol,
             lifespan="off",
             access_log=server_cfg.access_log,
             log_level="warning",
-            timeout_graceful_shutdown=max(1, round(server_cfg.shutdown_grace_s)),
+            # Set again when the listener closes (see _drain): uvicorn cancels what is
+            # still running after it, which only non-stream calls cut at the grace can be.
+            timeout_graceful_shutdown=round(server_cfg.shutdown_grace_s) + 1,
             server_header=False,
             date_header=False,
             timeout_keep_alive=30,
@@ -217,13 +228,33 @@ async def run(config: Config) -> None:
             [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
         )
     finally:
+        print("sidecar: draining", file=sys.stderr, flush=True)
         gateway.draining = True
-        uv.should_exit = True
+        forced = asyncio.Event()
+
+        def force() -> None:  # a second signal: no more waiting
+            forced.set()
+            gateway.cut()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, force)
         if grpc_server is not None:
             await grpc_server.drain()
-            await asyncio.gather(task, grpc_server.stop(server_cfg.shutdown_grace_s))
+        grace_end = loop.time() + server_cfg.shutdown_grace_s
+        cutter = loop.call_at(grace_end, gateway.cut)
+        if not task.done():  # the listeners stay open, answering 503
+            await asyncio.wait([task, asyncio.create_task(forced.wait())],
+                               timeout=server_cfg.drain_delay_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        # After the cut, streams end at once; what is left gets _CUT_S more.
+        left = _CUT_S if forced.is_set() else max(0.0, grace_end - loop.time()) + _CUT_S
+        uv.config.timeout_graceful_shutdown = math.ceil(left)
+        uv.should_exit = True
+        if grpc_server is not None:
+            await asyncio.gather(task, grpc_server.stop(left))
         else:
             await task
+        cutter.cancel()
         await gateway.aclose()
         print("sidecar: stopped", file=sys.stderr, flush=True)
 

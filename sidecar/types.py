@@ -13,6 +13,7 @@ fields the gateway does not model (``tools``, ``response_format``, ``seed``, ``l
 from __future__ import annotations
 
 import enum
+import math
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -70,13 +71,20 @@ class Tool(msgspec.Struct, omit_defaults=True):
 
 Stop = str | list[str] | None
 Temperature = Annotated[float, Meta(ge=0, le=2)]
-MaxTokens = Annotated[int, Meta(ge=1)]
+INT32_MAX = 2**31 - 1
+MaxTokens = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+ModelName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!-~]+( [!-~]+)*(?!\n)$")]
+"""Printable ASCII, single inner spaces: a model name ends up in headers (``x-sidecar-target``),
+gRPC metadata and upstream URLs, where CR, LF, NUL or non-Latin-1 text would break them."""
 
 
 class ChatRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/chat/completions``. Fields not listed here are kept in ``Call.raw``."""
 
-    model: Annotated[str, Meta(min_length=1)]
+    model: ModelName
     messages: Annotated[list[Message], Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -85,6 +93,11 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     stop: Stop = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -96,29 +109,35 @@ class ChatRequest(msgspec.Struct, kw_only=True):
         return self.max_completion_tokens or self.max_tokens
 
 
-Prompt = str | list[str | int | list[int]]
+Prompt = str | list[str | TokenId | list[TokenId]]
 
 
 class CompletionRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/completions`` (legacy text completion)."""
 
-    model: Annotated[str, Meta(min_length=1)]
+    model: ModelName
     prompt: Prompt
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     stop: Stop = None
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/embeddings``."""
 
-    model: Annotated[str, Meta(min_length=1)]
+    model: ModelName
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Annotated[int, Meta(ge=1)] | None = None
+    dimensions: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
 
 
 Request = ChatRequest | CompletionRequest | EmbeddingRequest
@@ -130,14 +149,90 @@ REQUEST_TYPES: dict[Op, type[ChatRequest] | type[CompletionRequest] | type[Embed
 }
 
 
+MAX_DEPTH = 64
+"""How deeply a request's JSON may nest (objects and arrays). Real requests (a tool's JSON
+Schema included) stay far below; deeper ones would only exhaust the recursion limit of a
+decoder, encoder or template further on."""
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _out_of_bounds(value: Any, depth: int) -> str | None:
+    """What is wrong with this one value, ignoring what it contains."""
+    if depth > MAX_DEPTH and isinstance(value, dict | list):
+        return f"nested deeper than {MAX_DEPTH} levels"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+        return "an integer outside the 64-bit range"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a number that is not finite"
+    return None
+
+
+def _first_bad(value: Any, depth: int, path: str) -> tuple[str, str] | None:
+    """(path, problem) of the first out-of-bounds value under ``value`` (recursive: only
+    called once :func:`check_bounds` found one, so the depth is bounded)."""
+    problem = _out_of_bounds(value, depth)
+    if problem is not None:
+        return path, problem
+    children: Any = (value.items() if isinstance(value, dict)
+                     else enumerate(value) if isinstance(value, list) else ())
+    for key, child in children:
+        sub = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+        found = _first_bad(child, depth + 1, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def check_bounds(raw: Any) -> None:
+    """Reject a decoded JSON value that nests deeper than :data:`MAX_DEPTH`, holds an
+    integer outside 64 bits or a non-finite number, anywhere (fields the gateway does not
+    model too: they reach providers and the local model as they are). Level by level, each
+    container's values checked with builtins (a 4 MB array of numbers costs milliseconds,
+    not seconds), so any depth is safe. Raises :class:`~sidecar.errors.InvalidRequest`
+    naming the path."""
+    level: list[Any] = [raw]
+    depth = 1
+    while level:
+        bad = depth > MAX_DEPTH
+        below: list[Any] = []
+        for container in level:
+            if bad:
+                break
+            values = list(container.values()) if type(container) is dict else container
+            kinds = set(map(type, values))
+            if int in kinds:
+                ints = values if len(kinds) == 1 else [v for v in values if type(v) is int]
+                bad = min(ints) < _INT64[0] or max(ints) > _INT64[1]
+            if float in kinds and not bad:
+                floats = values if len(kinds) == 1 else [v for v in values if type(v) is float]
+                bad = not all(map(math.isfinite, floats))
+            if list in kinds or dict in kinds:
+                below.extend(v for v in values if type(v) is list or type(v) is dict)
+        if bad:
+            found = _first_bad(raw, 1, "")
+            assert found is not None
+            path, problem = found
+            path = path if len(path) <= 200 else path[:197] + "..."
+            where = f" at '{path}'" if path else ""
+            raise InvalidRequest(f"Invalid request: {problem}{where}.", param=path or None)
+        level = below
+        depth += 1
+
+
 def validate_call(op: Op, raw: dict[str, Any]) -> Call:
-    """Validate a client's JSON object for ``op``, whichever front end it came through.
-    Raises :class:`~sidecar.errors.InvalidRequest` naming the offending field."""
+    """Validate a client's JSON object for ``op``, whichever front end it came through:
+    :func:`check_bounds`, then the request Struct's types and ranges. Raises
+    :class:`~sidecar.errors.InvalidRequest` naming the offending field."""
+    check_bounds(raw)
     try:
         request = msgspec.convert(raw, REQUEST_TYPES[op])
     except msgspec.ValidationError as e:
         message, _, path = str(e).partition(" - at `$.")
         param = path.rstrip("`") or None
+        if param == "model" and "regex" in message:
+            message = "a model name is 1 to 256 printable ASCII characters"
         raise InvalidRequest(
             f"Invalid request: {message}" + (f" at '{param}'." if param else "."), param=param
         ) from None
@@ -168,7 +263,13 @@ class PromptTokensDetails(msgspec.Struct, omit_defaults=True):
     cached_tokens: int = 0
 
 
+MAX_USAGE_TOKENS = 10**9
+"""More tokens than any one call can use: a usage beyond it is a lie or garbage."""
+
+
 class Usage(msgspec.Struct, omit_defaults=True):
+    """As a provider reported it, unchecked: see :meth:`problem`."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -179,16 +280,32 @@ class Usage(msgspec.Struct, omit_defaults=True):
         d = self.prompt_tokens_details
         return d.cached_tokens if d is not None else 0
 
+    def problem(self) -> str | None:
+        """Why this usage cannot be true (a count below 0 or above
+        :data:`MAX_USAGE_TOKENS`), or None. Money and token limits trust only usages
+        without a problem."""
+        counts = {"prompt_tokens": self.prompt_tokens,
+                  "completion_tokens": self.completion_tokens,
+                  "total_tokens": self.total_tokens,
+                  "cached_tokens": self.cached_tokens}
+        for name, n in counts.items():
+            if not 0 <= n <= MAX_USAGE_TOKENS:
+                return f"{name} = {n}"
+        return None
+
 
 class Meter:
     """What a provider call measured, for spend and limits; filled in by the provider as
     it goes, so it is accurate however the call ends (finished, failed, cancelled)."""
 
-    __slots__ = ("content_chars", "content_chunks", "limited_for_s", "usage")
+    __slots__ = ("content_chars", "content_chunks", "limited_for_s", "usage", "usage_invalid")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
-        """The usage the provider reported, if it did."""
+        """The usage the provider reported, if it did (only one without a problem)."""
+        self.usage_invalid = False
+        """The provider answered with an impossible usage (the call failed as
+        malformed): what it billed is unknown, so the attempt is charged its reservation."""
         self.content_chunks = 0
         """Stream chunks that carried content (about one token each)."""
         self.content_chars = 0

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -33,8 +33,8 @@ from sidecar.gateway import Context
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
-from tests.conftest import ROOT, SidecarProcess, closed_port
-from tests.fakes.provider import FakeProvider, hang, ok, reset, status
+from tests.conftest import ROOT, SidecarProcess, closed_port, poll
+from tests.fakes.provider import FakeProvider, hang, ok, reset, slow_drip, status
 
 KEY = "sk-client-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -412,6 +412,10 @@ def test_rate_limited_carries_retry_info(stub: sidecar_pb2_grpc.SidecarStub,
     ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
      chat("chat", max_tokens=0)),
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, chat("nope")),
+    ({"model": "chat\r\nx: y", "messages": [{"role": "user", "content": "hi"}]},
+     chat("chat\r\nx: y")),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 5},
+     chat("chat", presence_penalty=5)),
 ])
 def test_invalid_requests_match_http(stub: sidecar_pb2_grpc.SidecarStub, sidecar: SidecarProcess,
                                      body: dict[str, Any], request_: pb.ChatRequest) -> None:
@@ -427,6 +431,20 @@ def test_invalid_requests_match_http(stub: sidecar_pb2_grpc.SidecarStub, sidecar
     assert info.metadata["code"] == http_err["code"]
     assert info.metadata.get("param") == http_err["param"]
     assert fail(stub.ChatStream, request_).code() == expected
+
+
+def test_non_finite_numbers_and_huge_metadata_are_refused(
+        stub: sidecar_pb2_grpc.SidecarStub, fp: FakeProvider) -> None:
+    for field in ("temperature", "presence_penalty", "frequency_penalty", "top_p"):
+        err = fail(stub.Chat, chat("chat", **{field: float("nan")}))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    extra = struct_pb2.Struct()
+    extra.update({"logit_bias": {"1": float("inf")}})
+    err = fail(stub.Chat, chat("chat", extra=extra))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "finite" in err.details()
+    big = (*AUTH, *((f"x-m{i}", "v" * 1000) for i in range(20)))
+    assert fail(stub.Chat, chat("chat"), metadata=big).code() != grpc.StatusCode.OK
+    assert fp.requests() == []
 
 
 def test_content_and_parts_together_is_invalid(stub: sidecar_pb2_grpc.SidecarStub) -> None:
@@ -523,6 +541,34 @@ def test_drain_turns_health_not_serving(fake: FakeProvider, tmp_path: Path) -> N
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         assert proc.stop() == 0
+
+
+def test_drain_refuses_new_calls_then_cuts_streams_at_the_grace(fake: FakeProvider,
+                                                                 tmp_path: Path) -> None:
+    proc = GrpcSidecar(CONFIG.format(url=fake.url, key=KEY).replace(
+        "shutdown_grace_s = 2", "shutdown_grace_s = 2\ndrain_delay_s = 1"), tmp_path)
+    try:
+        fake.script("only", slow_drip(interval_s=0.2, chunks=200))
+        with grpc.insecure_channel(proc.grpc_address) as ch:
+            stub = sidecar_pb2_grpc.SidecarStub(ch)
+            stream = stub.ChatStream(chat("single"), metadata=AUTH, timeout=30)
+            assert next(stream).choices
+            proc.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            health = health_pb2_grpc.HealthStub(ch)
+            poll(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                 == health_pb2.HealthCheckResponse.NOT_SERVING)
+            err = fail(stub.Chat, chat("single"))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stream:
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shut down" in info.value.details()
+            assert 1.5 <= time.monotonic() - signalled <= 4
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in "".join(proc.output)
 
 
 # --- the servicer in process ----------------------------------------------------------------

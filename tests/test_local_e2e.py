@@ -257,6 +257,23 @@ def test_unsupported_requests_get_400(
     assert "local" in err["message"]
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", 2**64), ("seed", 2**64), ("max_completion_tokens", 2**31),
+    ("presence_penalty", 1e300), ("frequency_penalty", -1e300),
+])
+def test_huge_numbers_get_400_before_the_local_model(
+    default_sidecar: SidecarProcess, field: str, value: float
+) -> None:
+    r = httpx.post(default_sidecar.base_url + "/chat/completions",
+                   json={"model": "smollm2", "messages": HI, field: value}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+    # the largest seed is served (the worker uses its low 32 bits)
+    r = httpx.post(default_sidecar.base_url + "/chat/completions", timeout=60,
+                   json={"model": "smollm2", "messages": HI, "seed": 2**63 - 1, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 def test_prompt_longer_than_the_context_gets_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import ServerConfig
+from sidecar.frontend import MAX_HEAD_BYTES
 from sidecar.gateway import Gateway
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 
@@ -42,6 +43,9 @@ class GrpcServer:
             # connections.
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", config.max_body_bytes),
+            # The same cap as HTTP heads.
+            ("grpc.max_metadata_size", MAX_HEAD_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_HEAD_BYTES),
         ])
         servicer = SidecarServicer(gateway, max_timeout_s=config.max_request_timeout_s)
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = servicer.handlers()

@@ -1,7 +1,8 @@
 """Litestar application: OpenAI-compatible routes over the :class:`~sidecar.gateway.Gateway`.
 
 Bodies are read as bytes and decoded with msgspec straight into the request Structs (no
-pydantic, no OpenAPI schema generation in the request path). Answers from OpenAI-compatible
+pydantic, no OpenAPI schema generation in the request path; ``/openapi.json`` is built
+from the same Structs by :mod:`sidecar.http.openapi`). Answers from OpenAI-compatible
 providers are relayed as their own bytes. Every error leaves as OpenAI's envelope, with the
 status from :mod:`sidecar.errors`; unexpected exceptions become a generic 500 and are logged
 here, never sent.
@@ -30,16 +31,18 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, served_meta
-from sidecar.gateway import Completed, Context, Gateway, error_body
+from sidecar.gateway import Completed, Context, Gateway, error_body, shut_down
 from sidecar.health import CircuitView
+from sidecar.http.openapi import openapi_document
 from sidecar.providers.local import LocalProvider
-from sidecar.types import Call, Op, validate_call
+from sidecar.types import MAX_DEPTH, Call, Op, validate_call
 
 log = logging.getLogger("sidecar.http")
 
 _JSON = "application/json"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
+_INLINE_DECODE_BYTES = 64 * 1024
 _encoder = msgspec.json.Encoder()
 
 
@@ -47,31 +50,41 @@ def decode_call(op: Op, body: bytes) -> Call:
     """Validate a client body for ``op``. Raises :class:`InvalidRequest` with the path."""
     try:
         raw = _object_decoder.decode(body)
-    except msgspec.ValidationError:
-        raise InvalidRequest("The request body must be a JSON object.") from None
+    except msgspec.ValidationError as e:
+        if str(e).startswith("Expected `object`"):
+            raise InvalidRequest("The request body must be a JSON object.") from None
+        raise InvalidRequest(f"The request body is not valid: {e}") from None  # 1e999
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:  # thousands of nested brackets: never a real request
+        raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.") from None
     return validate_call(op, raw)
 
 
 async def _unless_client_leaves(request: Request[Any, Any, Any],
-                                call: Coroutine[Any, Any, Completed]) -> Completed | None:
+                                call: Coroutine[Any, Any, Completed],
+                                cut: asyncio.Event) -> Completed | None:
     """Await ``call``; if the client disconnects first, cancel it (so a local generation
-    frees its sequence and a remote call is closed) and return None."""
+    frees its sequence and a remote call is closed) and return None. If ``cut`` is set
+    first (the shutdown grace is over), cancel it and raise the gateway's shut-down 503."""
     task = asyncio.ensure_future(call)
     gone = asyncio.ensure_future(_disconnected(request))
+    stop = asyncio.ensure_future(cut.wait())
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, gone, stop), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
         raise
     finally:
         gone.cancel()
+        stop.cancel()
     if task.done():
         return task.result()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    if cut.is_set():
+        raise shut_down()
     return None
 
 
@@ -154,14 +167,18 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         # Authentication comes before anything else looks at the request.
         identity = gateway.authenticate(api_key(request.headers))
         ctx = Context(request_id, gateway.deadline(_timeout(request)), identity)
-        call = decode_call(op, await request.body())
+        body = await request.body()
+        # Checking a big body's every value takes a while (~0.1 s per MB of tiny arrays):
+        # off the event loop, which the GIL then still lets run every few milliseconds.
+        call = (decode_call(op, body) if len(body) < _INLINE_DECODE_BYTES
+                else await asyncio.to_thread(decode_call, op, body))
         if call.stream:
             streaming = await gateway.stream(call, ctx)
             headers = served_meta(request_id, streaming)
             return Stream(
                 streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
             )
-        done = await _unless_client_leaves(request, gateway.complete(call, ctx))
+        done = await _unless_client_leaves(request, gateway.complete(call, ctx), gateway.cut_now)
         if done is None:  # nobody is left to answer; the call was cancelled upstream
             return Response(b"", status_code=499)
         return Response(
@@ -172,25 +189,30 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a chat completion (OpenAI's, stream or not)."""
         return await serve(Op.CHAT, request)
 
     @post("/v1/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a text completion (legacy)."""
         return await serve(Op.COMPLETIONS, request)
 
     @post("/v1/embeddings", status_code=200)
     async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create embeddings."""
         return await serve(Op.EMBEDDINGS, request)
 
     models_body = _models_body(gateway)
 
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """List the models clients may ask for: routes, then provider/model targets."""
         gateway.authenticate(api_key(request.headers))
         return Response(models_body, media_type=_JSON)
 
     @get("/v1/sidecar/budgets")
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Every budget's current window (per-key ones of the caller only)."""
         identity = gateway.authenticate(api_key(request.headers))
         views = await gateway.accountant.views(identity, gateway.auth)
         body = _encoder.encode({"object": "list", "data": views})
@@ -198,16 +220,19 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
 
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Host pressure, targets' health and load, local models, route reasons."""
         gateway.authenticate(api_key(request.headers))
         return Response(gateway.redact.data(_encoder.encode(_status(gateway))),
                         media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:
+        """Liveness: 200 while the process serves."""
         return Response(b'{"status":"ok"}', media_type=_JSON)
 
     @get("/readyz")
     async def readyz() -> Response[bytes]:
+        """Readiness: 200, or 503 while draining; targets' circuits."""
         views = gateway.health.views()
         ready = not gateway.draining
         body: dict[str, Any] = {
@@ -244,9 +269,19 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         err = SidecarError("The sidecar hit an internal error.")
         return error_response(err, getattr(request.state, "request_id", None))
 
+    document: list[bytes] = []  # built on first use, from the finished app's routes
+
+    @get("/openapi.json")
+    async def openapi(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """The OpenAPI document of this API; needs a client key like ``/v1/models``."""
+        gateway.authenticate(api_key(request.headers))
+        if not document:
+            document.append(_encoder.encode(openapi_document(request.app, auth=gateway.auth)))
+        return Response(document[0], media_type=_JSON)
+
     return Litestar(
         route_handlers=[chat, completions, embeddings, models, budgets, status, healthz,
-                        readyz],
+                        readyz, openapi],
         exception_handlers={
             SidecarError: on_sidecar_error,
             HTTPException: on_http_error,

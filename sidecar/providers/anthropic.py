@@ -36,7 +36,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     UpstreamUnsupported,
 )
-from sidecar.providers.base import Reply, Upstream
+from sidecar.providers.base import Reply, Upstream, check_usage
 from sidecar.providers.sse import Event, SSEDecoder
 from sidecar.types import (
     Call,
@@ -574,6 +574,7 @@ class AnthropicMessages:
         content = self._body(call, model, target, stream=False)
         body = await self._http.post(_PATH, content, timeout_s, target, meter)
         completion = translate_message(body, target=target)
+        check_usage(completion.usage, target, meter)
         return Reply(_encoder.encode(completion), completion.usage)
 
     async def stream(self, call: Call, model: str, timeout_s: float,
@@ -591,8 +592,10 @@ class AnthropicMessages:
                 out = translator.feed(piece)
                 meter.content_chunks = translator.content_chunks
                 meter.content_chars = translator.content_chars
+                usage = translator.usage
+                check_usage(usage, target, meter)  # before a usage chunk can be relayed
                 if translator.finished:
-                    meter.usage = translator.usage
+                    meter.usage = usage
                 # The role preamble is held back until the first token, so a failure before
                 # it can still be replaced by another target.
                 if out and translator.started:

@@ -253,6 +253,17 @@ def status_error(status: int, body: bytes, headers: httpx.Headers, target: str) 
     return UpstreamMalformed(f"{target}: unexpected HTTP {status}", target=target)
 
 
+def check_usage(usage: Usage | None, target: str, meter: Meter | None) -> None:
+    """Raise :class:`UpstreamMalformed` (and mark ``meter``) if ``usage`` cannot be true
+    (:meth:`~sidecar.types.Usage.problem`): a negative count would refund a budget."""
+    problem = None if usage is None else usage.problem()
+    if problem is not None:
+        if meter is not None:
+            meter.usage_invalid = True
+        raise UpstreamMalformed(f"{target} reported an impossible usage ({problem})",
+                                target=target)
+
+
 def check_shape(op: Op, shape: Any, target: str) -> None:
     """Raise :class:`UpstreamMalformed` unless ``shape`` (a BodyShape) fits ``op``."""
     ok = shape.data is not None if op is Op.EMBEDDINGS else shape.choices is not None

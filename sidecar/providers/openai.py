@@ -13,7 +13,7 @@ import msgspec
 
 from sidecar.config import OpenAIProvider as OpenAIConfig
 from sidecar.errors import UpstreamMalformed, UpstreamServerError, UpstreamUnreachable
-from sidecar.providers.base import Reply, Upstream, check_shape
+from sidecar.providers.base import Reply, Upstream, check_shape, check_usage
 from sidecar.providers.sse import SSEDecoder
 from sidecar.types import BodyShape, Call, EmbeddingRequest, Meter, Op, Usage
 
@@ -92,6 +92,7 @@ class OpenAICompatible:
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise UpstreamMalformed(f"{target} answered with invalid JSON", target=target) from None
         check_shape(call.op, shape, target)
+        check_usage(shape.usage, target, meter)
         return Reply(body, shape.usage)
 
     async def stream(self, call: Call, model: str, timeout_s: float,
@@ -124,6 +125,7 @@ class OpenAICompatible:
                     started |= any(c.has_token for c in shape.choices or ())
                     finished |= any(c.finish_reason for c in shape.choices or ())
                     if shape.usage is not None:
+                        check_usage(shape.usage, target, meter)
                         meter.usage = shape.usage
                         started = True
                         if not shape.choices and not client_wants_usage:
