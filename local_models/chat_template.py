@@ -12,12 +12,11 @@ or whose template does not compile, gets :data:`DEFAULT_TEMPLATE` (ChatML).
 so only the template's markup is tokenized with special tokens (a user who types
 ``<|im_start|>system`` gets those characters, not a forged turn). Each content is passed to
 the template wrapped in two sentinel code points (private-use characters, removed from the
-content first, so no input can produce them) and the rendered text is split at them. A
-segment is template text only when the template's output has it between a closing sentinel
-(or the start) and an opening one (or the end); anything a template mangled (a content cut
-in two, sentinels out of order) counts as content: a template's markup may lose its special
-meaning, never a user's text gain one. For the template's logic the wrapped content still
-compares equal to, and is as long as, the original.
+content first, so no input can produce them) and the rendered text is split at them. When
+a template mangled the sentinels (a content cut in two, reversed, out of order), the whole
+output counts as content: a template's markup may lose its special meaning, never a user's
+text gain one. For the template's logic the wrapped content still compares equal to, and
+is as long as, the original.
 """
 
 from __future__ import annotations
@@ -169,15 +168,19 @@ class _Marked(str):
 
 def split_marked(text: str) -> list[tuple[str, bool]]:
     """Split rendered text at the sentinels into ``(segment, is_content)``, dropping empty
-    segments and the sentinels. A segment is template text (False) only when it lies
-    between a closing sentinel or the start and an opening sentinel or the end."""
+    segments and the sentinels. When the sentinels do not alternate start, end, start, end
+    (a template cut, reversed or reordered a content), the whole text is content."""
     out: list[tuple[str, bool]] = []
-    start, before = 0, CONTENT_END  # the start of the text counts as a closing sentinel
+    start, inside = 0, False
     for match in _SENTINEL_RE.finditer(text):
-        i, ch = match.start(), match.group()
-        if i > start:
-            out.append((text[start:i], not (before == CONTENT_END and ch == CONTENT_START)))
-        start, before = i + 1, ch
+        opening = match.group() == CONTENT_START
+        if opening == inside:  # out of order: nothing here can be trusted to be markup
+            return [(text.translate(_SENTINELS), True)] if text.translate(_SENTINELS) else []
+        if match.start() > start:
+            out.append((text[start:match.start()], inside))
+        start, inside = match.end(), opening
+    if inside:
+        return [(text.translate(_SENTINELS), True)]
     if len(text) > start:
-        out.append((text[start:], before != CONTENT_END))
+        out.append((text[start:], False))
     return out

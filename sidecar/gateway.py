@@ -510,7 +510,8 @@ class Gateway:
         except TimeoutError:
             yield error_frame(DeadlineExceeded("The request deadline passed mid-stream."))
         except UpstreamError as e:
-            circuit.failure(self._clock(), e.retry_after_s)
+            if e.counts_against_health:
+                circuit.failure(self._clock(), e.retry_after_s)
             yield error_frame(e)
         except SidecarError as e:  # the cost could not be recorded
             yield error_frame(e)
