@@ -204,13 +204,18 @@ class Engine:
 
     def tokenize_some(self, prompt: list[int], pieces: deque[tuple[str, bool]],
                       budget: int) -> int:
-        """Tokenize up to ``budget`` characters of ``pieces`` (``(text, special)``, consumed
-        from the left) onto ``prompt``; returns the characters used. BOS goes before the
-        first text only. Raises :class:`_RequestError` once the prompt fills the context."""
+        """Tokenize about ``budget`` characters of ``pieces`` (``(text, special)``, consumed
+        from the left) onto ``prompt``; returns the characters used (at most one slice more
+        than ``budget``). Only a text longer than a slice is cut (at whitespace when it can),
+        so the template's markers stay whole. BOS goes before the first text only. Raises
+        :class:`_RequestError` once the prompt fills the context."""
         used = 0
         while pieces and used < budget:
-            text, special = pieces.popleft()
-            head, tail = _cut(text, budget - used)
+            text, special = pieces[0]
+            if used and len(text) > budget - used:
+                break  # the next slice takes it whole: a cut would change its tokens
+            pieces.popleft()
+            head, tail = _cut(text, TOKENIZE_SLICE_CHARS)  # only texts longer than a slice
             if tail:
                 pieces.appendleft((tail, special))
             prompt.extend(self.tokenize(head, special, add_bos=not prompt and used == 0))
