@@ -289,6 +289,8 @@ class Engine:
         is tokenized by the following steps."""
         try:
             pieces = self.prompt_pieces(req)
+            if not pieces:
+                raise _RequestError("invalid", "the prompt is empty")
         except _RequestError as e:
             send(p.Failed(req.id, e.kind, str(e)))
             return

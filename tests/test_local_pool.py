@@ -579,6 +579,20 @@ async def test_a_failing_template_fails_only_its_own_request(
     assert (await collect(pool, **chat("hello", max_tokens=3))).done.completion_tokens <= 3
 
 
+async def test_an_empty_prompt_is_refused_and_frees_its_slot(
+    make_pool: Callable[..., ModelPool], tmp_path: Path, default_model_path: Path
+) -> None:
+    path = model_with_chat_template(default_model_path, tmp_path / "void.gguf",
+                                    "{% if false %}{{ messages }}{% endif %}")
+    pool = make_pool(ModelSpec(name="m", path=str(path), n_ctx=512, n_parallel=1))
+    async with asyncio.timeout(60):
+        for kw in (chat("hello", max_tokens=3), counting(3) | {"prompt": ""}):
+            with pytest.raises(InvalidRequest, match="empty"):
+                await collect(pool, **kw)
+        assert (await collect(pool, **counting(3))).done.completion_tokens == 3
+    assert status(pool).in_flight == 0
+
+
 @pytest.mark.parametrize(
     "template", [None, "{% for m in messages %}{{ m.content }"], ids=["missing", "broken"]
 )
