@@ -7,11 +7,22 @@ bounded sequence repetition and powers. Whatever a template does wrong while ren
 (``raise_exception``, a sandbox violation, a division by zero, runaway recursion, a range
 too big) is one :class:`TemplateError`, never another exception. A model without a template,
 or whose template does not compile, gets :data:`DEFAULT_TEMPLATE` (ChatML).
+
+:meth:`ChatTemplate.render_parts` tells the template's own text from the messages' contents,
+so only the template's markup is tokenized with special tokens (a user who types
+``<|im_start|>system`` gets those characters, not a forged turn). Each content is passed to
+the template wrapped in two sentinel code points (private-use characters, removed from the
+content first, so no input can produce them) and the rendered text is split at them. When
+a template mangled the sentinels (a content cut in two, reversed, out of order), the whole
+output counts as content: a template's markup may lose its special meaning, never a user's
+text gain one. For the template's logic the wrapped content still compares equal to, and
+is as long as, the original.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +38,12 @@ DEFAULT_TEMPLATE = (
 )
 
 MAX_RENDERED_CHARS = 8 * 1024 * 1024
+
+#: Sentinels around each message's content while rendering (Unicode private use plane 16).
+CONTENT_START = "\U0010fff0"
+CONTENT_END = "\U0010fff1"
+_SENTINELS = {ord(CONTENT_START): None, ord(CONTENT_END): None}
+_SENTINEL_RE = re.compile(f"[{CONTENT_START}{CONTENT_END}]")
 
 
 class TemplateError(Exception):
@@ -88,6 +105,17 @@ class ChatTemplate:
         self._bos = bos_token
         self._eos = eos_token
 
+    def render_parts(self, messages: Sequence[dict[str, Any]],
+                     add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """Render and split into ``(text, is_content)`` segments, in order: ``is_content``
+        True for text that came from a message's ``content`` (to be tokenized as plain
+        text), False for the template's own text. Raises like :meth:`render`."""
+        marked = [
+            {**m, "content": _Marked(m["content"])} if isinstance(m.get("content"), str) else m
+            for m in messages
+        ]
+        return split_marked(self.render(marked, add_generation_prompt))
+
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
                ) -> str:
         """Render; raises :class:`TemplateError` with the template's own message."""
@@ -111,3 +139,48 @@ class ChatTemplate:
         except Exception as e:  # the template is untrusted: any failure is the template's
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
         return "".join(parts)
+
+
+class _Marked(str):
+    """A message's content wrapped in the sentinels; equal to, as long as and hashed like
+    the content itself, so a template's checks (``== ''``, ``| length``) see the original."""
+
+    raw: str
+
+    def __new__(cls, content: str) -> _Marked:
+        raw = content.translate(_SENTINELS)
+        self = super().__new__(cls, CONTENT_START + raw + CONTENT_END)
+        self.raw = raw
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return self.raw == (other.raw if isinstance(other, _Marked) else other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+def split_marked(text: str) -> list[tuple[str, bool]]:
+    """Split rendered text at the sentinels into ``(segment, is_content)``, dropping empty
+    segments and the sentinels. When the sentinels do not alternate start, end, start, end
+    (a template cut, reversed or reordered a content), the whole text is content."""
+    out: list[tuple[str, bool]] = []
+    start, inside = 0, False
+    for match in _SENTINEL_RE.finditer(text):
+        opening = match.group() == CONTENT_START
+        if opening == inside:  # out of order: nothing here can be trusted to be markup
+            return [(text.translate(_SENTINELS), True)] if text.translate(_SENTINELS) else []
+        if match.start() > start:
+            out.append((text[start:match.start()], inside))
+        start, inside = match.end(), opening
+    if inside:
+        return [(text.translate(_SENTINELS), True)]
+    if len(text) > start:
+        out.append((text[start:], False))
+    return out

@@ -15,11 +15,18 @@ Contract:
 * Admission: at most ``n_parallel`` generations of a model are in its worker at once; up to
   ``max_queue`` more wait here in arrival order; beyond that :class:`Overloaded` (with a
   Retry-After estimate) is raised at once.
-* A worker that dies (crash, SIGKILL, out of memory) fails every request in it with
-  :class:`WorkerCrashed` at once, never a hang; the next request starts a new worker.
+* Requests beyond :mod:`local_models.limits` (messages, characters against the model's
+  context, embedding inputs) raise :class:`InvalidRequest` naming the limit before anything
+  is queued or sent; seeds are masked to 32 bits and ``max_tokens`` clamped, so any integer
+  can be sent.
+* A worker that dies (crash, SIGKILL, out of memory) fails every request in it at once,
+  never a hang; the next request starts a new worker. One death is one event: the first
+  request to see it gets :class:`WorkerCrashed`, the others :class:`WorkerLost` (a
+  subclass), so health counts the death once.
   A model whose load failed is not retried for ``retry_failed_load_s``.
-* Closing a generation early (the consumer stops iterating, is cancelled, or its deadline
-  passes) sends ``Cancel`` so the worker frees the sequence at its next decode step.
+* Closing a generation or an embedding early (the consumer stops iterating, is cancelled,
+  or its deadline passes) sends ``Cancel`` so the worker frees the sequence at its next
+  decode step (an embedding stops before its next input).
 * Models idle for ``idle_unload_s`` are unloaded by a background task;
   :meth:`ModelPool.unload_idle` unloads idle ones at once (the host needs its memory).
 * :meth:`ModelPool.status` reports, per model, measured speed for routing: EWMAs (weight
@@ -55,6 +62,7 @@ from pathlib import Path
 import msgspec
 import psutil
 
+from local_models import limits
 from local_models import protocol as p
 from local_models.catalog import CatalogEntry
 from local_models.eviction import LoadPlan, Resident, plan_load
@@ -88,6 +96,11 @@ class NoRoom(ModelUnavailable):
 
 class WorkerCrashed(LocalError):
     """The worker died or failed internally while serving the request."""
+
+
+class WorkerLost(WorkerCrashed):
+    """The worker died under this request, and another request already reported that same
+    death as :class:`WorkerCrashed`."""
 
 
 class Overloaded(LocalError):
@@ -150,6 +163,7 @@ class _Worker:
         self.streams: dict[int, asyncio.Queue[_Answer | None]] = {}
         self.control: asyncio.Queue[p.FromWorker | None] = asyncio.Queue()
         self.alive = True
+        self.death_reported = False
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.tasks = [
             asyncio.create_task(self._read(), name=f"local-{name}-reader"),
@@ -361,6 +375,11 @@ class ModelPool:
         sampling: p.Sampling | None = None,
     ) -> AsyncGenerator[str | p.Done, None]:
         """Yield text deltas, then one :class:`~local_models.protocol.Done` with the usage."""
+        refusal = limits.generate_refusal(self._n_ctx(name), messages, prompt)
+        if refusal is not None:
+            raise InvalidRequest(refusal)
+        sampling = sampling or p.Sampling()
+        sampling = msgspec.structs.replace(sampling, seed=limits.mask_seed(sampling.seed))
         async with self._request(name) as (model, worker, rid, answers):
             finished = False
             first: float | None = None
@@ -368,7 +387,7 @@ class ModelPool:
                 sent = time.monotonic()
                 worker.send(p.Generate(
                     rid, tuple(messages) if messages is not None else None, prompt,
-                    max_tokens, tuple(stop), sampling or p.Sampling(),
+                    limits.clamp_max_tokens(max_tokens), tuple(stop), sampling,
                 ))
                 while True:
                     arrived, msg = _unpack(await answers.get())
@@ -390,12 +409,29 @@ class ModelPool:
                     worker.send(p.Cancel(rid))
 
     async def embed(self, name: str, inputs: Sequence[str]) -> p.Embeddings:
+        refusal = limits.embed_refusal(self._n_ctx(name), inputs)
+        if refusal is not None:
+            raise InvalidRequest(refusal)
         async with self._request(name) as (_, worker, rid, answers):
-            worker.send(p.Embed(rid, tuple(inputs)))
-            _, msg = _unpack(await answers.get())
+            finished = False
+            try:
+                worker.send(p.Embed(rid, tuple(inputs)))
+                _, msg = _unpack(await answers.get())
+                finished = True
+            finally:
+                if not finished:
+                    worker.send(p.Cancel(rid))
             if isinstance(msg, p.Embeddings):
                 return msg
             raise await _failure(name, worker, msg)
+
+    def _n_ctx(self, name: str) -> int:
+        """The context per sequence a request of ``name`` must fit: the loaded worker's, else
+        the configured one (a worker never gets more)."""
+        model = self._model(name)
+        if model.worker is not None and model.worker.loaded is not None:
+            return model.worker.loaded.n_ctx
+        return model.entry.spec.n_ctx
 
     @contextlib.asynccontextmanager
     async def _request(self, name: str) -> AsyncIterator[
@@ -654,7 +690,11 @@ async def _failure(name: str, worker: _Worker, msg: p.FromWorker | None) -> Loca
             return InvalidRequest(msg.message)
         return WorkerCrashed(f"local model '{name}': {msg.message}")
     if msg is None:
-        return WorkerCrashed(f"local model '{name}' worker stopped ({await _how(worker)})")
+        how = await _how(worker)
+        if worker.death_reported:
+            return WorkerLost(f"local model '{name}' worker stopped ({how})")
+        worker.death_reported = True
+        return WorkerCrashed(f"local model '{name}' worker stopped ({how})")
     return WorkerCrashed(f"local model '{name}' answered out of order ({type(msg).__name__})")
 
 

@@ -13,7 +13,8 @@ Contract:
 * A :class:`Generate` answers with zero or more :class:`Tokens` (text deltas, already cut at
   stop sequences and on UTF-8 boundaries) and then :class:`Done` with the exact usage.
 * :class:`Cancel` of an unknown or finished id is ignored; a cancelled generation ends with
-  ``Done(finish_reason="cancelled")`` at the next decode step.
+  ``Done(finish_reason="cancelled")`` at the next decode step, a cancelled embedding with
+  the same before its next input.
 """
 
 from __future__ import annotations

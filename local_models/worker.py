@@ -17,7 +17,15 @@ Contract:
 * A cancelled sequence is freed at the start of the next step. Requests beyond the free
   sequences wait in arrival order (the pool bounds how many it sends; this only absorbs the
   moment between a cancel and the slot being freed).
-* Embeddings use a second, lazily created context with mean pooling, on the same thread.
+* Only the chat template's own text is tokenized with special tokens; message contents and
+  text prompts are plain text (:meth:`~local_models.chat_template.ChatTemplate.render_parts`).
+* Bounded slices: a prompt is tokenized at most :data:`TOKENIZE_SLICE_CHARS` characters per
+  loop iteration (all prompts together) and prefilled at most ``n_batch`` tokens per step,
+  interleaved with the decode steps of the other sequences; a prompt is refused as soon as
+  it reaches the context, and a cancel stops it between slices. The pool bounds what it
+  sends (:mod:`local_models.limits`), so rendering one request is bounded too.
+* Embeddings use a second, lazily created context with mean pooling, on the same thread:
+  one input per loop iteration, between decode steps; a cancel stops the rest.
 * The worker exits when its stdin closes or on :class:`~local_models.protocol.Shutdown`.
 """
 
@@ -40,6 +48,10 @@ import msgspec
 
 from local_models import protocol as p
 from local_models.chat_template import ChatTemplate, TemplateError
+
+#: Characters of prompt text tokenized per loop iteration, over all prompts (llama.cpp's BPE
+#: is superlinear in the length of one text, so long ones are cut, at whitespace if it can).
+TOKENIZE_SLICE_CHARS = 8192
 
 Send = Callable[[p.FromWorker], None]
 
@@ -67,9 +79,12 @@ class _Seq:
     id: int
     slot: int
     prompt: list[int]
-    max_tokens: int
+    max_tokens: int | None
+    """As asked; set to what fits the context once the prompt is tokenized."""
     stop: tuple[str, ...]
     sampler: Any
+    pieces: deque[tuple[str, bool]] = field(default_factory=deque)
+    """Prompt text still to tokenize: (text, special)."""
     n_past: int = 0
     n_generated: int = 0
     next_token: int | None = None
@@ -81,8 +96,21 @@ class _Seq:
     )
 
     @property
+    def tokenizing(self) -> bool:
+        return bool(self.pieces)
+
+    @property
     def prefilling(self) -> bool:
-        return self.n_past < len(self.prompt)
+        return not self.pieces and self.n_past < len(self.prompt)
+
+
+@dataclass(eq=False)
+class _EmbedJob:
+    """An embedding request being computed, one input per loop iteration."""
+
+    req: p.Embed
+    vectors: list[tuple[float, ...]] = field(default_factory=list)
+    used: int = 0
 
 
 class Engine:
@@ -113,6 +141,7 @@ class Engine:
         self.free_slots = list(range(load.n_parallel))  # a heap: the lowest slot first
         self.active: dict[int, _Seq] = {}
         self.waiting: deque[p.Generate] = deque()
+        self.embeds: deque[_EmbedJob] = deque()
         self._embed_ctx: Any = None
         self._embed_n_ctx = 0
 
@@ -155,19 +184,69 @@ class Engine:
 
     # --- requests -----------------------------------------------------------------------
 
-    def tokenize(self, text: str, special: bool) -> list[int]:
+    def tokenize(self, text: str, special: bool, add_bos: bool = True) -> list[int]:
+        """Tokens of ``text`` (one llama.cpp call: keep ``text`` short, see
+        :data:`TOKENIZE_SLICE_CHARS`); ``special``: control-token text becomes control
+        tokens; ``add_bos``: with BOS first when the model wants one."""
         ll = self.ll
         data = text.encode("utf-8", errors="replace")
         n_max = len(data) + 8
         buf = (ll.llama_token * n_max)()
-        n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, special)
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
         if n < 0:
             n_max = -n
             buf = (ll.llama_token * n_max)()
-            n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, special)
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
         tokens = list(buf[:n])
         if len(tokens) > 1 and tokens[0] == self.bos and tokens[1] == self.bos:
             tokens.pop(0)  # the template wrote BOS itself and the tokenizer added another
+        return tokens
+
+    def tokenize_some(self, prompt: list[int], pieces: deque[tuple[str, bool]],
+                      budget: int) -> int:
+        """Tokenize about ``budget`` characters of ``pieces`` (``(text, special)``, consumed
+        from the left) onto ``prompt``; returns the characters used (at most one slice more
+        than ``budget``). Only a text longer than a slice is cut (at whitespace when it can),
+        so the template's markers stay whole. BOS goes before the first text only. Raises
+        :class:`_RequestError` once the prompt fills the context."""
+        used = 0
+        while pieces and used < budget:
+            text, special = pieces[0]
+            if used and len(text) > budget - used:
+                break  # the next slice takes it whole: a cut would change its tokens
+            pieces.popleft()
+            head, tail = _cut(text, TOKENIZE_SLICE_CHARS)  # only texts longer than a slice
+            if tail:
+                pieces.appendleft((tail, special))
+            prompt.extend(self.tokenize(head, special, add_bos=not prompt and used == 0))
+            used += len(head)
+            if len(prompt) >= self.n_ctx_seq:
+                more = "+" if pieces else ""
+                raise _RequestError(
+                    "invalid",
+                    f"the prompt is {len(prompt)}{more} tokens; this model's context per "
+                    f"request is {self.n_ctx_seq} tokens",
+                )
+        return used
+
+    def prompt_pieces(self, req: p.Generate) -> deque[tuple[str, bool]]:
+        """What to tokenize for ``req``: the chat template's own text with special tokens,
+        message contents and text prompts as plain text."""
+        if req.messages is None:
+            return deque([(req.prompt or "", False)])
+        try:
+            parts = self.template.render_parts(
+                [{"role": m.role, "content": m.content} for m in req.messages]
+            )
+        except TemplateError as e:
+            raise _RequestError("invalid", str(e)) from None
+        return deque((text, not is_content) for text, is_content in parts)
+
+    def prompt_tokens(self, req: p.Generate) -> list[int]:
+        """The whole prompt of ``req`` at once (what the loop does in slices)."""
+        pieces, tokens = self.prompt_pieces(req), list[int]()
+        while pieces:
+            self.tokenize_some(tokens, pieces, TOKENIZE_SLICE_CHARS)
         return tokens
 
     def _piece(self, token: int, special: bool = False) -> str:
@@ -180,27 +259,6 @@ class Engine:
             buf = ctypes.create_string_buffer(-n)
             n = self.ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return bytes(buf.raw[:n])
-
-    def _prompt(self, req: p.Generate) -> list[int]:
-        if req.messages is not None:
-            try:
-                text = self.template.render(
-                    [{"role": m.role, "content": m.content} for m in req.messages]
-                )
-            except TemplateError as e:
-                raise _RequestError("invalid", str(e)) from None
-            tokens = self.tokenize(text, special=True)
-        else:
-            tokens = self.tokenize(req.prompt or "", special=False)
-        if not tokens:
-            raise _RequestError("invalid", "the prompt is empty")
-        if len(tokens) >= self.n_ctx_seq:
-            raise _RequestError(
-                "invalid",
-                f"the prompt is {len(tokens)} tokens; this model's context per request is "
-                f"{self.n_ctx_seq} tokens",
-            )
-        return tokens
 
     def _sampler(self, s: p.Sampling) -> Any:
         ll = self.ll
@@ -227,17 +285,36 @@ class Engine:
         return chain
 
     def admit(self, req: p.Generate, send: Send) -> None:
-        """Start a generation in a free slot (the caller checked there is one)."""
+        """Start a generation in a free slot (the caller checked there is one); its prompt
+        is tokenized by the following steps."""
         try:
-            tokens = self._prompt(req)
+            pieces = self.prompt_pieces(req)
+            if not pieces:
+                raise _RequestError("invalid", "the prompt is empty")
         except _RequestError as e:
             send(p.Failed(req.id, e.kind, str(e)))
             return
-        room = self.n_ctx_seq - len(tokens)
-        limit = room if req.max_tokens is None else min(req.max_tokens, room)
-        seq = _Seq(req.id, heapq.heappop(self.free_slots), tokens, limit, req.stop,
-                   self._sampler(req.sampling))
+        seq = _Seq(req.id, heapq.heappop(self.free_slots), [], req.max_tokens, req.stop,
+                   self._sampler(req.sampling), pieces=pieces)
         self.active[req.id] = seq
+
+    def _tokenize_slice(self, out: list[p.FromWorker]) -> None:
+        """Tokenize one slice of the prompts still being tokenized, in arrival order."""
+        budget = TOKENIZE_SLICE_CHARS
+        for seq in [s for s in self.active.values() if s.tokenizing]:
+            if budget <= 0:
+                return
+            try:
+                budget -= self.tokenize_some(seq.prompt, seq.pieces, budget)
+                if not seq.pieces and not seq.prompt:
+                    raise _RequestError("invalid", "the prompt is empty")
+            except _RequestError as e:
+                out.append(p.Failed(seq.id, e.kind, str(e)))
+                self._release(seq)
+                continue
+            if not seq.pieces:
+                room = self.n_ctx_seq - len(seq.prompt)
+                seq.max_tokens = room if seq.max_tokens is None else min(seq.max_tokens, room)
 
     def cancel(self, request_id: int, send: Send) -> None:
         seq = self.active.get(request_id)
@@ -248,6 +325,11 @@ class Engine:
             if req.id == request_id:
                 self.waiting.remove(req)
                 send(p.Done(req.id, "cancelled", 0, 0))
+                return
+        for job in self.embeds:
+            if job.req.id == request_id:
+                self.embeds.remove(job)
+                send(p.Done(request_id, "cancelled", 0, 0))
                 return
 
     def _finish(self, seq: _Seq, reason: p.FinishReason, out: list[p.FromWorker]) -> None:
@@ -288,7 +370,7 @@ class Engine:
             emit, seq.pending = seq.pending, ""
         if emit:
             out.append(p.Tokens(seq.id, emit))
-        if seq.n_generated >= seq.max_tokens:
+        if seq.max_tokens is not None and seq.n_generated >= seq.max_tokens:
             self._finish(seq, "length", out)
         else:
             seq.next_token = token
@@ -302,6 +384,7 @@ class Engine:
             self._finish(seq, "cancelled", out)
         while self.waiting and self.free_slots:
             self.admit(self.waiting.popleft(), out.append)
+        self._tokenize_slice(out)
         n = 0
 
         def add(token: int, pos: int, slot: int, logits: bool) -> None:
@@ -350,7 +433,7 @@ class Engine:
 
     # --- embeddings ---------------------------------------------------------------------
 
-    def embed(self, req: p.Embed) -> p.Embeddings:
+    def _embedding_context(self) -> Any:
         ll = self.ll
         if self._embed_ctx is None:
             # One input per decode, as long as a generation's context: the compute buffer
@@ -368,38 +451,63 @@ class Engine:
                 self._embed_ctx = None
                 raise _RequestError("internal", "llama.cpp could not create an embedding context")
             self._embed_n_ctx = n_ctx
-        ctx = self._embed_ctx
-        memory = ll.llama_get_memory(ctx)
-        batch = ll.llama_batch_init(self._embed_n_ctx, 0, 1)
-        vectors: list[tuple[float, ...]] = []
-        used = 0
+        return self._embed_ctx
+
+    def embed_one(self, job: _EmbedJob) -> p.Embeddings | None:
+        """Embed the next input of ``job``; its answer once the last one is done."""
+        ll = self.ll
+        ctx = self._embedding_context()
+        i = len(job.vectors)
+        tokens: list[int] = []
+        pieces = deque([(job.req.inputs[i], False)])
         try:
-            for i, text in enumerate(req.inputs):
-                tokens = self.tokenize(text, special=False)
-                if not tokens or len(tokens) > self._embed_n_ctx:
-                    raise _RequestError(
-                        "invalid",
-                        f"input[{i}] is {len(tokens)} tokens; "
-                        f"embeddings take 1 to {self._embed_n_ctx}",
-                    )
-                used += len(tokens)
-                ll.llama_memory_clear(memory, True)
-                for j, token in enumerate(tokens):
-                    batch.token[j] = token
-                    batch.pos[j] = j
-                    batch.n_seq_id[j] = 1
-                    batch.seq_id[j][0] = 0
-                    batch.logits[j] = True
-                batch.n_tokens = len(tokens)
-                if ll.llama_decode(ctx, batch) != 0:
-                    raise _RequestError("internal", "llama_decode failed for embeddings")
-                ptr = ll.llama_get_embeddings_seq(ctx, 0)
-                vec = [ptr[k] for k in range(self.n_embd)]
-                norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-                vectors.append(tuple(v / norm for v in vec))
+            while pieces:
+                self.tokenize_some(tokens, pieces, TOKENIZE_SLICE_CHARS)
+        except _RequestError:
+            pass  # too long: reported below with the embedding limit
+        if not tokens or len(tokens) > self._embed_n_ctx or pieces:
+            raise _RequestError(
+                "invalid",
+                f"input[{i}] is {len(tokens)}{'+' if pieces else ''} tokens; "
+                f"embeddings take 1 to {self._embed_n_ctx}",
+            )
+        batch = ll.llama_batch_init(self._embed_n_ctx, 0, 1)
+        try:
+            ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
+            for j, token in enumerate(tokens):
+                batch.token[j] = token
+                batch.pos[j] = j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = True
+            batch.n_tokens = len(tokens)
+            if ll.llama_decode(ctx, batch) != 0:
+                raise _RequestError("internal", "llama_decode failed for embeddings")
+            ptr = ll.llama_get_embeddings_seq(ctx, 0)
+            vec = [ptr[k] for k in range(self.n_embd)]
         finally:
             ll.llama_batch_free(batch)
-        return p.Embeddings(req.id, tuple(vectors), used)
+        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+        job.vectors.append(tuple(v / norm for v in vec))
+        job.used += len(tokens)
+        if len(job.vectors) < len(job.req.inputs):
+            return None
+        return p.Embeddings(job.req.id, tuple(job.vectors), job.used)
+
+    def _embed_slice(self, out: list[p.FromWorker]) -> None:
+        """One input of the oldest embedding request."""
+        if not self.embeds:
+            return
+        job = self.embeds[0]
+        try:
+            done = self.embed_one(job) if job.req.inputs else p.Embeddings(job.req.id, (), 0)
+        except _RequestError as e:
+            out.append(p.Failed(job.req.id, e.kind, str(e)))
+            self.embeds.popleft()
+            return
+        if done is not None:
+            out.append(done)
+            self.embeds.popleft()
 
     def set_threads(self, n: int) -> None:
         """Use ``n`` threads (0: the number given at load) for later decodes. Fewer threads
@@ -418,7 +526,7 @@ class Engine:
         """Serve requests until Shutdown or the end of the input pipe."""
         while True:
             out: list[p.FromWorker] = []
-            block = not self.active and not self.waiting
+            block = not self.active and not self.waiting and not self.embeds
             while True:
                 try:
                     msg = inbox.get(block=block)
@@ -434,13 +542,22 @@ class Engine:
                 elif isinstance(msg, p.SetThreads):
                     self.set_threads(msg.n)
                 elif isinstance(msg, p.Embed):
-                    try:
-                        out.append(self.embed(msg))
-                    except _RequestError as e:
-                        out.append(p.Failed(msg.id, e.kind, str(e)))
+                    self.embeds.append(_EmbedJob(msg))
             self.step(out)
+            self._embed_slice(out)
             if out:
                 send_all(out)
+
+
+def _cut(text: str, n: int) -> tuple[str, str]:
+    """``text`` cut into a head of at most ``n`` characters (``n`` >= 1) and the rest; the
+    cut goes before whitespace in the head's second half when there is some."""
+    if len(text) <= n:
+        return text, ""
+    n = max(n, 1)
+    at = max(text.rfind(" ", n // 2, n), text.rfind("\n", n // 2, n))
+    at = at if at > 0 else n
+    return text[:at], text[at:]
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

