@@ -102,20 +102,23 @@ def stop(proc: subprocess.Popen[Any], term_timeout_s: float = 10) -> None:
     _kill_group(proc.pid)
 
 
-def _drain(stream: IO[str]) -> None:
+def _drain(stream: IO[str], sink: list[str] | None = None) -> None:
     with contextlib.suppress(OSError, ValueError):
-        for _ in stream:
-            pass
+        for line in stream:
+            if sink is not None:
+                sink.append(line)
 
 
 @contextlib.contextmanager
 def running(command: list[str], ready: re.Pattern[str], what: str, *, own_session: bool = True,
-            timeout_s: float = 60) -> Iterator[tuple[re.Match[str], subprocess.Popen[str]]]:
+            timeout_s: float = 60, output: list[str] | None = None,
+            ) -> Iterator[tuple[re.Match[str], subprocess.Popen[str]]]:
     """Start ``command`` (in ROOT) in a process group of its own (and, with
     ``own_session``, a session of its own), wait at most ``timeout_s`` for a line of its
     output (stdout and stderr) matching ``ready``, yield the match and the process, and
     ``stop`` it afterwards. Once the line is seen, the rest of the output is drained in a
-    thread so that a full pipe never blocks the process."""
+    thread so that a full pipe never blocks the process: appended to ``output`` when given
+    (the lines up to the ready one included), else dropped."""
     # Either way a Ctrl-C in the terminal reaches only this script, which stops the process.
     group: dict[str, Any] = {"start_new_session": True} if own_session else {"process_group": 0}
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -136,7 +139,9 @@ def running(command: list[str], ready: re.Pattern[str], what: str, *, own_sessio
         if match is None:
             raise RuntimeError(f"{what} exited or printed no ready line within "
                                f"{timeout_s:g} s:\n{''.join(seen[-30:])}")
-        threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+        if output is not None:
+            output.extend(seen)
+        threading.Thread(target=_drain, args=(proc.stdout, output), daemon=True).start()
         yield match, proc
     finally:
         stop(proc)
