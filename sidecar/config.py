@@ -86,6 +86,11 @@ class RoutingConfig(_Base, frozen=True):
     """Consecutive failures that open a target's circuit."""
     circuit_cooldown_s: PositiveFloat = 30.0
     """How long an open circuit skips its target before one probe request is let through."""
+    attempt_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    """The fraction of the time left before the deadline that an attempt gets while a later
+    target could still answer (the last one gets all of it; streams: until their first
+    frame). A hung target is abandoned, counted as a timeout, in time for the next one.
+    1 lets every attempt use the whole deadline."""
 
 
 class OpenAIProvider(_Base, frozen=True, tag_field="type", tag="openai"):

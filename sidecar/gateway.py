@@ -3,7 +3,7 @@
     authenticate -> resolve route -> plan (strategy) -> arrange (host pressure)
     -> for each target:
         local deadline check -> circuit check -> budget reserve -> outbound limit
-        -> provider call (bounded by the request deadline; by ``ATTEMPT_SHARE`` of the
+        -> provider call (bounded by the request deadline; by ``[routing].attempt_share`` of the
            time left when a later target could still answer, so a hung one fails over)
         -> on retryable failure: record health, retry with backoff (within the retry
            budget, honouring Retry-After) or fail over to the next target
@@ -78,10 +78,6 @@ from sidecar.strategies import TargetTracker
 from sidecar.types import Call, Meter
 
 T = TypeVar("T")
-
-ATTEMPT_SHARE = 0.5
-"""The fraction of the time left that an attempt gets when other targets may follow it
-(the last one gets all of it): a hung target leaves the next one time to answer."""
 
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -354,7 +350,7 @@ class Gateway:
                 # A target with others after it gets a share of what is left, so a hung
                 # one cannot use up the whole deadline; the last one gets all of it.
                 cut = (None if not self._others_after(order, i, call, est, ctx, now)
-                       else now + remaining * ATTEMPT_SHARE)
+                       else now + remaining * self._routing.attempt_share)
                 ticket: Ticket | None = None
                 meter = Meter()
                 try:

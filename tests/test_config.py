@@ -96,6 +96,8 @@ def test_the_default_ledger_path_is_interpolated_like_the_files_values() -> None
         ),
         (lambda d: d["routes"][0].update(strategy="least_busy"), "routes[0].strategy: Invalid"),
         (lambda d: d["routes"][0]["targets"][0].update(weight=-1), "routes[0].targets[0].weight"),
+        (lambda d: d.update(routing={"attempt_share": 0}), "routing.attempt_share"),
+        (lambda d: d.update(routing={"attempt_share": 1.5}), "routing.attempt_share"),
     ],
 )
 def test_bad_config_names_the_path(mutate, message) -> None:  # type: ignore[no-untyped-def]
