@@ -236,6 +236,21 @@ def test_one_endless_header_is_cut_off(sidecar: SidecarProcess) -> None:
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
 
 
+def test_an_unparsable_request_gets_400_in_the_envelope(sidecar: SidecarProcess,
+                                                        fp: FakeProvider) -> None:
+    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                  b"x-bad: a\x01b\r\ncontent-length: 2\r\n\r\n{}")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"content-type: application/json" in head
+    assert set(json.loads(body)["error"]) == {"message", "type", "code", "param"}
+    assert fp.requests() == []
+
+
 # --- 4. usage an upstream cannot have used --------------------------------------------------
 
 

@@ -3,7 +3,8 @@ on a request's head, which neither uvicorn nor llhttp has.
 
 A request line plus headers of more than :data:`MAX_HEAD_BYTES`, or more than
 :data:`MAX_HEADERS` header fields, is answered ``431 Request Header Fields Too Large`` in
-OpenAI's error envelope and the connection is closed, before the application sees it. The
+OpenAI's error envelope and the connection is closed, before the application sees it.
+A request httptools cannot parse gets 400 in the same envelope (uvicorn's is plain text). The
 bytes of a head still arriving are counted as they come, so one endless header costs at most
 :data:`MAX_HEAD_BYTES` plus one read, not whatever the client sends.
 
@@ -26,17 +27,23 @@ class _HeadTooLarge(Exception):
     pass
 
 
+def _answer(status_line: bytes, err: InvalidRequest) -> bytes:
+    """A whole ``connection: close`` answer with ``err`` in OpenAI's envelope."""
+    body = error_body(err)
+    return (b"HTTP/1.1 " + status_line + b"\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"x-should-retry: false\r\n"
+            b"connection: close\r\n\r\n" + body)
+
+
 def _answer_431() -> bytes:
     err = InvalidRequest(
         f"The request's headers are too large: at most {MAX_HEADERS} fields and "
         f"{MAX_HEAD_BYTES} bytes."
     )
     err.code = "request_header_fields_too_large"
-    body = error_body(err)
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + body)
+    return _answer(b"431 Request Header Fields Too Large", err)
 
 
 class CappedHttpToolsProtocol(HttpToolsProtocol):
@@ -110,6 +117,15 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
         msg = "Invalid HTTP request received."
         self.logger.warning(msg)
         self.send_400_response(msg)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse (a control byte in a header
+        value, a broken request line), in OpenAI's envelope instead of plain text."""
+        if not self.transport.is_closing():
+            self.transport.write(_answer(b"400 Bad Request", InvalidRequest(
+                "The request is not valid HTTP/1.1 (its request line or a header is "
+                "malformed).")))
+            self.transport.close()
 
     def _reject(self) -> None:
         self._rejected = True
