@@ -276,9 +276,11 @@ async def local_rows(args: argparse.Namespace) -> list[LocalRow]:
         log("local: loading the model")
         first = await ttft(pool, model)
         log(f"local: loaded, first TTFT {first:.2f} s")
-        idle = statistics.median([await ttft(pool, model) for _ in range(3)])
+        for _ in range(3):  # the first requests after a load are slower
+            await ttft(pool, model)
+        idle = statistics.median([await ttft(pool, model) for _ in range(5)])
         rows.append(LocalRow("idle", f"prompt {SMALL_PROMPT!r}, max_tokens 5", "-", 0,
-                             idle * 1000, "median of 3"))
+                             idle * 1000, "median of 5, after 3 warm-ups"))
 
         log(f"local: {args.embed_inputs} embedding inputs beside a small request")
         inputs = ["word " * 200] * args.embed_inputs
@@ -312,13 +314,17 @@ async def local_rows(args: argparse.Namespace) -> list[LocalRow]:
     return rows
 
 
+def ms(value: float) -> str:
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
 def local(args: argparse.Namespace, workdir: Path) -> str:
     rows = asyncio.run(local_rows(args))
     return (f"Local model {args.local_package} (n_ctx {args.n_ctx}, n_parallel "
             f"{args.n_parallel}), in-process pool:\n\n" + table(
                 ["case", "input", "outcome", "outcome after ms", "small request TTFT ms",
                  "note"],
-                [[r.case, r.size, r.outcome, f"{r.outcome_ms:,.1f}" if r.outcome_ms else "-",
+                [[r.case, r.size, r.outcome, ms(r.outcome_ms) if r.outcome_ms else "-",
                   f"{r.small_ttft_ms:,.0f}", r.note] for r in rows]))
 
 
