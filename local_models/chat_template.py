@@ -175,12 +175,18 @@ def split_marked(text: str) -> list[tuple[str, bool]]:
     for match in _SENTINEL_RE.finditer(text):
         opening = match.group() == CONTENT_START
         if opening == inside:  # out of order: nothing here can be trusted to be markup
-            return [(text.translate(_SENTINELS), True)] if text.translate(_SENTINELS) else []
+            return _all_content(text)
         if match.start() > start:
             out.append((text[start:match.start()], inside))
         start, inside = match.end(), opening
     if inside:
-        return [(text.translate(_SENTINELS), True)]
+        return _all_content(text)
     if len(text) > start:
         out.append((text[start:], False))
     return out
+
+
+def _all_content(text: str) -> list[tuple[str, bool]]:
+    """``text`` without its sentinels as one content segment (none when that is empty)."""
+    plain = text.translate(_SENTINELS)
+    return [(plain, True)] if plain else []

@@ -413,14 +413,12 @@ class ModelPool:
         if refusal is not None:
             raise InvalidRequest(refusal)
         async with self._request(name) as (_, worker, rid, answers):
-            finished = False
             try:
                 worker.send(p.Embed(rid, tuple(inputs)))
                 _, msg = _unpack(await answers.get())
-                finished = True
-            finally:
-                if not finished:
-                    worker.send(p.Cancel(rid))
+            except BaseException:  # cancelled or past its deadline: stop the worker's part
+                worker.send(p.Cancel(rid))
+                raise
             if isinstance(msg, p.Embeddings):
                 return msg
             raise await _failure(name, worker, msg)

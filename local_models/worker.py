@@ -32,6 +32,7 @@ Contract:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import heapq
 import math
@@ -242,11 +243,16 @@ class Engine:
             raise _RequestError("invalid", str(e)) from None
         return deque((text, not is_content) for text, is_content in parts)
 
-    def prompt_tokens(self, req: p.Generate) -> list[int]:
-        """The whole prompt of ``req`` at once (what the loop does in slices)."""
-        pieces, tokens = self.prompt_pieces(req), list[int]()
+    def tokenize_all(self, pieces: deque[tuple[str, bool]], tokens: list[int]) -> None:
+        """Tokenize all of ``pieces`` onto ``tokens``, slice by slice, at once; raises like
+        :meth:`tokenize_some` (what is left stays in ``pieces``)."""
         while pieces:
             self.tokenize_some(tokens, pieces, TOKENIZE_SLICE_CHARS)
+
+    def prompt_tokens(self, req: p.Generate) -> list[int]:
+        """The whole prompt of ``req`` at once (what the loop does in slices)."""
+        tokens: list[int] = []
+        self.tokenize_all(self.prompt_pieces(req), tokens)
         return tokens
 
     def _piece(self, token: int, special: bool = False) -> str:
@@ -460,11 +466,8 @@ class Engine:
         i = len(job.vectors)
         tokens: list[int] = []
         pieces = deque([(job.req.inputs[i], False)])
-        try:
-            while pieces:
-                self.tokenize_some(tokens, pieces, TOKENIZE_SLICE_CHARS)
-        except _RequestError:
-            pass  # too long: reported below with the embedding limit
+        with contextlib.suppress(_RequestError):  # too long: reported below, with the limit
+            self.tokenize_all(pieces, tokens)
         if not tokens or len(tokens) > self._embed_n_ctx or pieces:
             raise _RequestError(
                 "invalid",
