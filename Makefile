@@ -40,7 +40,7 @@ bench-local: install-dev
 bench-grpc: install-dev
 	$(PY) benchmarks/grpc.py
 
-# Regenerate the gRPC code from protos/ (committed; tests/test_grpc.py checks it matches).
+# Regenerate the gRPC code from protos/ (committed; tests/e2e/test_grpc.py checks it matches).
 protos: install-dev
 	$(PY) scripts/gen_protos.py
 

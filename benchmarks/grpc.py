@@ -1,6 +1,6 @@
 """Unary chat over gRPC next to the same load over HTTP, through one ``sidecar serve``.
 
-The upstream is the scripted fake provider (``python -m tests.fakes.provider``, its
+The upstream is the scripted fake provider (``python -m tests.support.fake_provider``, its
 default answer: a small chat completion). One sidecar serves both front ends; for each
 concurrency the same number of clients send ``Chat`` (gRPC, one shared channel: HTTP/2
 multiplexes the calls) and ``POST /v1/chat/completions`` (HTTP/1.1, one keep-alive
@@ -258,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         log("fewer than 2 cores or no taskset: nothing is pinned")
     with tempfile.TemporaryDirectory() as tmp, running(
-        [*pinned(LOAD_CORE, pin), sys.executable, "-m", "tests.fakes.provider", "--port", "0",
-         "--uvloop"], FAKE_READY, "the fake provider", timeout_s=30,
+        [*pinned(LOAD_CORE, pin), sys.executable, "-m", "tests.support.fake_provider",
+         "--port", "0", "--uvloop"], FAKE_READY, "the fake provider", timeout_s=30,
     ) as (fake, _):
         grpc_port = free_port()
         config = Path(tmp) / "sidecar.toml"

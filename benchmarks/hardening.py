@@ -5,7 +5,7 @@ Three sections, each printing a Markdown table on stdout (progress on stderr):
 
 * ``routing``: a real ``sidecar serve`` with the route ``r`` = [provider ``a`` (its
   ``timeout_s`` 30) whose model hangs forever, provider ``b`` that answers], both served by
-  the in-process fake provider (``tests.fakes.provider``). ``--requests`` chat completions
+  the in-process fake provider (``tests.support.fake_provider``). ``--requests`` chat completions
   with an ``x-sidecar-timeout`` deadline (``--deadline``), ``--concurrency`` at a time: how
   many were served, by which target, how long they took, how many calls reached the hung
   provider and the state of its circuit afterwards. Then one request through the
@@ -55,7 +55,7 @@ from harness import SIDECAR_READY, choices, exit_on_sigterm, log, running
 from local_models.catalog import ModelSpec, build_catalog
 from local_models.pool import InvalidRequest, LocalError, ModelPool, PoolSettings
 from local_models.protocol import ChatMessage, Sampling
-from tests.fakes.provider import FakeProvider, hang
+from tests.support.fake_provider import FakeProvider, hang
 
 SECTIONS = ("routing", "local", "fuzz")
 

@@ -26,7 +26,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDECAR_READY = re.compile(r"sidecar: http listening on (\S+):(\d+)")  # sidecar serve
-FAKE_READY = re.compile(r"listening on http://(\S+):(\d+)")  # python -m tests.fakes.provider
+FAKE_READY = re.compile(r"listening on http://(\S+):(\d+)")  # python -m tests.support.fake_provider
 
 
 def log(message: str) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from harness import log
 
-from sidecar.monitor import Monitor, ResourceSnapshot, Sampler
+from sidecar.host.sampler import Monitor, ResourceSnapshot, Sampler
 
 WORKER_COUNTS = (0, 1, 4)
 

@@ -4,7 +4,7 @@ A CPU-bound "host app" (one process per usable CPU, each hashing in a loop and c
 units of work) runs on the same machine as ``sidecar serve``, which receives a steady
 stream of chat completions on a local-first route (``prefer = "local"``: the local default
 model ``smollm2`` first, then a remote target). The remote is the scripted fake provider
-(``python -m tests.fakes.provider``) answering after a realistic delay (``--remote-delay``,
+(``python -m tests.support.fake_provider``) answering after a realistic delay (``--remote-delay``,
 0.3 s). Modes, each with a fresh sidecar, the same load and the same measured window:
 
 * ``app alone``: the app and no sidecar (its baseline work rate);
@@ -532,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fake_port: int | None = None
         if any(m.traffic for m in modes):
             fake, fake_proc = stack.enter_context(running(
-                [sys.executable, "-m", "tests.fakes.provider", "--port", "0"],
+                [sys.executable, "-m", "tests.support.fake_provider", "--port", "0"],
                 FAKE_READY, "the fake provider", own_session=True))
             fake_port = int(fake.group(2))
             args.extra_pids = [fake_proc.pid]

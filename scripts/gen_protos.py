@@ -3,7 +3,7 @@
     .venv/bin/python scripts/gen_protos.py [--out DIR]     # make protos
 
 The generated files are committed (so installing the sidecar needs no code generator) and
-``tests/test_grpc.py`` regenerates them into a temporary directory and compares, so a
+``tests/e2e/test_grpc.py`` regenerates them into a temporary directory and compares, so a
 change to the .proto without regenerating fails the tests. The output depends on the
 grpcio-tools version, which pyproject.toml pins for that reason.
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import msgspec
 
-from sidecar.budget import LedgerUnavailable
 from sidecar.config import Config, ConfigError, default_config, load_config
+from sidecar.money.budgets import LedgerUnavailable
 from sidecar.redact import MIN_SECRET_LEN, redact_url, short_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8088"
@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         server = msgspec.structs.replace(server, **overrides)
         config = msgspec.structs.replace(config, server=server)
-    from sidecar.server import serve
+    from sidecar.runtime import serve
 
     serve(config)
     return 0
@@ -77,8 +77,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     import psutil
 
     from local_models.backend import gpu_offload_supported
-    from sidecar.host import memory_floor_bytes
-    from sidecar.server import build_catalog, memory_budget
+    from sidecar.host.watch import memory_floor_bytes
+    from sidecar.runtime import build_catalog, memory_budget
 
     config = _load(_config_path(args.config))
     catalog = build_catalog(config)

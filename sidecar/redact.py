@@ -3,7 +3,7 @@
 An upstream (or a proxy in front of it) may echo the credentials it received in an error
 message, a 200 body or a stream frame; the sidecar copies such text into what it tells
 clients, logs and prints. :class:`Redactor` is built once from the :class:`Config` by the
-composition root (:mod:`sidecar.server`) and applied where text leaves:
+composition root (:mod:`sidecar.runtime`) and applied where text leaves:
 
 * the :class:`~sidecar.gateway.Gateway`'s public boundary: errors it raises (message,
   ``param``, ``code``: HTTP envelope and gRPC status + details alike), reply bodies and

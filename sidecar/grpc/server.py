@@ -24,9 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import ServerConfig
-from sidecar.frontend import MAX_HEAD_BYTES
 from sidecar.gateway import Gateway
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
+from sidecar.request_meta import MAX_HEAD_BYTES
 
 
 class GrpcServer:

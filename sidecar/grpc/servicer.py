@@ -45,7 +45,6 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from sidecar.errors import SidecarError
-from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, served_meta
 from sidecar.gateway import Completed, Context, Gateway
 from sidecar.grpc.translation import (
     ChunkReader,
@@ -56,7 +55,8 @@ from sidecar.grpc.translation import (
     embed_response,
 )
 from sidecar.grpc.v1 import sidecar_pb2 as pb
-from sidecar.pricing import format_usd
+from sidecar.money.pricing import format_usd
+from sidecar.request_meta import api_key, model_ids, request_id_of, retry_after, served_meta
 
 log = logging.getLogger("sidecar.grpc")
 

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2
 from sidecar import errors
 from sidecar.errors import InvalidRequest, SidecarError, UpstreamMalformed
 from sidecar.grpc.v1 import sidecar_pb2 as pb
-from sidecar.pricing import MILLION, format_usd
+from sidecar.money.pricing import MILLION, format_usd
 from sidecar.types import Call, Op, validate_call
 
 _ROLES = {
@@ -311,7 +311,7 @@ def _floats(e: list[float] | str) -> list[float]:
 
 
 def parse_usd(text: str) -> int:
-    """``"0.000123"`` (as :func:`sidecar.pricing.format_usd` writes it) in µ$."""
+    """``"0.000123"`` (as :func:`sidecar.money.pricing.format_usd` writes it) in µ$."""
     sign = -1 if text.startswith("-") else 1
     whole, _, frac = text.lstrip("-").partition(".")
     return sign * (int(whole or "0") * MILLION + int((frac + "000000")[:6]))

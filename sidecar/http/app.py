@@ -30,11 +30,11 @@ from sidecar.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.frontend import api_key, model_ids, request_id_of, retry_after, served_meta
 from sidecar.gateway import Completed, Context, Gateway, error_body, shut_down
 from sidecar.health import CircuitView
 from sidecar.http.openapi import openapi_document
 from sidecar.providers.local import LocalProvider
+from sidecar.request_meta import api_key, model_ids, request_id_of, retry_after, served_meta
 from sidecar.types import MAX_DEPTH, Call, Op, validate_call
 
 log = logging.getLogger("sidecar.http")

@@ -19,8 +19,8 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.errors import InvalidRequest
-from sidecar.frontend import MAX_HEAD_BYTES, MAX_HEADERS
 from sidecar.gateway import error_body
+from sidecar.request_meta import MAX_HEAD_BYTES, MAX_HEADERS
 
 
 class _HeadTooLarge(Exception):

@@ -37,7 +37,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     rejected,
 )
-from sidecar.providers.pool import PooledTransport
+from sidecar.providers.transport import PooledTransport
 from sidecar.types import Call, Meter, Op, Usage
 
 

@@ -39,7 +39,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     UpstreamUnsupported,
 )
-from sidecar.pressure import LocalLoad
+from sidecar.host.pressure import LocalLoad
 from sidecar.providers.base import Reply
 from sidecar.types import (
     Call,

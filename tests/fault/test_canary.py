@@ -24,9 +24,9 @@ import pytest
 
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
-from tests.conftest import SidecarProcess, closed_port, run_cli
-from tests.fakes.provider import FakeProvider, ok
-from tests.fault.support import follow_output
+from tests.support.fake_provider import FakeProvider, ok
+from tests.support.faults import follow_output
+from tests.support.process import SidecarProcess, closed_port, run_cli
 
 PROVIDER_KEY = "sk-canary-PROVKEY-1f9e7d"
 ANTHROPIC_KEY = "sk-ant-canary-ANTKEY-2c8b0a"
@@ -381,7 +381,7 @@ def _grpc_sinks(address: str) -> dict[str, bytes]:
 
 
 def test_redis_password_never_leaves_the_process(tmp_path: Path, fake: FakeProvider) -> None:
-    from tests.redis_server import RedisServer, redis_server_binary
+    from tests.support.redis_server import RedisServer, redis_server_binary
 
     redis_server_binary()  # skips without redis-server
     with RedisServer(password=REDIS_PASSWORD) as redis_srv, contextlib.ExitStack() as stack:

@@ -23,15 +23,15 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SidecarProcess
-from tests.fakes.provider import FakeProvider
-from tests.fault.support import (
+from tests.support.fake_provider import FakeProvider
+from tests.support.faults import (
     RawResponse,
     assert_envelope,
     follow_output,
     raw_request,
     tracebacks,
 )
+from tests.support.process import SidecarProcess
 
 CLIENT_KEY = "sk-fuzz-client-key"
 AUTH = (b"authorization", b"Bearer " + CLIENT_KEY.encode())

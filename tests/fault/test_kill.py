@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SidecarProcess, gone, local_workers, poll
-from tests.fakes.provider import FakeProvider, ok, slow_drip
-from tests.fault.support import assert_envelope, follow_output, raw_request, tracebacks
+from tests.support.fake_provider import FakeProvider, ok, slow_drip
+from tests.support.faults import assert_envelope, follow_output, raw_request, tracebacks
+from tests.support.process import SidecarProcess, gone, local_workers, poll
 
 HI = [{"role": "user", "content": "hi"}]
 GRACE_S = 6.0

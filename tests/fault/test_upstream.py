@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SidecarProcess
-from tests.fakes.provider import (
+from tests.support.fake_provider import (
     Behaviour,
     FakeProvider,
     disconnect,
@@ -33,7 +32,8 @@ from tests.fakes.provider import (
     stream_error,
     wrong_shape,
 )
-from tests.fault.support import follow_output, tracebacks
+from tests.support.faults import follow_output, tracebacks
+from tests.support.process import SidecarProcess
 
 DEADLINE_S = 3.0
 FAULTS: dict[str, Behaviour] = {

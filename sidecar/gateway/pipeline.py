@@ -1,0 +1,614 @@
+"""The one request pipeline, shared by every front end.
+
+    authenticate -> resolve route -> plan (strategy) -> arrange (host pressure)
+    -> for each target:
+        local deadline check -> circuit check -> budget reserve -> outbound limit
+        -> provider call (bounded by the request deadline; by ``[routing].attempt_share`` of the
+           time left when a later target could still answer, so a hung one fails over)
+        -> on retryable failure: record health, retry with backoff (within the retry
+           budget, honouring Retry-After) or fail over to the next target
+
+Why a request went where it did is collected on the way: ``offload:<cpu|memory|queue>``
+when local targets were moved behind remote ones, ``fallback:<reason>`` for each kind of
+failure or skip that moved it on (``circuit_open``, ``budget``, ``upstream_5xx``, ...), or
+``primary``. It is returned with the answer (``x-sidecar-route-reason``) and counted.
+
+Front ends call :meth:`Gateway.authenticate` first (before they decode a body, so an
+unauthenticated client learns nothing about its request), turn client bytes into a
+:class:`~sidecar.types.Call` and a :class:`Context`, call :meth:`Gateway.complete` or
+:meth:`Gateway.stream`, and encode what comes back. Every error
+raised to them is a :class:`~sidecar.errors.SidecarError`.
+
+Concurrency: all methods run on one event loop and are safe to call concurrently.
+Cancellation (the client went away) cancels the provider call and closes its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import random
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
+from typing import TypeVar
+
+import msgspec
+
+from sidecar.config import LOCAL_PROVIDER, Config
+from sidecar.errors import (
+    CutAttempt,
+    DeadlineExceeded,
+    InvalidRequest,
+    LocalTooSlow,
+    RetryAfterHeld,
+    SidecarError,
+    Unauthenticated,
+    Unavailable,
+    UpstreamError,
+    UpstreamMalformed,
+)
+from sidecar.gateway.verdict import deadline_passed, exhausted
+from sidecar.health import Circuit, Health, RetryBudget
+from sidecar.host.pressure import LocalLoad, Pressure, arrange, late_eta_s
+from sidecar.host.watch import HostWatch
+from sidecar.limits.gcra import MemoryRateLimiter
+from sidecar.money.accountant import Accountant, Estimate, Ticket, estimate
+from sidecar.money.pricing import FREE, format_usd
+from sidecar.money.pricing import cost as cost_of
+from sidecar.providers.base import Provider, Reply
+from sidecar.redact import Redactor
+from sidecar.routing.routes import Route, Router, Target, plan
+from sidecar.routing.strategies import TargetTracker
+from sidecar.types import Call, Meter
+
+T = TypeVar("T")
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+class Context(msgspec.Struct):
+    """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds;
+    ``identity`` is the client key's name from :meth:`Gateway.authenticate`."""
+
+    request_id: str
+    deadline: float
+    identity: str | None = None
+
+
+class Served(msgspec.Struct):
+    """Who served a request, after how many attempts and why there (for response headers)."""
+
+    target: str
+    attempts: int
+    reason: str
+    """``primary``, or ``offload:*`` / ``fallback:*`` reasons joined by commas."""
+    cost: int | None
+    """µ$ recorded for this answer (None: the target's price is unknown, or, for a paid
+    stream, not known until it ends)."""
+
+
+class Completed(Served):
+    reply: Reply
+
+
+class Streaming(Served):
+    """A committed stream: its first frame has arrived. Iterate ``frames`` to the end (or
+    close it); it ends with ``data: [DONE]`` or with one error frame. Its cost is recorded
+    when it ends and sent as an SSE comment (``: x-sidecar-cost-usd 0.000123``) before
+    ``[DONE]``; ``cost`` is known now only for free targets (0), else None."""
+
+    frames: AsyncIterator[bytes]
+
+
+class _Attempt(msgspec.Struct):
+    """The successful attempt of :meth:`Gateway._run`."""
+
+    target: Target
+    attempts: int
+    ticket: Ticket
+    meter: Meter
+    reason: str
+    started: float
+
+
+_error_encoder = msgspec.json.Encoder()
+
+
+def error_body(err: SidecarError) -> bytes:
+    """OpenAI's error envelope for ``err``."""
+    return _error_encoder.encode(
+        {"error": {"message": err.message, "type": err.type, "code": err.code, "param": err.param}}
+    )
+
+
+def error_frame(err: SidecarError) -> bytes:
+    return b"data: " + error_body(err) + b"\n\n"
+
+
+class Gateway:
+    """Routes calls to providers with failover, retries and circuit breaking."""
+
+    def __init__(
+        self,
+        config: Config,
+        providers: Mapping[str, Provider],
+        *,
+        accountant: Accountant | None = None,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+        local_models: Iterable[str] = (),
+        local_load: Callable[[str], LocalLoad | None] | None = None,
+        host: HostWatch | None = None,
+        redactor: Redactor | None = None,
+    ) -> None:
+        """``providers`` by name (``local`` included when there are local models, whose
+        names are ``local_models`` and whose queues ``local_load`` reports); ``accountant``
+        applies budgets and rate limits (by default an in-memory one, enough when no
+        budgets are configured); ``host`` says whether the host is under pressure (none:
+        never); ``redactor`` takes configured secrets out of every error, body and frame
+        that :meth:`complete` and :meth:`stream` return or raise (by default one built from
+        ``config``)."""
+        self._config = config
+        self.redact = redactor if redactor is not None else Redactor.from_config(config)
+        self._routing = config.routing
+        self.providers = dict(providers)
+        self.router = Router(config, self.providers, local_models)
+        self._clock = clock or asyncio.get_running_loop().time
+        self.health = Health(
+            config.routing.circuit_failures, config.routing.circuit_cooldown_s, self._clock
+        )
+        self._retry_budget = RetryBudget(
+            config.routing.retry_budget_ratio, config.routing.retry_budget_min, self._clock
+        )
+        self._rng = rng or random.Random()
+        # Anonymous keys get names no [[keys]] entry can have (brackets are not allowed).
+        keys = [(f"api_keys[{i}]", k) for i, k in enumerate(config.server.api_keys)]
+        keys += [(k.name, k.key) for k in config.keys]
+        self._keys = [(name, key.encode()) for name, key in keys]
+        self.accountant = accountant or Accountant(config, None, MemoryRateLimiter())
+        self.draining = False
+        """Set when the sidecar drains: new calls get 503 (see :meth:`cut`)."""
+        self.cut_now = asyncio.Event()
+        """Set by :meth:`cut`: calls still running must end now."""
+        self._waiting: set[asyncio.Timeout] = set()
+        """The deadlines of relays waiting for their next frame (for :meth:`cut`)."""
+        self.host = host
+        self._local_load = local_load
+        self.tracker = TargetTracker()
+        self.reasons: collections.Counter[str] = collections.Counter()
+        """Served requests per route reason (a request with several counts in each)."""
+
+    # --- front-end facing -----------------------------------------------------------------
+
+    @property
+    def auth(self) -> bool:
+        """Whether requests need a client key."""
+        return bool(self._keys)
+
+    def authenticate(self, key: str | None) -> str | None:
+        """The name of the client key ``key`` (None when auth is off); raises
+        :class:`Unauthenticated` otherwise. Compares against every key in constant time."""
+        if not self._keys:
+            return None
+        given = (key or "").encode()
+        found = None
+        for name, k in self._keys:
+            if hmac.compare_digest(k, given):
+                found = name
+        if found is None:
+            raise Unauthenticated(
+                "Missing API key." if not key else "Incorrect API key provided."
+            )
+        return found
+
+    def deadline(self, timeout_s: float | None) -> float:
+        """The absolute deadline for a request given the client's requested timeout."""
+        server = self._config.server
+        if timeout_s is None:
+            timeout_s = server.request_timeout_s
+        elif not 0 < timeout_s <= server.max_request_timeout_s:
+            raise InvalidRequest(
+                f"x-sidecar-timeout must be between 0 and {server.max_request_timeout_s:g} "
+                "seconds.",
+                param="x-sidecar-timeout",
+            )
+        return self._clock() + timeout_s
+
+    async def complete(self, call: Call, ctx: Context) -> Completed:
+        """Serve a non-stream call. Its cost is recorded before this returns. Raises
+        :class:`SidecarError`. Secrets are redacted from the error or the reply body."""
+        try:
+            done = await self._complete(call, ctx)
+        except SidecarError as e:
+            self.redact.error(e)  # in place: the same exception goes on, redacted
+            raise
+        body = self.redact.data(done.reply.body)
+        if body is not done.reply.body:
+            done.reply = msgspec.structs.replace(done.reply, body=body)
+        return done
+
+    async def stream(self, call: Call, ctx: Context) -> Streaming:
+        """Serve a stream call; returns once the first frame has arrived, so a target that
+        fails before its first token is replaced without the client seeing it. Secrets
+        are redacted from the error or from each frame."""
+        try:
+            streaming = await self._stream(call, ctx)
+        except SidecarError as e:
+            self.redact.error(e)  # in place: the same exception goes on, redacted
+            raise
+        if self.redact:
+            streaming.frames = _redacted(streaming.frames, self.redact)
+        return streaming
+
+    async def _complete(self, call: Call, ctx: Context) -> Completed:
+        route, est = await self._admit(call, ctx)
+
+        async def attempt(provider: Provider, target: Target, timeout_s: float, call: Call,
+                          meter: Meter) -> Reply:
+            return await provider.send(call, target.model, timeout_s, meter)
+
+        reply, done = await self._run(call, route, ctx, est, attempt)
+        self._finished(done, completed=True)
+        # Shielded: the provider has billed this; a client leaving now must not lose it.
+        cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
+        return Completed(done.target.key, done.attempts, done.reason, cost, reply)
+
+    async def _stream(self, call: Call, ctx: Context) -> Streaming:
+        route, est = await self._admit(call, ctx)
+
+        async def attempt(
+            provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter
+        ) -> tuple[bytes, AsyncGenerator[bytes, None]]:
+            frames = provider.stream(call, target.model, timeout_s, meter)
+            try:
+                first = await anext(frames)
+            except StopAsyncIteration:
+                raise UpstreamMalformed(
+                    f"{target.key} sent an empty stream", target=target.key
+                ) from None
+            except BaseException:
+                await frames.aclose()
+                raise
+            return first, frames
+
+        (first, frames), done = await self._run(call, route, ctx, est, attempt)
+        circuit = self.health.circuit(done.target.key)
+        free = done.ticket.price == FREE
+        return Streaming(done.target.key, done.attempts, done.reason, 0 if free else None,
+                         self._relay(first, frames, ctx, circuit, route, est, done))
+
+    # --- the pipeline ---------------------------------------------------------------------
+
+    async def _admit(self, call: Call, ctx: Context) -> tuple[Route, Estimate]:
+        if self.draining:
+            raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
+        route = self.router.resolve(call.request.model)
+        est = estimate(call)
+        await self.accountant.admit(ctx.identity, route, est)
+        self._retry_budget.record_request()
+        return route, est
+
+    async def _run(
+        self,
+        call: Call,
+        route: Route,
+        ctx: Context,
+        est: Estimate,
+        attempt: Callable[[Provider, Target, float, Call, Meter], Awaitable[T]],
+    ) -> tuple[T, _Attempt]:
+        attempts = 0
+        failures: list[UpstreamError] = []
+        next_open: float | None = None
+        order, reasons = self._order(call, route, ctx, est)
+        for i, target in enumerate(order):
+            provider = self.providers[target.provider]
+            if not provider.supports(call.op):
+                continue
+            # The first choice is always tried (the deadline bounds it); a local fallback
+            # only when it can answer in time.
+            slow = self._too_slow(target, est, ctx) if i > 0 else None
+            if slow is not None:
+                failures.append(slow)
+                _note(reasons, f"fallback:{slow.route_reason}")
+                continue
+            circuit = self.health.circuit(target.key)
+            tries = 0
+            while True:
+                now = self._clock()
+                if not circuit.try_acquire(now):
+                    held = circuit.held_for_s(now)
+                    if held is not None:  # a 429's Retry-After, not the breaker
+                        failures.append(RetryAfterHeld(
+                            f"{target.key} is rate limited by the provider for {held:.1f} "
+                            "more seconds", target=target.key, retry_after_s=round(held, 3)))
+                        _note(reasons, f"fallback:{RetryAfterHeld.route_reason}")
+                        break
+                    at = circuit.available_at(now)
+                    next_open = at if next_open is None else min(next_open, at)
+                    _note(reasons, "fallback:circuit_open")
+                    break
+                remaining = ctx.deadline - now
+                if remaining <= 0:
+                    circuit.release()
+                    raise deadline_passed(failures)
+                # A target with others after it gets a share of what is left, so a hung
+                # one cannot use up the whole deadline; the last one gets all of it.
+                cut = (None if not self._others_after(order, i, call, est, ctx, now)
+                       else now + remaining * self._routing.attempt_share)
+                ticket: Ticket | None = None
+                meter = Meter()
+                try:
+                    async with asyncio.timeout_at(ctx.deadline):
+                        ticket = await self.accountant.reserve(call, target, ctx.identity, est)
+                        await self.accountant.outbound(target, est)
+                        attempts += 1
+                        this_call = (call if ticket.cap is None
+                                     else msgspec.structs.replace(call, token_cap=ticket.cap))
+                        started = self._clock()
+                        self.tracker.started(target.key)
+                        try:
+                            result = await _cut_at(
+                                cut, target, attempt(provider, target, remaining, this_call,
+                                                     meter))
+                        except BaseException:
+                            self.tracker.finished(target.key)
+                            raise
+                except TimeoutError:
+                    circuit.release()
+                    await self.accountant.release(ticket)
+                    raise deadline_passed(failures) from None
+                except UpstreamError as e:
+                    if meter.usage_invalid and ticket is not None:  # billed, amount unknown
+                        with contextlib.suppress(SidecarError):
+                            await self.accountant.settle(ticket, est, None, meter)
+                    else:
+                        await self.accountant.release(ticket)
+                    self._note_limits(target, meter)
+                    if not e.retryable:
+                        circuit.success()  # it answered; the request itself was refused
+                        raise
+                    failures.append(e)
+                    _note(reasons, f"fallback:{e.route_reason}")
+                    if not e.counts_against_health:
+                        circuit.release()  # no verdict on its health; move on
+                        break
+                    circuit.failure(self._clock(), e.retry_after_s)
+                    delay = self._retry_delay(e, tries, route, ctx)
+                    if delay is None:
+                        break
+                    tries += 1
+                    await asyncio.sleep(delay)
+                    continue
+                except BaseException:
+                    circuit.release()
+                    await asyncio.shield(self.accountant.release(ticket))
+                    raise
+                circuit.success()
+                self._note_limits(target, meter)
+                if call.stream:
+                    self.tracker.first_byte(target.key, self._clock() - started)
+                reason = ",".join(reasons) or "primary"
+                self.reasons.update(reasons or ["primary"])
+                return result, _Attempt(target, attempts, ticket, meter, reason, started)
+        raise exhausted(call, route, failures, next_open, self._clock())
+
+    def _others_after(self, order: list[Target], i: int, call: Call, est: Estimate,
+                      ctx: Context, now: float) -> bool:
+        """Whether a target after ``order[i]`` may be tried now: it serves the operation,
+        its circuit lets calls through and, if local, it could answer in time."""
+        for t in order[i + 1:]:
+            if (self.providers[t.provider].supports(call.op)
+                    and self.health.circuit(t.key).available_at(now) <= now
+                    and self._too_slow(t, est, ctx) is None):
+                return True
+        return False
+
+    def _order(self, call: Call, route: Route, ctx: Context, est: Estimate
+               ) -> tuple[list[Target], list[str]]:
+        """The targets to try, in order, and the ``offload:*`` reasons that shaped it."""
+        stats = costs = None
+        if route.strategy in ("least-busy", "latency"):
+            stats = self.tracker.stats()
+        elif route.strategy == "cost":
+            prices = self.accountant.prices
+            completion = (est.max_tokens or est.prompt_guess) * est.choices
+            costs = {}
+            for t in route.targets:
+                price = prices.lookup(t.provider, t.model)
+                costs[t.key] = None if price is None else cost_of(price, est.prompt_guess,
+                                                                  completion)
+        ordered = plan(route, self._rng, stats=stats, costs=costs, stream=call.stream)
+        pressure = self.host.pressure if self.host is not None else Pressure()
+        arranged = arrange(ordered, route.prefer, pressure,
+                           lambda t: self._too_slow(t, est, ctx, queued=True) is not None)
+        return list(arranged.order), list(arranged.reasons)
+
+    def _too_slow(self, target: Target, est: Estimate, ctx: Context, *,
+                  queued: bool = False) -> LocalTooSlow | None:
+        """Why a local target cannot answer before the deadline, if its queue and measured
+        speed say so (``queued``: see :func:`~sidecar.host.pressure.late_eta_s`)."""
+        if target.provider != LOCAL_PROVIDER or self._local_load is None:
+            return None
+        load = self._local_load(target.model)
+        left = ctx.deadline - self._clock()
+        eta = None if load is None else late_eta_s(load, est.max_tokens, left,
+                                                   only_if_queued=queued)
+        if load is None or eta is None:
+            return None
+        speed = f", {load.decode_tps:.0f} tokens/s" if load.decode_tps else ""
+        return LocalTooSlow(
+            f"{target.key} cannot answer before the deadline: it needs about {eta:.1f} s "
+            f"({load.in_flight} running, {load.queued} queued{speed}) and {max(left, 0):.1f} "
+            "s are left",
+            target=target.key, retry_after_s=max(1.0, round(eta - left, 1)),
+        )
+
+    async def _settle(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
+                      reply: Reply | None) -> int | None:
+        """Record the cost of the attempt that answered: a non-stream ``reply``'s usage
+        (or its reservation, when it has none), else what the stream's meter saw."""
+        usage = reply.usage if reply is not None else done.meter.usage
+        meter = None if reply is not None else done.meter
+        cost = await self.accountant.settle(done.ticket, est, usage, meter)
+        await self.accountant.used(ctx.identity, route, done.target, est, usage)
+        return cost
+
+    def _finished(self, done: _Attempt, completed: bool) -> None:
+        key = done.target.key
+        self.tracker.finished(key)
+        if completed:
+            self.tracker.completed(key, self._clock() - done.started)
+
+    def _note_limits(self, target: Target, meter: Meter) -> None:
+        """Remember when a provider's headers said its limit is used up (x-ratelimit-*);
+        a 429's Retry-After already holds the target's circuit."""
+        if meter.limited_for_s:
+            self.accountant.provider_limited(target, meter.limited_for_s)
+
+    def _retry_delay(self, err: UpstreamError, tries: int, route: Route, ctx: Context
+                     ) -> float | None:
+        """Seconds to wait before retrying the same target, or None to move on."""
+        if tries >= route.retries or not err.retry_same_target:
+            return None
+        if err.retry_after_s is not None:
+            if err.retry_after_s > self._routing.max_retry_after_s:
+                return None
+            delay = err.retry_after_s
+        else:
+            cap = min(self._routing.backoff_max_s, self._routing.backoff_base_s * 2**tries)
+            delay = self._rng.uniform(0, cap)  # full jitter
+        if self._clock() + delay >= ctx.deadline:
+            return None
+        if not self._retry_budget.try_spend():
+            return None
+        return delay
+
+    async def _relay(
+        self, first: bytes, frames: AsyncGenerator[bytes, None], ctx: Context, circuit: Circuit,
+        route: Route, est: Estimate, done: _Attempt,
+    ) -> AsyncIterator[bytes]:
+        """Relay the stream; record its cost before ``[DONE]`` (or, if the client left or
+        it failed, as soon as it ends)."""
+        settled = completed = False
+
+        async def settle() -> int | None:
+            nonlocal settled
+            settled = True
+            return await asyncio.shield(self._settle(ctx, route, est, done, None))
+
+        try:
+            yield first
+            while True:
+                frame = await self._next_frame(frames, ctx.deadline)
+                if frame is None:
+                    break
+                yield frame
+            completed = True
+            cost = await settle()
+            if cost is not None:
+                yield b": x-sidecar-cost-usd " + format_usd(cost).encode() + b"\n\n"
+            yield DONE_FRAME
+        except TimeoutError:
+            yield error_frame(DeadlineExceeded("The request deadline passed mid-stream."))
+        except _Cut:
+            yield error_frame(shut_down())
+        except UpstreamError as e:
+            if e.counts_against_health:
+                circuit.failure(self._clock(), e.retry_after_s)
+            yield error_frame(e)
+        except SidecarError as e:  # the cost could not be recorded
+            yield error_frame(e)
+        finally:
+            self._finished(done, completed)
+            await frames.aclose()
+            if not settled:
+                with contextlib.suppress(SidecarError):
+                    await settle()
+
+    def cut(self) -> None:
+        """End every stream still running with a clean error event (503 "shutting down":
+        what was relayed is kept, its cost recorded), at once or as soon as its client takes
+        the next frame; front ends answer non-stream calls still running with 503 when
+        :attr:`cut_now` is set. For the end of the shutdown grace."""
+        self.draining = True
+        self.cut_now.set()
+        now = asyncio.get_running_loop().time()
+        for scope in list(self._waiting):
+            scope.reschedule(now)
+
+    async def _next_frame(self, frames: AsyncGenerator[bytes, None], deadline: float
+                          ) -> bytes | None:
+        """The next frame (None at the end). Raises TimeoutError at the deadline and
+        :class:`_Cut` once :meth:`cut` was called."""
+        if self.cut_now.is_set():
+            raise _Cut
+        try:
+            async with asyncio.timeout_at(deadline) as scope:
+                self._waiting.add(scope)
+                try:
+                    return await anext(frames, None)
+                finally:
+                    self._waiting.discard(scope)
+        except TimeoutError:
+            if self.cut_now.is_set():
+                raise _Cut from None
+            raise
+
+    async def aclose(self) -> None:
+        if self.host is not None:
+            await self.host.aclose()
+        await asyncio.gather(*(p.aclose() for p in self.providers.values()),
+                             self.accountant.aclose())
+
+
+async def _redacted(frames: AsyncIterator[bytes], redact: Redactor) -> AsyncIterator[bytes]:
+    """``frames`` with secrets redacted; closing it closes ``frames``."""
+    try:
+        async for frame in frames:
+            yield redact.data(frame)
+    finally:
+        if isinstance(frames, AsyncGenerator):
+            await frames.aclose()
+
+
+class _Cut(Exception):
+    """:meth:`Gateway.cut` ended a stream."""
+
+
+def shut_down() -> Unavailable:
+    """The error of a call that :meth:`Gateway.cut` ended."""
+    return Unavailable("The sidecar shut down before the answer was complete.",
+                       retry_after_s=1.0)
+
+
+def _note(reasons: list[str], reason: str) -> None:
+    if reason not in reasons:
+        reasons.append(reason)
+
+
+async def _cut_at(cut: float | None, target: Target, attempt: Awaitable[T]) -> T:
+    """Await ``attempt``; at loop time ``cut`` (None: never) abandon it as a
+    :class:`CutAttempt` of ``target``, which then counts against a remote one's health."""
+    if cut is None:
+        return await attempt
+    try:
+        async with asyncio.timeout_at(cut):
+            return await attempt
+    except TimeoutError:
+        err = CutAttempt(
+            f"{target.key} did not answer within its share of the request deadline",
+            target=target.key,
+        )
+        if target.provider == LOCAL_PROVIDER:
+            # A local model that is slow to start is busy, not hung (its pool watches its
+            # workers): no verdict on its health.
+            err.counts_against_health = False
+        raise err from None

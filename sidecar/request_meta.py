@@ -1,0 +1,82 @@
+"""What both front ends (HTTP headers, gRPC metadata) read from a request and write on an
+answer, so they agree on who is calling and what they are told.
+
+Contract: every function takes or returns plain ``name -> value`` text with lowercase names
+(Litestar's headers are a case-insensitive mapping; gRPC metadata keys are lowercase).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+
+from sidecar.gateway import Served
+from sidecar.money.pricing import format_usd
+from sidecar.routing.routes import Router
+
+MAX_HEADERS = 100
+"""Header fields one HTTP request may have."""
+MAX_HEAD_BYTES = 16 * 1024
+"""An HTTP request line and its ``name: value`` lines together; a gRPC call's metadata."""
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id_of(meta: Mapping[str, str]) -> str:
+    """The client's ``x-request-id`` when well formed, else a new one."""
+    given = meta.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def api_key(meta: Mapping[str, str]) -> str | None:
+    """A bearer token, else ``x-api-key``; ``""`` for an ``authorization`` of another scheme
+    (so the key is "incorrect", not "missing"); None when neither is there."""
+    auth = meta.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+    return meta.get("x-api-key")
+
+
+_UNSAFE = re.compile(r"[^ -~]")
+
+
+def header_safe(value: str) -> str:
+    """``value`` with every character that is not printable ASCII replaced by ``?``, so no
+    text (a configured name included; clients' are validated before) can break a header or
+    a gRPC metadata value."""
+    return _UNSAFE.sub("?", value)
+
+
+def served_meta(request_id: str, served: Served) -> dict[str, str]:
+    """Who served it and why there; ``x-sidecar-cost-usd`` when the cost is known now (a
+    paid stream's cost comes at its end). Every value is :func:`header_safe`."""
+    out = {
+        "x-request-id": header_safe(request_id),
+        "x-sidecar-target": header_safe(served.target),
+        "x-sidecar-attempts": str(served.attempts),
+        "x-sidecar-route-reason": header_safe(served.reason),
+    }
+    if served.cost is not None:
+        out["x-sidecar-cost-usd"] = format_usd(served.cost)
+    return out
+
+
+def retry_after(seconds: float) -> str:
+    """``retry-after`` in whole seconds, at least 1 (rounded up, bar the last thousandth)."""
+    return str(max(1, round(seconds + 0.499)))
+
+
+def model_ids(router: Router) -> list[tuple[str, str]]:
+    """(id, owned_by) of what clients may ask for: every route, then every
+    ``provider/model`` target once."""
+    out = [(r.model, "sidecar") for r in router.routes]
+    seen = {r.model for r in router.routes}
+    for t in (t for r in router.routes for t in r.targets):
+        if t.key not in seen:
+            seen.add(t.key)
+            out.append((t.key, t.provider))
+    return out

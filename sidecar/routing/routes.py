@@ -1,0 +1,109 @@
+"""Routes: which targets may serve a model name, and in what order to try them.
+
+:class:`Router` resolves the ``model`` a client sends: a configured route by name, or a
+direct ``provider/model`` target. :func:`plan` orders a route's targets for one request by
+its strategy; it is a pure function of the route, a random source and the measurements it
+is given, and knows nothing about health (the gateway skips unhealthy targets while it
+walks the plan, so a weighted route's healthy targets share the load by weight and the
+rest serve as fallbacks). The host-pressure rules (:mod:`sidecar.host.pressure`) then move local
+targets behind remote ones when the host needs its CPU or memory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+
+import msgspec
+
+from sidecar.config import LOCAL_PROVIDER, Config, Strategy
+from sidecar.errors import ModelNotFound
+from sidecar.routing.strategies import TargetStats, by_cost, by_latency, least_busy
+
+
+class Target(msgspec.Struct, frozen=True):
+    provider: str
+    model: str
+    weight: float = 1.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class Route(msgspec.Struct, frozen=True):
+    model: str
+    strategy: Strategy
+    targets: tuple[Target, ...]
+    retries: int
+    prefer: str | None = None
+
+
+class Router:
+    """Resolves model names to routes. Immutable after construction; safe to share."""
+
+    def __init__(self, config: Config, providers: Iterable[str],
+                 local_models: Iterable[str] = ()) -> None:
+        """``providers``: remote provider names; ``local_models``: the local models' names,
+        each also served as a route of its own unless a configured route has that name."""
+        self._retries = config.routing.retries
+        self._providers = frozenset(providers) - {LOCAL_PROVIDER}
+        self._local = frozenset(local_models)
+        self._routes = {
+            r.model: Route(
+                r.model,
+                r.strategy,
+                tuple(Target(t.provider, t.model, t.weight) for t in r.targets),
+                self._retries if r.retries is None else r.retries,
+                r.prefer,
+            )
+            for r in config.routes
+        }
+        for name in sorted(self._local - self._routes.keys()):
+            self._routes[name] = Route(name, "priority", (Target(LOCAL_PROVIDER, name),),
+                                       self._retries)
+
+    def _direct(self, provider: str, model: str) -> Route:
+        return Route(f"{provider}/{model}", "priority", (Target(provider, model),),
+                     self._retries)
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(self._routes.values())
+
+    def resolve(self, model: str) -> Route:
+        """The route for ``model``; raises :class:`ModelNotFound`."""
+        route = self._routes.get(model)
+        if route is not None:
+            return route
+        provider, sep, upstream = model.partition("/")
+        if sep and upstream and (
+            provider in self._providers or (provider == LOCAL_PROVIDER and upstream in self._local)
+        ):
+            return self._direct(provider, upstream)
+        raise ModelNotFound(
+            f"The model '{model}' does not exist: it is neither a configured route, "
+            "a local model, nor 'provider/model' with a configured provider.",
+            param="model",
+        )
+
+
+def plan(route: Route, rng: random.Random, *, stats: Mapping[str, TargetStats] | None = None,
+         costs: Mapping[str, int | None] | None = None, stream: bool = False) -> list[Target]:
+    """The order in which to try ``route``'s targets for one request: ``stats`` feed the
+    least-busy and latency strategies, ``costs`` (µ$ of this request per target key) the
+    cost strategy; missing measurements leave the listed order."""
+    targets = route.targets
+    if len(targets) < 2:
+        return list(targets)
+    match route.strategy:
+        case "weighted":
+            # Weighted sampling without replacement (Efraimidis-Spirakis): by u ** (1 / w).
+            return sorted(targets, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True)
+        case "least-busy":
+            return least_busy(targets, stats or {})
+        case "latency":
+            return by_latency(targets, stats or {}, stream=stream)
+        case "cost":
+            return by_cost(targets, costs or {})
+    return list(targets)

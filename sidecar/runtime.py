@@ -1,0 +1,269 @@
+"""The composition root: builds every part from a :class:`Config` and runs the front ends.
+
+Nothing else constructs providers, the gateway or the apps. :func:`serve` blocks until
+SIGINT/SIGTERM, then drains: ``/readyz`` turns 503 and the gRPC health status NOT_SERVING,
+new requests get 503 + Retry-After (UNAVAILABLE) while the listeners stay open for
+``drain_delay_s``; then they close. Requests in flight get ``shutdown_grace_s`` from the
+signal to finish (HTTP and gRPC alike); at its end streams still running get an SSE error
+event (503 "shut down", the OpenAI envelope, no ``[DONE]``, as every mid-stream error) and
+other calls a 503 (:meth:`Gateway.cut`). A second signal ends the delay and the grace at
+once. Then provider connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import psutil
+import uvicorn
+
+from local_models.catalog import Catalog, ModelSpec
+from local_models.catalog import build_catalog as _build_catalog
+from local_models.pool import ModelPool, PoolSettings
+from sidecar.config import (
+    LOCAL_PROVIDER,
+    AnthropicProvider,
+    Config,
+    OpenAIProvider,
+    ProviderConfig,
+)
+from sidecar.gateway import Gateway
+from sidecar.host.watch import HostWatch, memory_floor_bytes
+from sidecar.http.app import create_app
+from sidecar.http.protocol import CappedHttpToolsProtocol
+from sidecar.limits.gcra import MemoryRateLimiter, RateLimiter
+from sidecar.money.accountant import Accountant
+from sidecar.money.budgets import BudgetStore, MemoryBudgetStore, SQLiteBudgetStore
+from sidecar.money.pricing import format_usd
+from sidecar.providers.anthropic import AnthropicMessages
+from sidecar.providers.base import Provider
+from sidecar.providers.local import LocalProvider
+from sidecar.providers.openai import OpenAICompatible
+from sidecar.redact import Redactor
+from sidecar.redact import install as install_redaction
+
+log = logging.getLogger("sidecar")
+
+_CUT_S = 1.0
+"""How long calls have to end cleanly after the grace, before the servers cancel them."""
+
+
+def build_provider(config: ProviderConfig) -> Provider:
+    match config:
+        case OpenAIProvider():
+            return OpenAICompatible(config)
+        case AnthropicProvider():
+            return AnthropicMessages(config)
+
+
+def build_catalog(config: Config) -> Catalog:
+    """Read the GGUF headers of every configured and scanned local model (no weights)."""
+    specs = [
+        ModelSpec(name=m.name, path=m.path, package=m.package, n_ctx=m.n_ctx,
+                  n_parallel=m.n_parallel, n_gpu_layers=m.n_gpu_layers)
+        for m in config.local_models
+    ]
+    local = config.local
+    return _build_catalog(specs, local.model_dirs, n_ctx=local.n_ctx,
+                          n_parallel=local.n_parallel)
+
+
+def memory_budget(config: Config) -> int:
+    """The local models' memory budget in bytes (75% of physical memory unless set)."""
+    mb = config.local.memory_budget_mb
+    return mb * 2**20 if mb else int(psutil.virtual_memory().total * 0.75)
+
+
+def build_pool(config: Config, catalog: Catalog) -> ModelPool:
+    local = config.local
+    return ModelPool(catalog.entries, PoolSettings(
+        memory_budget_bytes=memory_budget(config),
+        memory_floor_bytes=memory_floor_bytes(config.resources, psutil.virtual_memory().total),
+        idle_unload_s=local.idle_unload_s,
+        max_queue=local.max_queue,
+        n_threads=local.threads,
+        load_timeout_s=local.load_timeout_s,
+    ))
+
+
+def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
+    """The ledger (only when budgets are configured) and the rate limiter of
+    ``[state]``. Raises :class:`LedgerUnavailable` when the SQLite ledger cannot be opened."""
+    state = config.state
+    if state.backend == "redis":
+        from sidecar.money.redis_ledger import RedisBudgetStore, RedisRateLimiter
+
+        assert state.redis_url is not None
+        limiter: RateLimiter = RedisRateLimiter(state.redis_url, prefix=state.redis_prefix,
+                                                timeout_s=state.redis_timeout_s)
+        store: BudgetStore | None = None
+        if config.budgets:
+            store = RedisBudgetStore(state.redis_url, prefix=state.redis_prefix,
+                                     timeout_s=state.redis_timeout_s)
+        return store, limiter
+    if not config.budgets:
+        return None, MemoryRateLimiter()
+    if state.backend == "memory":
+        return MemoryBudgetStore(), MemoryRateLimiter()
+    ledger = SQLiteBudgetStore(Path(state.path).expanduser())
+    if ledger.recovered.reservations:
+        print(f"sidecar: charged {ledger.recovered.reservations} reservations of a previous "
+              f"run at their reserved amount ({format_usd(ledger.recovered.micro_usd)} USD): "
+              "their calls were in flight when it stopped", file=sys.stderr, flush=True)
+    return ledger, MemoryRateLimiter()
+
+
+def build_gateway(config: Config, redactor: Redactor | None = None) -> Gateway:
+    """Must run inside the event loop that will serve requests. Reports local models that
+    cannot be used on stderr; the rest of the sidecar serves regardless. ``redactor``
+    (default: one built from ``config``) takes secrets out of what the gateway returns."""
+    providers = {p.name: build_provider(p) for p in config.providers}
+    names: list[str] = []
+    local: LocalProvider | None = None
+    if config.local_models or config.local.model_dirs:
+        catalog = build_catalog(config)
+        for warning in catalog.warnings:
+            print(f"sidecar: warning: {warning}", file=sys.stderr, flush=True)
+        for entry in catalog.entries:
+            if entry.error is not None:
+                print(f"sidecar: local model '{entry.name}' is unavailable: {entry.error}",
+                      file=sys.stderr, flush=True)
+        names = [e.name for e in catalog.entries]
+        for route in config.routes:
+            for t in route.targets:
+                if t.provider == LOCAL_PROVIDER and t.model not in names:
+                    print(f"sidecar: warning: route '{route.model}' names local model "
+                          f"'{t.model}', which was not found", file=sys.stderr, flush=True)
+        pool = build_pool(config, catalog)
+        pool.start()
+        providers[LOCAL_PROVIDER] = local = LocalProvider(pool)
+    store, limiter = build_state(config)
+    host = HostWatch(config.resources) if local is None else HostWatch(
+        config.resources,
+        workers=local.pool.worker_pids,
+        set_priority=local.pool.set_priority,
+        unload_idle=local.pool.unload_idle,
+    )
+    return Gateway(config, providers, local_models=names,
+                   accountant=Accountant(config, store, limiter),
+                   local_load=None if local is None else local.load, host=host,
+                   redactor=redactor)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(config: Config) -> None:
+    """Serve until a stop signal. Prints ``sidecar: http listening on HOST:PORT`` once
+    both front ends accept connections (tests and scripts wait for that line), then
+    ``sidecar: grpc listening on ADDRESS`` for each gRPC listener (``HOST:PORT``,
+    ``unix:PATH``; none when ``grpc_port`` is 0 and no ``uds`` is set).
+
+    Configured secrets are redacted from everything that leaves the process (see
+    :mod:`sidecar.redact`): log records and stdout/stderr from here on, and what the
+    gateway returns."""
+    redactor = Redactor.from_config(config)
+    install_redaction(redactor)
+    gateway = build_gateway(config, redactor)
+    if gateway.host is not None:
+        await gateway.host.start()
+    server_cfg = config.server
+    app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes)
+    sock = _bind(server_cfg.host, server_cfg.port)
+    host, port = sock.getsockname()[:2]
+    grpc_server = None
+    grpc_addresses: list[str] = []
+    if server_cfg.grpc_port or server_cfg.uds:
+        # Local workers are exec'd, never forked children that use gRPC: grpc's fork
+        # handlers would only pause its threads at each worker start (and log about it).
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+        from sidecar.grpc.server import GrpcServer  # grpc is imported only when enabled
+
+        grpc_server = GrpcServer(gateway, server_cfg)
+        grpc_addresses = await grpc_server.start()
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            loop="none",
+            http=CappedHttpToolsProtocol,
+            lifespan="off",
+            access_log=server_cfg.access_log,
+            log_level="warning",
+            # Set again when the listener closes (see _drain): uvicorn cancels what is
+            # still running after it, which only non-stream calls cut at the grace can be.
+            timeout_graceful_shutdown=round(server_cfg.shutdown_grace_s) + 1,
+            server_header=False,
+            date_header=False,
+            timeout_keep_alive=30,
+        )
+    )
+    if server_cfg.access_log:  # its lines are INFO records, below the level set above
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # Signals are ours (the gRPC server and the gateway drain with HTTP), so uvicorn's
+    # serve() that captures and re-raises them is bypassed.
+    task = asyncio.create_task(uv._serve(sockets=[sock]))
+    print(f"sidecar: http listening on {host}:{port}", flush=True)
+    for address in grpc_addresses:
+        print(f"sidecar: grpc listening on {address}", flush=True)
+    try:
+        await asyncio.wait(
+            [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        print("sidecar: draining", file=sys.stderr, flush=True)
+        gateway.draining = True
+        forced = asyncio.Event()
+
+        def force() -> None:  # a second signal: no more waiting
+            forced.set()
+            gateway.cut()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, force)
+        if grpc_server is not None:
+            await grpc_server.drain()
+        grace_end = loop.time() + server_cfg.shutdown_grace_s
+        cutter = loop.call_at(grace_end, gateway.cut)
+        if not task.done():  # the listeners stay open, answering 503
+            await asyncio.wait([task, asyncio.create_task(forced.wait())],
+                               timeout=server_cfg.drain_delay_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        # After the cut, streams end at once; what is left gets _CUT_S more.
+        left = _CUT_S if forced.is_set() else max(0.0, grace_end - loop.time()) + _CUT_S
+        uv.config.timeout_graceful_shutdown = math.ceil(left)
+        uv.should_exit = True
+        if grpc_server is not None:
+            await asyncio.gather(task, grpc_server.stop(left))
+        else:
+            await task
+        cutter.cancel()
+        await gateway.aclose()
+        print("sidecar: stopped", file=sys.stderr, flush=True)
+
+
+def serve(config: Config) -> None:
+    """Blocking entry point for ``sidecar serve``."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        asyncio.run(run(config))
+    else:
+        uvloop.run(run(config))
