@@ -8,6 +8,12 @@ core 1, so the sidecar has a core to itself and the upstream is never what it wa
 
     python benchmarks/overhead.py [--duration 10] [--concurrency 1,8,64]
                                   [--modes nonstream,stream] [--warmup 2]
+                                  [--baseline DIR] [--rounds 1]
+
+``--baseline DIR`` also runs a sidecar from another source tree (a checkout of an earlier
+commit, e.g. made with ``git worktree add DIR REV``) under the same load in the same run,
+alternating which of the two goes first, and adds its figures and the ratios. With
+``--rounds N`` each cell is measured N times and the medians are reported.
 
 Needs ``nginx``, ``wrk`` and ``taskset`` (``scripts/bench-deps.sh`` installs them) and two
 cores. Traffic goes only to 127.0.0.1. Prints a Markdown table on stdout, progress on
@@ -25,6 +31,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,6 +104,21 @@ class Row:
     concurrency: int
     direct: WrkResult
     sidecar: WrkResult
+    baseline: WrkResult | None = None
+
+
+def median_result(results: Sequence[WrkResult]) -> WrkResult:
+    """Per-figure medians of several runs of one cell (errors summed)."""
+    def mid(values: list[float]) -> float:
+        return statistics.median(values)
+    errors = [r.socket_errors for r in results if r.socket_errors]
+    return WrkResult(
+        requests_per_s=mid([r.requests_per_s for r in results]),
+        p50_ms=mid([r.p50_ms for r in results]),
+        p99_ms=mid([r.p99_ms for r in results]),
+        non_2xx=sum(r.non_2xx for r in results),
+        socket_errors="; ".join(errors) or None,
+    )
 
 
 # --- canned upstream answers -------------------------------------------------------------
@@ -296,19 +318,27 @@ def running_nginx(workdir: Path) -> Iterator[int]:
 
 @contextlib.contextmanager
 def running_sidecar(
-    workdir: Path, nginx_port: int
+    workdir: Path, nginx_port: int, source: Path | None = None
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A sidecar on core 0 in front of nginx; ``source``: run the ``sidecar`` package of
+    that source tree instead of the installed one."""
     port = free_port()
-    config = workdir / "sidecar.toml"
+    name = "baseline" if source is not None else "sidecar"
+    config = workdir / f"{name}.toml"
     config.write_text(sidecar_config(port, nginx_port))
     script = Path(sys.executable).with_name("sidecar")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "sidecar"]
-    stderr_path = workdir / "sidecar-stderr.log"
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+        command = [sys.executable, "-m", "sidecar"]
+    else:
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "sidecar"]
+    stderr_path = workdir / f"{name}-stderr.log"
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
             ["taskset", "-c", SIDECAR_CORE, *command, "serve", "--config", str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-            start_new_session=True,
+            start_new_session=True, env=env, cwd=source,
         )
     try:
         try:
@@ -393,7 +423,12 @@ def run_wrk(url: str, script: Path, connections: int, duration_s: int) -> WrkRes
 def markdown_table(rows: Sequence[Row]) -> str:
     header = ["mode", "concurrency", "direct req/s", "direct p50 ms", "direct p99 ms",
               "sidecar req/s", "sidecar p50 ms", "sidecar p99 ms", "added p50 ms"]
-    with_errors = any(r.direct.errors or r.sidecar.errors for r in rows)
+    compared = any(r.baseline is not None for r in rows)
+    if compared:
+        header += ["baseline req/s", "baseline p50 ms", "baseline p99 ms",
+                   "req/s ratio", "p50 ratio"]
+    with_errors = any(r.direct.errors or r.sidecar.errors
+                      or (r.baseline is not None and r.baseline.errors) for r in rows)
     if with_errors:
         header.append("errors")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -404,9 +439,18 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"{r.sidecar.requests_per_s:,.0f}", f"{r.sidecar.p50_ms:.3f}",
             f"{r.sidecar.p99_ms:.3f}", f"{r.sidecar.p50_ms - r.direct.p50_ms:.3f}",
         ]
+        if compared:
+            b = r.baseline
+            cells += ["-"] * 5 if b is None else [
+                f"{b.requests_per_s:,.0f}", f"{b.p50_ms:.3f}", f"{b.p99_ms:.3f}",
+                f"{r.sidecar.requests_per_s / b.requests_per_s:.3f}",
+                f"{r.sidecar.p50_ms / b.p50_ms:.3f}",
+            ]
         if with_errors:
-            errors = [f"{side}: {e}" for side, e in
-                      (("direct", r.direct.errors), ("sidecar", r.sidecar.errors)) if e]
+            sides = [("direct", r.direct), ("sidecar", r.sidecar)]
+            if r.baseline is not None:
+                sides.append(("baseline", r.baseline))
+            errors = [f"{side}: {res.errors}" for side, res in sides if res.errors]
             cells.append("; ".join(errors) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -427,9 +471,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="nonstream, stream or both, comma separated (default both)")
     p.add_argument("--warmup", type=int, default=2,
                    help="seconds of load through the sidecar before each mode (default 2, 0: none)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="also run the sidecar of this source tree, side by side (ratios)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measurements per cell; medians are reported (default 1)")
     args = p.parse_args(argv)
-    if args.duration < 1 or args.warmup < 0:
-        p.error("--duration must be >= 1 and --warmup >= 0")
+    if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--duration and --rounds must be >= 1 and --warmup >= 0")
+    if args.baseline is not None and not (args.baseline / "sidecar" / "__init__.py").exists():
+        p.error(f"--baseline {args.baseline}: no sidecar package there")
     return args
 
 
@@ -449,29 +499,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     modes: list[Mode] = args.modes
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        with running_nginx(workdir) as nginx_port, \
-                running_sidecar(workdir, nginx_port) as (sidecar_port, sidecar):
-            log(f"nginx on 127.0.0.1:{nginx_port} (core {LOAD_CORE}), "
-                f"sidecar on 127.0.0.1:{sidecar_port} (core {SIDECAR_CORE})")
-            check_sidecar(sidecar_port, modes)
-            sidecar_url = f"http://127.0.0.1:{sidecar_port}{CHAT_PATH}"
-            for mode in modes:
-                script = workdir / f"{mode.name}.lua"
-                script.write_text(wrk_script(mode))
-                direct_url = f"http://127.0.0.1:{nginx_port}{mode.upstream_path}"
-                if args.warmup:
-                    log(f"{mode.name}: warming up for {args.warmup}s")
-                    run_wrk(sidecar_url, script, max(args.concurrency), args.warmup)
-                for connections in args.concurrency:
-                    log(f"{mode.name} c={connections}: direct, then sidecar, "
-                        f"{args.duration}s each")
-                    direct = run_wrk(direct_url, script, connections, args.duration)
-                    through = run_wrk(sidecar_url, script, connections, args.duration)
-                    if sidecar.poll() is not None:
-                        raise RuntimeError(f"the sidecar exited with status {sidecar.returncode}")
-                    rows.append(Row(mode.name, connections, direct, through))
+        nginx_port = stack.enter_context(running_nginx(workdir))
+        sidecar_port, sidecar = stack.enter_context(running_sidecar(workdir, nginx_port))
+        sides = {"sidecar": (sidecar_port, sidecar)}
+        if args.baseline is not None:
+            sides["baseline"] = stack.enter_context(
+                running_sidecar(workdir, nginx_port, args.baseline.resolve()))
+        log(f"nginx on 127.0.0.1:{nginx_port} (core {LOAD_CORE}), "
+            + ", ".join(f"{n} on 127.0.0.1:{port}" for n, (port, _) in sides.items())
+            + f" (core {SIDECAR_CORE})")
+        for port, _ in sides.values():
+            check_sidecar(port, modes)
+        urls = {n: f"http://127.0.0.1:{port}{CHAT_PATH}" for n, (port, _) in sides.items()}
+        for mode in modes:
+            script = workdir / f"{mode.name}.lua"
+            script.write_text(wrk_script(mode))
+            direct_url = f"http://127.0.0.1:{nginx_port}{mode.upstream_path}"
+            if args.warmup:
+                log(f"{mode.name}: warming up for {args.warmup}s")
+                for url in urls.values():
+                    run_wrk(url, script, max(args.concurrency), args.warmup)
+            for connections in args.concurrency:
+                got: dict[str, list[WrkResult]] = {"direct": [], **{n: [] for n in sides}}
+                for i in range(args.rounds):
+                    # Alternate who goes first, so a drifting machine favours neither.
+                    order = list(sides) if i % 2 == 0 else list(reversed(sides))
+                    log(f"{mode.name} c={connections} round {i + 1}/{args.rounds}: direct, "
+                        f"then {', '.join(order)}, {args.duration}s each")
+                    got["direct"].append(run_wrk(direct_url, script, connections,
+                                                 args.duration))
+                    for name in order:
+                        got[name].append(run_wrk(urls[name], script, connections,
+                                                 args.duration))
+                for name, (_, proc) in sides.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"the {name} exited with status {proc.returncode}")
+                rows.append(Row(mode.name, connections, median_result(got["direct"]),
+                                median_result(got["sidecar"]),
+                                median_result(got["baseline"]) if "baseline" in got else None))
     print(markdown_table(rows))
     return 0
 
