@@ -13,7 +13,8 @@ when local targets were moved behind remote ones, ``fallback:<reason>`` for each
 failure or skip that moved it on (``circuit_open``, ``budget``, ``upstream_5xx``, ...), or
 ``primary``. It is returned with the answer (``x-sidecar-route-reason``) and counted.
 
-Front ends call :meth:`Gateway.authenticate` first (before they decode a body, so an
+Front ends use only the surface listed in :mod:`sidecar.gateway`. They call
+:meth:`Gateway.authenticate` first (before they decode a body, so an
 unauthenticated client learns nothing about its request), turn client bytes into a
 :class:`~sidecar.types.Call` and a :class:`Context`, call :meth:`Gateway.complete` or
 :meth:`Gateway.stream`, and encode what comes back. Every error
@@ -73,6 +74,7 @@ from sidecar.routing.strategies import TargetTracker
 from sidecar.types import Call, Meter
 
 T = TypeVar("T")
+
 
 class Context(msgspec.Struct):
     """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds;

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from local_models.pool import ModelStatus
 from sidecar.health import CircuitView
 from sidecar.host.watch import HostWatch
 from sidecar.routing.routes import Route
@@ -40,7 +41,7 @@ def status_document(
     circuits: Mapping[str, CircuitView],
     tracker: TargetTracker,
     reasons: Mapping[str, int],
-    local_models: Any | None,
+    local_models: list[ModelStatus] | None,
 ) -> dict[str, Any]:
     """``GET /v1/sidecar/status``: the host, its pressure, every target's health and load
     (configured ones and any seen since), the local models (when there are any), and how
@@ -71,7 +72,7 @@ def status_document(
 
 
 def readiness_document(*, draining: bool, circuits: Mapping[str, CircuitView],
-                       local_models: Any | None) -> dict[str, Any]:
+                       local_models: list[ModelStatus] | None) -> dict[str, Any]:
     """``GET /readyz``: ready or draining, every target's circuit, the local models."""
     body: dict[str, Any] = {
         "status": "draining" if draining else "ready",
