@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 from sidecar.gateway import Served
 from sidecar.money.pricing import format_usd
-from sidecar.routing.routes import Router
 
 MAX_HEADERS = 100
 """Header fields one HTTP request may have."""
@@ -69,14 +68,3 @@ def retry_after(seconds: float) -> str:
     """``retry-after`` in whole seconds, at least 1 (rounded up, bar the last thousandth)."""
     return str(max(1, round(seconds + 0.499)))
 
-
-def model_ids(router: Router) -> list[tuple[str, str]]:
-    """(id, owned_by) of what clients may ask for: every route, then every
-    ``provider/model`` target once."""
-    out = [(r.model, "sidecar") for r in router.routes]
-    seen = {r.model for r in router.routes}
-    for t in (t for r in router.routes for t in r.targets):
-        if t.key not in seen:
-            seen.add(t.key)
-            out.append((t.key, t.provider))
-    return out

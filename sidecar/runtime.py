@@ -179,8 +179,7 @@ async def run(config: Config) -> None:
     redactor = Redactor.from_config(config)
     install_redaction(redactor)
     gateway = build_gateway(config, redactor)
-    if gateway.host is not None:
-        await gateway.host.start()
+    await gateway.start()
     server_cfg = config.server
     app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes)
     sock = _bind(server_cfg.host, server_cfg.port)
@@ -229,7 +228,7 @@ async def run(config: Config) -> None:
         )
     finally:
         print("sidecar: draining", file=sys.stderr, flush=True)
-        gateway.draining = True
+        gateway.drain()
         forced = asyncio.Event()
 
         def force() -> None:  # a second signal: no more waiting

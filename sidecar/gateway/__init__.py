@@ -1,5 +1,31 @@
-"""The request pipeline every front end calls (see :mod:`sidecar.gateway.pipeline`)."""
+"""The request pipeline every front end calls.
 
+    pipeline.py  Gateway: authenticate -> route -> limits -> attempts with failover/retries
+    relay.py     relay(): a committed stream's frames -> typed events; Cut (shutdown grace)
+    events.py    Relayed / Ended / Failed: what Streaming.events yields, in that order
+    status.py    the model list, the status and readiness documents (pure)
+    verdict.py   the final error of a call that no target answered (pure)
+
+The surface front ends use (and nothing else of the :class:`Gateway`):
+
+* calls: :attr:`~Gateway.auth` (whether keys are needed), :meth:`~Gateway.authenticate`
+  (key -> identity, before the body is read), :meth:`~Gateway.deadline` (client timeout ->
+  loop-time deadline), then :meth:`~Gateway.complete` (-> :class:`Completed`) or
+  :meth:`~Gateway.stream` (-> :class:`Streaming`, whose ``events`` the front end renders:
+  HTTP as SSE, gRPC as chunk messages and the call's status);
+* documents: :meth:`~Gateway.models` (id, owned_by), :meth:`~Gateway.status`,
+  :meth:`~Gateway.readiness`, :meth:`~Gateway.budgets` (JSON bytes, redacted);
+* lifecycle: :meth:`~Gateway.start`, :meth:`~Gateway.drain` / :attr:`~Gateway.draining`,
+  :meth:`~Gateway.cut` / :attr:`~Gateway.is_cut` / :meth:`~Gateway.until_cut` (the end of
+  the shutdown grace: non-stream calls still running answer :func:`shut_down`),
+  :meth:`~Gateway.aclose`;
+* :func:`error_body`: OpenAI's error envelope of a :class:`~sidecar.errors.SidecarError`.
+
+Every error raised to a front end is a redacted :class:`~sidecar.errors.SidecarError`;
+a stream's failure after it committed comes as :class:`Failed` instead.
+"""
+
+from sidecar.gateway.events import Ended, Failed, Relayed, StreamEvent
 from sidecar.gateway.pipeline import (
     Completed,
     Context,
@@ -7,7 +33,19 @@ from sidecar.gateway.pipeline import (
     Served,
     Streaming,
     error_body,
-    shut_down,
 )
+from sidecar.gateway.relay import shut_down
 
-__all__ = ["Completed", "Context", "Gateway", "Served", "Streaming", "error_body", "shut_down"]
+__all__ = [
+    "Completed",
+    "Context",
+    "Ended",
+    "Failed",
+    "Gateway",
+    "Relayed",
+    "Served",
+    "StreamEvent",
+    "Streaming",
+    "error_body",
+    "shut_down",
+]

@@ -13,7 +13,8 @@ when local targets were moved behind remote ones, ``fallback:<reason>`` for each
 failure or skip that moved it on (``circuit_open``, ``budget``, ``upstream_5xx``, ...), or
 ``primary``. It is returned with the answer (``x-sidecar-route-reason``) and counted.
 
-Front ends call :meth:`Gateway.authenticate` first (before they decode a body, so an
+Front ends use only the surface listed in :mod:`sidecar.gateway`. They call
+:meth:`Gateway.authenticate` first (before they decode a body, so an
 unauthenticated client learns nothing about its request), turn client bytes into a
 :class:`~sidecar.types.Call` and a :class:`Context`, call :meth:`Gateway.complete` or
 :meth:`Gateway.stream`, and encode what comes back. Every error
@@ -32,7 +33,6 @@ import hmac
 import random
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -42,10 +42,10 @@ from typing import TypeVar
 
 import msgspec
 
+from local_models.pool import ModelStatus
 from sidecar.config import LOCAL_PROVIDER, Config
 from sidecar.errors import (
     CutAttempt,
-    DeadlineExceeded,
     InvalidRequest,
     LocalTooSlow,
     RetryAfterHeld,
@@ -55,23 +55,25 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamMalformed,
 )
+from sidecar.gateway.events import StreamEvent
+from sidecar.gateway.relay import Cut, relay
+from sidecar.gateway.status import model_ids, readiness_document, status_document
 from sidecar.gateway.verdict import deadline_passed, exhausted
-from sidecar.health import Circuit, Health, RetryBudget
+from sidecar.health import Health, RetryBudget
 from sidecar.host.pressure import LocalLoad, Pressure, arrange, late_eta_s
 from sidecar.host.watch import HostWatch
 from sidecar.limits.gcra import MemoryRateLimiter
 from sidecar.money.accountant import Accountant, Estimate, Ticket, estimate
-from sidecar.money.pricing import FREE, format_usd
+from sidecar.money.pricing import FREE
 from sidecar.money.pricing import cost as cost_of
 from sidecar.providers.base import Provider, Reply
+from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
 from sidecar.routing.routes import Route, Router, Target, plan
 from sidecar.routing.strategies import TargetTracker
 from sidecar.types import Call, Meter
 
 T = TypeVar("T")
-
-DONE_FRAME = b"data: [DONE]\n\n"
 
 
 class Context(msgspec.Struct):
@@ -100,12 +102,13 @@ class Completed(Served):
 
 
 class Streaming(Served):
-    """A committed stream: its first frame has arrived. Iterate ``frames`` to the end (or
-    close it); it ends with ``data: [DONE]`` or with one error frame. Its cost is recorded
-    when it ends and sent as an SSE comment (``: x-sidecar-cost-usd 0.000123``) before
-    ``[DONE]``; ``cost`` is known now only for free targets (0), else None."""
+    """A committed stream: its first frame has arrived. Iterate ``events`` to the end (or
+    close it): :class:`~sidecar.gateway.events.Relayed` frames, then one
+    :class:`~sidecar.gateway.events.Ended` (its cost recorded) or
+    :class:`~sidecar.gateway.events.Failed`. ``cost`` is known now only for free targets
+    (0), else None (the cost comes with ``Ended``)."""
 
-    frames: AsyncIterator[bytes]
+    events: AsyncGenerator[StreamEvent, None]
 
 
 class _Attempt(msgspec.Struct):
@@ -119,18 +122,14 @@ class _Attempt(msgspec.Struct):
     started: float
 
 
-_error_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder()
 
 
 def error_body(err: SidecarError) -> bytes:
     """OpenAI's error envelope for ``err``."""
-    return _error_encoder.encode(
+    return _encoder.encode(
         {"error": {"message": err.message, "type": err.type, "code": err.code, "param": err.param}}
     )
-
-
-def error_frame(err: SidecarError) -> bytes:
-    return b"data: " + error_body(err) + b"\n\n"
 
 
 class Gateway:
@@ -174,12 +173,8 @@ class Gateway:
         keys += [(k.name, k.key) for k in config.keys]
         self._keys = [(name, key.encode()) for name, key in keys]
         self.accountant = accountant or Accountant(config, None, MemoryRateLimiter())
-        self.draining = False
-        """Set when the sidecar drains: new calls get 503 (see :meth:`cut`)."""
-        self.cut_now = asyncio.Event()
-        """Set by :meth:`cut`: calls still running must end now."""
-        self._waiting: set[asyncio.Timeout] = set()
-        """The deadlines of relays waiting for their next frame (for :meth:`cut`)."""
+        self._draining = False
+        self._cut = Cut()
         self.host = host
         self._local_load = local_load
         self.tracker = TargetTracker()
@@ -244,9 +239,71 @@ class Gateway:
         except SidecarError as e:
             self.redact.error(e)  # in place: the same exception goes on, redacted
             raise
-        if self.redact:
-            streaming.frames = _redacted(streaming.frames, self.redact)
         return streaming
+
+    def models(self) -> list[tuple[str, str]]:
+        """(id, owned_by) of every model clients may ask for: routes, then every
+        ``provider/model`` target once."""
+        return model_ids(self.router.routes)
+
+    async def budgets(self, identity: str | None) -> bytes:
+        """Every budget's current window as a JSON list (per-key ones of ``identity``
+        only, when auth is on), redacted."""
+        views = await self.accountant.views(identity, self.auth)
+        return self.redact.data(_encoder.encode({"object": "list", "data": views}))
+
+    def status(self) -> bytes:
+        """The status document (see :func:`~sidecar.gateway.status.status_document`) as
+        JSON, redacted."""
+        doc = status_document(
+            draining=self._draining, host=self.host, routes=self.router.routes,
+            circuits=self.health.views(), tracker=self.tracker, reasons=self.reasons,
+            local_models=self._local_models())
+        return self.redact.data(_encoder.encode(doc))
+
+    def readiness(self) -> tuple[bool, bytes]:
+        """Whether the sidecar takes new calls (not draining), and the readiness document
+        (see :func:`~sidecar.gateway.status.readiness_document`) as JSON, redacted."""
+        doc = readiness_document(draining=self._draining, circuits=self.health.views(),
+                                 local_models=self._local_models())
+        return not self._draining, self.redact.data(_encoder.encode(doc))
+
+    def _local_models(self) -> list[ModelStatus] | None:
+        local = self.providers.get(LOCAL_PROVIDER)
+        return local.pool.status() if isinstance(local, LocalProvider) else None
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` (or :meth:`cut`) was called: new calls get 503."""
+        return self._draining
+
+    def drain(self) -> None:
+        """Refuse new calls from now on (503, retry after 1 s); calls running go on."""
+        self._draining = True
+
+    def cut(self) -> None:
+        """End every stream still running with :class:`~sidecar.gateway.events.Failed`
+        (503 "shut down": what was relayed is kept, its cost recorded), at once or as soon
+        as its client takes the next frame; front ends answer non-stream calls still running
+        with :func:`shut_down` once :meth:`until_cut` returns. Drains too. For the end of
+        the shutdown grace."""
+        self._draining = True
+        self._cut.cut()
+
+    @property
+    def is_cut(self) -> bool:
+        """Whether :meth:`cut` was called."""
+        return self._cut.done
+
+    async def until_cut(self) -> None:
+        """Return once :meth:`cut` is called (at once if it was)."""
+        await self._cut.wait()
+
+    async def start(self) -> None:
+        """Start the background work (the host watch, when there is one). Once, in the
+        serving loop, before calls; :meth:`aclose` stops it."""
+        if self.host is not None:
+            await self.host.start()
 
     async def _complete(self, call: Call, ctx: Context) -> Completed:
         route, est = await self._admit(call, ctx)
@@ -281,9 +338,18 @@ class Gateway:
 
         (first, frames), done = await self._run(call, route, ctx, est, attempt)
         circuit = self.health.circuit(done.target.key)
+
+        def upstream_failed(e: UpstreamError) -> None:
+            if e.counts_against_health:
+                circuit.failure(self._clock(), e.retry_after_s)
+
+        events = relay(
+            first, frames, deadline=ctx.deadline, cut=self._cut, meter=done.meter,
+            redact=self.redact, settle=lambda: self._settle(ctx, route, est, done, None),
+            upstream_failed=upstream_failed, finished=lambda ok: self._finished(done, ok))
         free = done.ticket.price == FREE
         return Streaming(done.target.key, done.attempts, done.reason, 0 if free else None,
-                         self._relay(first, frames, ctx, circuit, route, est, done))
+                         events)
 
     # --- the pipeline ---------------------------------------------------------------------
 
@@ -491,102 +557,12 @@ class Gateway:
             return None
         return delay
 
-    async def _relay(
-        self, first: bytes, frames: AsyncGenerator[bytes, None], ctx: Context, circuit: Circuit,
-        route: Route, est: Estimate, done: _Attempt,
-    ) -> AsyncIterator[bytes]:
-        """Relay the stream; record its cost before ``[DONE]`` (or, if the client left or
-        it failed, as soon as it ends)."""
-        settled = completed = False
-
-        async def settle() -> int | None:
-            nonlocal settled
-            settled = True
-            return await asyncio.shield(self._settle(ctx, route, est, done, None))
-
-        try:
-            yield first
-            while True:
-                frame = await self._next_frame(frames, ctx.deadline)
-                if frame is None:
-                    break
-                yield frame
-            completed = True
-            cost = await settle()
-            if cost is not None:
-                yield b": x-sidecar-cost-usd " + format_usd(cost).encode() + b"\n\n"
-            yield DONE_FRAME
-        except TimeoutError:
-            yield error_frame(DeadlineExceeded("The request deadline passed mid-stream."))
-        except _Cut:
-            yield error_frame(shut_down())
-        except UpstreamError as e:
-            if e.counts_against_health:
-                circuit.failure(self._clock(), e.retry_after_s)
-            yield error_frame(e)
-        except SidecarError as e:  # the cost could not be recorded
-            yield error_frame(e)
-        finally:
-            self._finished(done, completed)
-            await frames.aclose()
-            if not settled:
-                with contextlib.suppress(SidecarError):
-                    await settle()
-
-    def cut(self) -> None:
-        """End every stream still running with a clean error event (503 "shutting down":
-        what was relayed is kept, its cost recorded), at once or as soon as its client takes
-        the next frame; front ends answer non-stream calls still running with 503 when
-        :attr:`cut_now` is set. For the end of the shutdown grace."""
-        self.draining = True
-        self.cut_now.set()
-        now = asyncio.get_running_loop().time()
-        for scope in list(self._waiting):
-            scope.reschedule(now)
-
-    async def _next_frame(self, frames: AsyncGenerator[bytes, None], deadline: float
-                          ) -> bytes | None:
-        """The next frame (None at the end). Raises TimeoutError at the deadline and
-        :class:`_Cut` once :meth:`cut` was called."""
-        if self.cut_now.is_set():
-            raise _Cut
-        try:
-            async with asyncio.timeout_at(deadline) as scope:
-                self._waiting.add(scope)
-                try:
-                    return await anext(frames, None)
-                finally:
-                    self._waiting.discard(scope)
-        except TimeoutError:
-            if self.cut_now.is_set():
-                raise _Cut from None
-            raise
-
     async def aclose(self) -> None:
+        """Stop the host watch, close every provider and the accountant."""
         if self.host is not None:
             await self.host.aclose()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()),
                              self.accountant.aclose())
-
-
-async def _redacted(frames: AsyncIterator[bytes], redact: Redactor) -> AsyncIterator[bytes]:
-    """``frames`` with secrets redacted; closing it closes ``frames``."""
-    try:
-        async for frame in frames:
-            yield redact.data(frame)
-    finally:
-        if isinstance(frames, AsyncGenerator):
-            await frames.aclose()
-
-
-class _Cut(Exception):
-    """:meth:`Gateway.cut` ended a stream."""
-
-
-def shut_down() -> Unavailable:
-    """The error of a call that :meth:`Gateway.cut` ended."""
-    return Unavailable("The sidecar shut down before the answer was complete.",
-                       retry_after_s=1.0)
 
 
 def _note(reasons: list[str], reason: str) -> None:

@@ -26,8 +26,13 @@ ends the call with INTERNAL and a fixed message, never a stack trace.
 
 Cancellation: grpc.aio cancels a call's handler task when the client cancels or its
 deadline passes. That cancels the gateway call, which stops the upstream HTTP call or the
-local generation; a stream handler also closes the gateway's frame iterator (in
-``finally``), so the stream's cost is settled and its upstream closed at once.
+local generation; a stream handler also closes the stream's events (in ``finally``), so
+the stream's cost is settled and its upstream closed at once.
+
+Streams: the gateway's :class:`~sidecar.gateway.Relayed` frames become chunk messages (the
+first one stamped with who served it), :class:`~sidecar.gateway.Ended` the closing chunk with
+the cost, and :class:`~sidecar.gateway.Failed` ends the call with its error exactly as a
+unary call's error would (code, details, ``retry-after``), after the chunks already sent.
 
 Safe for concurrent calls on one event loop; holds no per-call state.
 """
@@ -35,7 +40,7 @@ Safe for concurrent calls on one event loop; holds no per-call state.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, NoReturn, TypeVar
 
 import google.rpc.error_details_pb2 as error_details_pb2
@@ -45,10 +50,9 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from sidecar.errors import SidecarError
-from sidecar.gateway import Completed, Context, Gateway
+from sidecar.gateway import Completed, Context, Ended, Failed, Gateway, Relayed, StreamEvent
 from sidecar.grpc.translation import (
     ChunkReader,
-    StreamEnd,
     chat_call,
     chat_response,
     embed_call,
@@ -56,7 +60,7 @@ from sidecar.grpc.translation import (
 )
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.money.pricing import format_usd
-from sidecar.request_meta import api_key, model_ids, request_id_of, retry_after, served_meta
+from sidecar.request_meta import api_key, request_id_of, retry_after, served_meta
 
 log = logging.getLogger("sidecar.grpc")
 
@@ -77,7 +81,7 @@ class SidecarServicer:
         self._gateway = gateway
         self._max_timeout_s = max_timeout_s
         self._models = pb.ListModelsResponse(
-            models=[pb.Model(id=id, owned_by=owner) for id, owner in model_ids(gateway.router)])
+            models=[pb.Model(id=id, owned_by=owner) for id, owner in gateway.models()])
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The service's method handlers by method name."""
@@ -122,35 +126,38 @@ class SidecarServicer:
         frames at once rather than when a suspended generator is collected."""
         meta = _metadata(context)
         request_id = request_id_of(meta)
-        frames: AsyncIterator[bytes] | None = None
+        events: AsyncGenerator[StreamEvent, None] | None = None
         try:
             ctx = self._context(context, meta, request_id)
             streaming = await self._gateway.stream(chat_call(request, stream=True), ctx)
-            frames = streaming.frames
+            events = streaming.events
             await context.send_initial_metadata(
                 tuple(served_meta(request_id, streaming).items()))
             reader = ChunkReader(streaming.target)
             first = True
-            async for frame in frames:
-                for item in reader.feed(frame):
-                    if isinstance(item, StreamEnd):
-                        if item.cost is not None:
+            async for event in events:
+                match event:
+                    case Relayed(frame=frame):
+                        for chunk in reader.feed(frame):
+                            if first:
+                                first = False
+                                chunk.target = streaming.target
+                                chunk.attempts = streaming.attempts
+                                chunk.route_reason = streaming.reason
+                                chunk.request_id = request_id
+                            await context.write(chunk)
+                    case Ended(cost=cost):
+                        if cost is not None:
                             context.set_trailing_metadata(
-                                (("x-sidecar-cost-usd", format_usd(item.cost)),))
-                        chunk = reader.last_chunk(item)
-                    else:
-                        chunk = item
-                        if first:
-                            first = False
-                            chunk.target, chunk.attempts = streaming.target, streaming.attempts
-                            chunk.route_reason = streaming.reason
-                            chunk.request_id = request_id
-                    await context.write(chunk)
+                                (("x-sidecar-cost-usd", format_usd(cost)),))
+                        await context.write(reader.last_chunk(cost))
+                    case Failed(error=error):
+                        raise error  # reported like any call's error, just below
         except Exception as e:
             await _fail(context, e, request_id)
         finally:
-            if isinstance(frames, AsyncGenerator):
-                await frames.aclose()
+            if events is not None:
+                await events.aclose()
 
     async def embed(self, request: pb.EmbedRequest, context: ServicerContext) -> pb.EmbedResponse:
         meta = _metadata(context)

@@ -5,10 +5,10 @@ Requests go proto -> the OpenAI-shaped JSON object an HTTP client would send -> 
 so validation, error messages (with the offending field's path) and pass-through of
 unmodelled fields are identical over both front ends.
 
-Answers come back from the gateway as OpenAI JSON bytes (non-stream) or SSE frames
-(streams); they are decoded with msgspec into the lenient Structs below (every field
-optional: providers' answers are relayed as they sent them, e.g. OpenAI's ``"usage": null``
-on every stream chunk) and copied into proto messages.
+Answers come back from the gateway as OpenAI JSON bytes (non-stream) or relayed SSE
+frames (streams, read by :class:`ChunkReader`); they are decoded with msgspec into the
+lenient Structs below (every field optional: providers' answers are relayed as they sent
+them, e.g. OpenAI's ``"usage": null`` on every stream chunk) and copied into proto messages.
 
 Every function here is pure (no I/O) and raises only :class:`~sidecar.errors.SidecarError`.
 """
@@ -23,10 +23,10 @@ from typing import Any
 import msgspec
 from google.protobuf import struct_pb2
 
-from sidecar import errors
-from sidecar.errors import InvalidRequest, SidecarError, UpstreamMalformed
+from sidecar.errors import InvalidRequest, UpstreamMalformed
 from sidecar.grpc.v1 import sidecar_pb2 as pb
-from sidecar.money.pricing import MILLION, format_usd
+from sidecar.money.pricing import format_usd
+from sidecar.providers.sse import SSEDecoder
 from sidecar.types import Call, Op, validate_call
 
 _ROLES = {
@@ -310,90 +310,36 @@ def _floats(e: list[float] | str) -> list[float]:
     return list(_struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
-def parse_usd(text: str) -> int:
-    """``"0.000123"`` (as :func:`sidecar.money.pricing.format_usd` writes it) in µ$."""
-    sign = -1 if text.startswith("-") else 1
-    whole, _, frac = text.lstrip("-").partition(".")
-    return sign * (int(whole or "0") * MILLION + int((frac + "000000")[:6]))
-
-
-def _error_codes() -> dict[str, str]:
-    """The gRPC code of each OpenAI error ``code`` the gateway's classes report."""
-    found: dict[str, str] = {}
-    todo: list[type[SidecarError]] = [errors.SidecarError]
-    while todo:
-        cls = todo.pop()
-        if cls.code is not None:
-            found.setdefault(cls.code, cls.grpc_code)
-        todo.extend(cls.__subclasses__())
-    return found
-
-
-_GRPC_BY_ERROR_CODE = _error_codes()
-
-
-def stream_error(body: _ErrorBody) -> SidecarError:
-    """The error a stream's ``data: {"error": ...}`` event stands for, with the gRPC code
-    of the gateway error class that wrote it (UNAVAILABLE for any other: the stream's
-    upstream failed)."""
-    err = SidecarError(body.message, param=body.param)
-    code = str(body.code) if body.code is not None else None
-    err.grpc_code = _GRPC_BY_ERROR_CODE.get(code or "", "UNAVAILABLE")
-    err.code = code
-    if body.type is not None:
-        err.type = body.type
-    return err
-
-
-class StreamEnd(msgspec.Struct, frozen=True):
-    """The end of a stream: what it cost (µ$; None when the target's price is unknown)."""
-
-    cost: int | None
-
-
-_COST_PREFIX = b": x-sidecar-cost-usd "
-
-
 class ChunkReader:
-    """Turns the gateway's stream frames (``data: {...}`` events, then the cost comment
-    when the cost is known and ``data: [DONE]``, or one error event) into
-    :class:`pb.ChatChunk` messages.
+    """Turns a stream's relayed frames (:class:`~sidecar.gateway.events.Relayed`: the
+    provider's ``data: {...}`` events, split by the one SSE parser,
+    :class:`~sidecar.providers.sse.SSEDecoder`) into :class:`pb.ChatChunk` messages, and
+    writes the closing chunk with the stream's cost.
 
-    One per stream; not safe for concurrent use. :meth:`feed` yields chunks and, at
-    ``[DONE]``, a :class:`StreamEnd`; an error event raises the :class:`SidecarError` it
-    reports.
+    One per stream; not safe for concurrent use. Raises :class:`UpstreamMalformed` for an
+    event that is not a chunk.
     """
 
-    __slots__ = ("_buf", "_cost", "_created", "_id", "_model", "_target")
+    __slots__ = ("_created", "_decoder", "_id", "_model", "_target")
 
     def __init__(self, target: str) -> None:
         self._target = target
-        self._buf = b""
+        self._decoder = SSEDecoder()
         self._id = self._model = ""
         self._created = 0
-        self._cost: int | None = None
 
-    def feed(self, frame: bytes) -> Iterator[pb.ChatChunk | StreamEnd]:
-        buf = self._buf + frame if self._buf else frame
-        start = 0
-        while (end := buf.find(b"\n\n", start)) >= 0:
-            event = buf[start:end]
-            start = end + 2
-            if event.startswith(b"data: "):
-                data = event[6:]
-                if data == b"[DONE]":
-                    yield StreamEnd(self._cost)
-                else:
-                    yield self._chunk(data)
-            elif event.startswith(_COST_PREFIX):
-                self._cost = parse_usd(event[len(_COST_PREFIX):].decode())
-        self._buf = buf[start:]
+    def feed(self, frame: bytes) -> Iterator[pb.ChatChunk]:
+        """The chunks of the events ``frame`` completes."""
+        for event in self._decoder.feed(frame):
+            if event.data:
+                yield self._chunk(event.data)
 
-    def last_chunk(self, end: StreamEnd) -> pb.ChatChunk:
-        """The stream's closing chunk: no choices, the stream's ids and its cost."""
+    def last_chunk(self, cost: int | None) -> pb.ChatChunk:
+        """The stream's closing chunk: no choices, the stream's ids and its cost (µ$;
+        None when the target's price is unknown)."""
         out = pb.ChatChunk(id=self._id, model=self._model, created=self._created)
-        if end.cost is not None:
-            out.cost_micro_usd, out.cost_usd = end.cost, format_usd(end.cost)
+        if cost is not None:
+            out.cost_micro_usd, out.cost_usd = cost, format_usd(cost)
         return out
 
     def _chunk(self, data: bytes) -> pb.ChatChunk:
@@ -402,8 +348,6 @@ class ChunkReader:
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise UpstreamMalformed(f"{self._target} sent a stream event that cannot be "
                                     "translated", target=self._target) from None
-        if a.error is not None:
-            raise stream_error(a.error)
         self._id = a.id or self._id
         self._model = a.model or self._model
         self._created = int(a.created or self._created)

@@ -22,7 +22,6 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
-from sidecar.config import LOCAL_PROVIDER
 from sidecar.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -31,10 +30,9 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.gateway import Completed, Context, Gateway, error_body, shut_down
-from sidecar.health import CircuitView
 from sidecar.http.openapi import openapi_document
-from sidecar.providers.local import LocalProvider
-from sidecar.request_meta import api_key, model_ids, request_id_of, retry_after, served_meta
+from sidecar.http.sse import sse
+from sidecar.request_meta import api_key, request_id_of, retry_after, served_meta
 from sidecar.types import MAX_DEPTH, Call, Op, validate_call
 
 log = logging.getLogger("sidecar.http")
@@ -63,13 +61,13 @@ def decode_call(op: Op, body: bytes) -> Call:
 
 async def _unless_client_leaves(request: Request[Any, Any, Any],
                                 call: Coroutine[Any, Any, Completed],
-                                cut: asyncio.Event) -> Completed | None:
+                                gateway: Gateway) -> Completed | None:
     """Await ``call``; if the client disconnects first, cancel it (so a local generation
-    frees its sequence and a remote call is closed) and return None. If ``cut`` is set
-    first (the shutdown grace is over), cancel it and raise the gateway's shut-down 503."""
+    frees its sequence and a remote call is closed) and return None. If the gateway is
+    cut first (the shutdown grace is over), cancel it and raise the shut-down 503."""
     task = asyncio.ensure_future(call)
     gone = asyncio.ensure_future(_disconnected(request))
-    stop = asyncio.ensure_future(cut.wait())
+    stop = asyncio.ensure_future(gateway.until_cut())
     try:
         await asyncio.wait((task, gone, stop), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
@@ -83,7 +81,7 @@ async def _unless_client_leaves(request: Request[Any, Any, Any],
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    if cut.is_set():
+    if gateway.is_cut:
         raise shut_down()
     return None
 
@@ -109,43 +107,8 @@ def _timeout(request: Request[Any, Any, Any]) -> float | None:
 def _models_body(gateway: Gateway) -> bytes:
     """``GET /v1/models``."""
     data = [{"id": id, "object": "model", "created": 0, "owned_by": owner}
-            for id, owner in model_ids(gateway.router)]
+            for id, owner in gateway.models()]
     return _encoder.encode({"object": "list", "data": data})
-
-
-_CLOSED = CircuitView("closed", 0, None)
-
-
-def _status(gateway: Gateway) -> dict[str, Any]:
-    """``GET /v1/sidecar/status``: the host, its pressure, every target's health and load,
-    the local models, and how many requests each route reason served."""
-    host = gateway.host
-    stats = gateway.tracker.stats()
-    circuits = gateway.health.views()
-    configured = {t.key for r in gateway.router.routes for t in r.targets}
-    targets = {
-        key: {"circuit": circuits.get(key, _CLOSED),
-              **msgspec.structs.asdict(gateway.tracker.get(key))}
-        for key in sorted(configured | stats.keys() | circuits.keys())
-    }
-    body: dict[str, Any] = {
-        "status": "draining" if gateway.draining else "ready",
-        "pressure": None if host is None else {
-            "cpu": host.pressure.cpu,
-            "memory": host.pressure.memory,
-            "changed_at_s_ago": None if host.pressure.changed_at is None
-            else round(host.snapshot.taken_at - host.pressure.changed_at, 1),
-            "workers_yielding": host.yielding,
-            "settings": host.settings,
-        },
-        "host": None if host is None else host.snapshot,
-        "targets": targets,
-        "route_reasons": dict(gateway.reasons),
-    }
-    local = gateway.providers.get(LOCAL_PROVIDER)
-    if isinstance(local, LocalProvider):
-        body["local_models"] = local.pool.status()
-    return body
 
 
 def error_response(err: SidecarError, request_id: str | None = None) -> Response[bytes]:
@@ -176,9 +139,10 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
             streaming = await gateway.stream(call, ctx)
             headers = served_meta(request_id, streaming)
             return Stream(
-                streaming.frames, media_type="text/event-stream", headers=headers | _SSE_HEADERS
+                sse(streaming.events), media_type="text/event-stream",
+                headers=headers | _SSE_HEADERS,
             )
-        done = await _unless_client_leaves(request, gateway.complete(call, ctx), gateway.cut_now)
+        done = await _unless_client_leaves(request, gateway.complete(call, ctx), gateway)
         if done is None:  # nobody is left to answer; the call was cancelled upstream
             return Response(b"", status_code=499)
         return Response(
@@ -214,16 +178,13 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
         """Every budget's current window (per-key ones of the caller only)."""
         identity = gateway.authenticate(api_key(request.headers))
-        views = await gateway.accountant.views(identity, gateway.auth)
-        body = _encoder.encode({"object": "list", "data": views})
-        return Response(gateway.redact.data(body), media_type=_JSON)
+        return Response(await gateway.budgets(identity), media_type=_JSON)
 
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
         """Host pressure, targets' health and load, local models, route reasons."""
         gateway.authenticate(api_key(request.headers))
-        return Response(gateway.redact.data(_encoder.encode(_status(gateway))),
-                        media_type=_JSON)
+        return Response(gateway.status(), media_type=_JSON)
 
     @get("/healthz")
     async def healthz() -> Response[bytes]:
@@ -233,17 +194,8 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     @get("/readyz")
     async def readyz() -> Response[bytes]:
         """Readiness: 200, or 503 while draining; targets' circuits."""
-        views = gateway.health.views()
-        ready = not gateway.draining
-        body: dict[str, Any] = {
-            "status": "ready" if ready else "draining",
-            "targets": {k: msgspec.structs.asdict(v) for k, v in views.items()},
-        }
-        local = gateway.providers.get(LOCAL_PROVIDER)
-        if isinstance(local, LocalProvider):
-            body["local_models"] = local.pool.status()
-        return Response(gateway.redact.data(_encoder.encode(body)),
-                        status_code=200 if ready else 503, media_type=_JSON)
+        ready, body = gateway.readiness()
+        return Response(body, status_code=200 if ready else 503, media_type=_JSON)
 
     def on_sidecar_error(request: Request[Any, Any, Any], exc: SidecarError) -> Response[bytes]:
         return error_response(exc, getattr(request.state, "request_id", None))

@@ -13,9 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -29,7 +28,16 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from grpc_status import rpc_status
 
-from sidecar.gateway import Context
+from sidecar.errors import (
+    DeadlineExceeded,
+    LedgerDown,
+    SidecarError,
+    Unavailable,
+    UpstreamRateLimited,
+    UpstreamServerError,
+    UpstreamTimeout,
+)
+from sidecar.gateway import Context, Ended, Failed, Relayed, StreamEvent, Streaming
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
@@ -571,17 +579,51 @@ def test_drain_refuses_new_calls_then_cuts_streams_at_the_grace(fake: FakeProvid
     assert "Traceback" not in "".join(proc.output)
 
 
+def test_a_stream_cut_mid_way_carries_its_retry_info(fake: FakeProvider, tmp_path: Path
+                                                     ) -> None:
+    """A mid-stream failure that has a retry time (the cut at the end of the shutdown
+    grace: 503, retry after 1 s) ends the call with it, as a unary call's error would."""
+    proc = GrpcSidecar(CONFIG.format(url=fake.url, key=KEY).replace(
+        "shutdown_grace_s = 2", "shutdown_grace_s = 1\ndrain_delay_s = 0"), tmp_path)
+    try:
+        fake.script("only", slow_drip(interval_s=0.2, chunks=200))
+        with grpc.insecure_channel(proc.grpc_address) as ch:
+            stream = sidecar_pb2_grpc.SidecarStub(ch).ChatStream(
+                chat("single"), metadata=(*AUTH, ("x-request-id", "cut-1")), timeout=30)
+            got = [next(stream)]
+            proc.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError):
+                got.extend(stream)
+            assert got[0].choices and got[0].target == "p1/only"
+            assert stream.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shut down" in stream.details()
+            trailers = dict(stream.trailing_metadata())
+            assert trailers["retry-after"] == "1"
+            assert trailers["x-request-id"] == "cut-1"
+            assert trailers["x-should-retry"] == "true"
+            status_ = rpc_status.from_call(stream)
+            assert status_ is not None and status_.message == stream.details()
+            retry = error_details_pb2.RetryInfo()
+            assert any(d.Unpack(retry) for d in status_.details)
+            assert retry.retry_delay.seconds == 1
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in "".join(proc.output)
+
+
 # --- the servicer in process ----------------------------------------------------------------
 
 
 class RecordingGateway:
     """Enough of a Gateway for the servicer: records the context, then fails unexpectedly."""
 
-    router = SimpleNamespace(routes=[])
     request_timeout_s = 20.0
 
     def __init__(self) -> None:
         self.contexts: list[Context] = []
+
+    def models(self) -> list[tuple[str, str]]:
+        return []
 
     def authenticate(self, key: str | None) -> None:
         return None
@@ -626,8 +668,99 @@ async def test_deadlines_and_unexpected_errors(caplog: pytest.LogCaptureFixture)
 # --- translation (pure) ---------------------------------------------------------------------
 
 
+class StreamingGateway(RecordingGateway):
+    """Enough of a Gateway for the servicer: every stream relays one frame, then ends with
+    ``last``; sets ``closed`` once the servicer closed the stream."""
+
+    def __init__(self, last: Ended | Failed) -> None:
+        super().__init__()
+        self.last = last
+        self.closed = asyncio.Event()
+
+    async def stream(self, call: Any, ctx: Context) -> Streaming:
+        async def events() -> AsyncGenerator[StreamEvent, None]:
+            try:
+                yield Relayed(b'data: {"id": "c1", "model": "m", "choices": [{"index": 0, '
+                              b'"delta": {"content": "Hi"}}]}\n\n')
+                yield self.last
+            finally:
+                self.closed.set()
+
+        return Streaming("p/m", 2, "fallback:upstream_5xx", None, events())
+
+
+async def in_process_stream(gateway: StreamingGateway
+                            ) -> tuple[list[pb.ChatChunk], grpc.aio.AioRpcError | None]:
+    """What a client of a servicer over ``gateway`` gets from one ChatStream call."""
+    server = grpc.aio.server()
+    handlers = SidecarServicer(gateway, max_timeout_s=50).handlers()  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    got: list[pb.ChatChunk] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = sidecar_pb2_grpc.SidecarStub(ch).ChatStream(
+                chat("m"), metadata=(("x-request-id", "s-1"),), timeout=10)
+            try:
+                async for chunk in call:
+                    got.append(chunk)
+            except grpc.aio.AioRpcError as e:
+                return got, e
+            return got, None
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("error", [
+    DeadlineExceeded("The request deadline passed mid-stream."),
+    UpstreamTimeout("p/m timed out", target="p/m"),
+    UpstreamServerError("p/m reported an error mid-stream", target="p/m"),
+    LedgerDown("the ledger is down", target="p/m"),
+    UpstreamRateLimited("p/m is rate limited", target="p/m", retry_after_s=7.0),
+    Unavailable("The sidecar shut down before the answer was complete.", retry_after_s=1.0),
+], ids=lambda e: type(e).__name__)
+async def test_a_failed_stream_ends_with_its_own_error(error: SidecarError) -> None:
+    gateway = StreamingGateway(Failed(error))
+    got, err = await in_process_stream(gateway)
+    assert [c.choices[0].delta.content for c in got] == ["Hi"]
+    assert (got[0].target, got[0].attempts, got[0].request_id) == ("p/m", 2, "s-1")
+    assert err is not None
+    assert err.code().name == error.grpc_code
+    assert err.details() == error.message
+    trailers = dict(err.trailing_metadata() or ())
+    assert trailers["x-request-id"] == "s-1"
+    assert trailers["x-should-retry"] == ("true" if error.should_retry else "false")
+    status_ = rpc_status.from_call(err)
+    assert status_ is not None
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert status_.details[0].Unpack(info)
+    assert info.metadata["code"] == (error.code or "")
+    if error.retry_after_s is None:
+        assert "retry-after" not in trailers
+        assert not any(d.Unpack(retry) for d in status_.details)
+    else:
+        assert trailers["retry-after"] == str(round(error.retry_after_s))
+        assert any(d.Unpack(retry) for d in status_.details)
+        assert retry.retry_delay.seconds == round(error.retry_after_s)
+    await asyncio.wait_for(gateway.closed.wait(), 5)  # the handler closes it after the status
+
+
+@pytest.mark.parametrize("cost", [150, None])
+async def test_an_ended_stream_closes_with_its_cost(cost: int | None) -> None:
+    gateway = StreamingGateway(Ended(None, cost))
+    got, err = await in_process_stream(gateway)
+    assert err is None
+    first, last = got
+    assert first.choices[0].delta.content == "Hi"
+    assert (last.id, last.model, list(last.choices)) == ("c1", "m", [])
+    assert (last.cost_micro_usd, last.cost_usd) == ((150, "0.000150") if cost else (0, ""))
+    await asyncio.wait_for(gateway.closed.wait(), 5)  # the handler closes it after the status
+
+
 def test_chunk_reader_handles_batched_and_split_frames_and_null_usage() -> None:
-    from sidecar.grpc.translation import ChunkReader, StreamEnd
+    from sidecar.grpc.translation import ChunkReader
 
     def event(obj: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(obj).encode() + b"\n\n"
@@ -639,48 +772,27 @@ def test_chunk_reader_handles_batched_and_split_frames_and_null_usage() -> None:
                                             "finish_reason": "stop"}]})
               + event({**head, "choices": [], "usage": {"prompt_tokens": 3,
                                                         "completion_tokens": 2,
-                                                        "total_tokens": 5}})
-              + b": x-sidecar-cost-usd 0.000150\n\ndata: [DONE]\n\n")
+                                                        "total_tokens": 5}}))
     reader = ChunkReader("p/m")
-    items = [item for i in range(0, len(frames), 7) for item in reader.feed(frames[i:i + 7])]
-    *chunks, end = items
+    chunks = [chunk for i in range(0, len(frames), 7) for chunk in reader.feed(frames[i:i + 7])]
     assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == "Hello"
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[1].choices[0].finish_reason == "stop"
     assert chunks[2].usage.total_tokens == 5 and not chunks[2].choices
-    assert end == StreamEnd(150)
-    last = reader.last_chunk(end)
+    assert len(chunks) == 3
+    last = reader.last_chunk(150)
     assert (last.id, last.cost_micro_usd, last.cost_usd) == ("c1", 150, "0.000150")
+    assert reader.last_chunk(None).cost_usd == ""
 
 
-@pytest.mark.parametrize(("code", "grpc_code"), [
-    ("deadline_exceeded", "DEADLINE_EXCEEDED"),
-    ("upstream_timeout", "DEADLINE_EXCEEDED"),
-    ("upstream_5xx", "UNAVAILABLE"),
-    ("ledger_unavailable", "UNAVAILABLE"),
-    ("something_else", "UNAVAILABLE"),
-])
-def test_stream_error_events_keep_their_status(code: str, grpc_code: str) -> None:
-    from sidecar.errors import SidecarError
-    from sidecar.grpc.translation import ChunkReader
-
-    reader = ChunkReader("p/m")
-    frame = b'data: {"error": {"message": "gone", "type": "t", "code": "%s"}}\n\n' % code.encode()
-    with pytest.raises(SidecarError) as info:
-        list(reader.feed(frame))
-    assert (info.value.message, info.value.grpc_code, info.value.code) == ("gone", grpc_code, code)
-
-
-def test_embeddings_in_base64_and_costs() -> None:
+def test_embeddings_in_base64() -> None:
     import base64
     import struct
 
-    from sidecar.grpc.translation import embed_response, parse_usd
+    from sidecar.grpc.translation import embed_response
 
     packed = base64.b64encode(struct.pack("<3f", 0.5, -1.0, 0.25)).decode()
     body = json.dumps({"data": [{"index": 0, "embedding": packed}], "model": "e",
                        "usage": {"prompt_tokens": 2, "total_tokens": 2}}).encode()
     out = embed_response(body, "p/e")
     assert list(out.data[0].values) == [0.5, -1.0, 0.25]
-    assert [parse_usd(s) for s in ("0.000150", "12.5", "-0.000001", "3")] == [
-        150, 12_500_000, -1, 3_000_000]

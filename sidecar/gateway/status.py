@@ -1,0 +1,83 @@
+"""What the gateway shows about itself: the model list, the status page, readiness.
+
+Pure: each function builds a plain, JSON-encodable value from snapshots the
+:class:`~sidecar.gateway.Gateway` passes in (it encodes and redacts them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from local_models.pool import ModelStatus
+from sidecar.health import CircuitView
+from sidecar.host.watch import HostWatch
+from sidecar.routing.routes import Route
+from sidecar.routing.strategies import TargetTracker
+
+_CLOSED = CircuitView("closed", 0, None)
+
+
+def model_ids(routes: Iterable[Route]) -> list[tuple[str, str]]:
+    """(id, owned_by) of what clients may ask for: every route, then every
+    ``provider/model`` target once."""
+    routes = tuple(routes)
+    out = [(r.model, "sidecar") for r in routes]
+    seen = {r.model for r in routes}
+    for t in (t for r in routes for t in r.targets):
+        if t.key not in seen:
+            seen.add(t.key)
+            out.append((t.key, t.provider))
+    return out
+
+
+def status_document(
+    *,
+    draining: bool,
+    host: HostWatch | None,
+    routes: Iterable[Route],
+    circuits: Mapping[str, CircuitView],
+    tracker: TargetTracker,
+    reasons: Mapping[str, int],
+    local_models: list[ModelStatus] | None,
+) -> dict[str, Any]:
+    """``GET /v1/sidecar/status``: the host, its pressure, every target's health and load
+    (configured ones and any seen since), the local models (when there are any), and how
+    many requests each route reason served."""
+    stats = tracker.stats()
+    configured = {t.key for r in routes for t in r.targets}
+    targets = {
+        key: {"circuit": circuits.get(key, _CLOSED), **msgspec.structs.asdict(tracker.get(key))}
+        for key in sorted(configured | stats.keys() | circuits.keys())
+    }
+    body: dict[str, Any] = {
+        "status": "draining" if draining else "ready",
+        "pressure": None if host is None else {
+            "cpu": host.pressure.cpu,
+            "memory": host.pressure.memory,
+            "changed_at_s_ago": None if host.pressure.changed_at is None
+            else round(host.snapshot.taken_at - host.pressure.changed_at, 1),
+            "workers_yielding": host.yielding,
+            "settings": host.settings,
+        },
+        "host": None if host is None else host.snapshot,
+        "targets": targets,
+        "route_reasons": dict(reasons),
+    }
+    if local_models is not None:
+        body["local_models"] = local_models
+    return body
+
+
+def readiness_document(*, draining: bool, circuits: Mapping[str, CircuitView],
+                       local_models: list[ModelStatus] | None) -> dict[str, Any]:
+    """``GET /readyz``: ready or draining, every target's circuit, the local models."""
+    body: dict[str, Any] = {
+        "status": "draining" if draining else "ready",
+        "targets": {k: msgspec.structs.asdict(v) for k, v in circuits.items()},
+    }
+    if local_models is not None:
+        body["local_models"] = local_models
+    return body
