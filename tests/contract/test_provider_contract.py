@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -142,8 +143,8 @@ async def anthropic_provider(fake_mod: FakeProvider) -> AsyncIterator[AnthropicM
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def local_provider() -> AsyncIterator[LocalProvider]:
-    """One pool for the module: the model loads once."""
+async def local_provider(default_model_path: Path) -> AsyncIterator[LocalProvider]:
+    """One pool for the module (the default model, which must be installed): it loads once."""
     pool = ModelPool(build_catalog((local_spec(),)).entries,
                      PoolSettings(memory_budget_bytes=8 << 30))
     pool.start()
@@ -319,14 +320,19 @@ async def test_max_tokens_and_token_cap_are_honoured(subject: Subject) -> None:
 @known_bug(("local",), "LocalProvider.send ignores timeout_s (only the gateway's deadline "
                        "bounds a local call)")
 async def test_timeout_bounds_a_send(subject: Subject) -> None:
+    # Remote: the upstream hangs after reading the request. Local: any generation takes
+    # more than a millisecond.
+    timeout_s = 0.2 if subject.fake is not None else 0.001
     if subject.fake is not None:
         subject.script(hang())
     loop = asyncio.get_running_loop()
     start = loop.time()
     with pytest.raises(UpstreamTimeout) as e:
-        await subject.provider.send(chat(max_tokens=16), subject.model, 0.001)
+        await subject.provider.send(chat(max_tokens=16), subject.model, timeout_s)
     assert e.value.target == subject.target and e.value.retryable
     assert loop.time() - start < 5
+    if subject.fake is not None:
+        assert len(subject.fake.requests()) == 1  # sent, then the answer was waited for
 
 
 @every(*REMOTE)
