@@ -197,7 +197,7 @@ async def test_retry_after_is_honoured() -> None:
 
 async def test_retry_after_over_the_maximum_is_not_waited_for() -> None:
     rig = Rig(config(routing={"retries": 3, "max_retry_after_s": 1.0}))
-    rig.a.script("x", Fail(UpstreamServerError, retry_after_s=30.0))
+    rig.a.script("x", Fail(UpstreamServerError, retry_after_s=3.0))
     start = rig.clock()
     done = await rig.gateway.complete(chat(), rig.ctx())
     assert (done.target, done.attempts) == ("b/y", 2)
@@ -206,6 +206,16 @@ async def test_retry_after_over_the_maximum_is_not_waited_for() -> None:
     again = await rig.gateway.complete(chat(), rig.ctx())
     assert again.target == "b/y" and again.reason == "fallback:upstream_429"
     assert len(rig.a.calls) == 1
+
+
+async def test_the_retry_budget_caps_retries() -> None:
+    rig = Rig(config(routing={"retries": 1, "retry_budget_min": 1, "retry_budget_ratio": 0}))
+    rig.a.default("x", Fail(UpstreamServerError))
+    first = await rig.gateway.complete(chat(), rig.ctx())
+    assert (first.target, first.attempts) == ("b/y", 3)  # one retry on a/x, then b/y
+    second = await rig.gateway.complete(chat(), rig.ctx())
+    assert (second.target, second.attempts) == ("b/y", 2)  # the budget is spent: no retry
+    assert len(rig.a.calls) == 3
 
 
 async def test_circuit_opens_and_the_route_skips_it() -> None:
@@ -242,10 +252,10 @@ async def test_all_circuits_open_is_503_with_retry_after() -> None:
 
 
 async def test_non_retryable_rejection_is_not_failed_over(rig: Rig) -> None:
-    rig.a.script("x", Fail(UpstreamRejected, status=422))
+    rig.a.script("x", Fail(UpstreamRejected, status=400))
     with pytest.raises(UpstreamRejected) as e:
         await rig.gateway.complete(chat(), rig.ctx())
-    assert e.value.status == 422 and e.value.target == "a/x"
+    assert e.value.status == 400 and e.value.target == "a/x"
     assert len(rig.a.calls) == 1 and not rig.b.calls
     assert rig.gateway.health.circuit("a/x").failures == 0  # it answered
 
