@@ -5,9 +5,10 @@ so the gateway pipeline can be driven through failover, retries, circuits and de
 milliseconds. Each call takes the next step of its model's script (then the model's
 default, then :class:`Answer`)::
 
-    Answer(text, frames, prompt_tokens, completion_tokens)  a reply; a stream of ``frames``
-                                                            content chunks, a finish chunk
-                                                            and a usage chunk
+    Answer(text, frames, prompt_tokens, completion_tokens)  a reply with that usage; a
+                                                            stream of ``frames`` content
+                                                            chunks and a finish chunk, the
+                                                            usage left in the meter
     Fail(error_class, retry_after_s=..., status=...)        raise a fresh UpstreamError of
                                                             that class (streams: at the first
                                                             frame, as real providers do)
