@@ -29,7 +29,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnsupported,
 )
-from sidecar.gateway import Context, Gateway, Streaming
+from sidecar.gateway import Context, Ended, Failed, Gateway, Streaming, error_body
 from sidecar.limits.gcra import MemoryRateLimiter
 from sidecar.money.accountant import Accountant
 from sidecar.money.budgets import MemoryBudgetStore
@@ -41,31 +41,27 @@ from tests.support.scripted import Answer, Fail, FailAfter, Hang, ScriptedProvid
 
 async def drain(streaming: Streaming, limit: int | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Read a committed stream: (the chunks relayed, in order; the error event's body, or
-    None when it ended with ``[DONE]``). ``limit``: stop after that many chunks and close
-    the stream (as a client that leaves). Comments (the cost line) are skipped."""
+    """Read a committed stream: (the chunks relayed, in order; the error envelope of its
+    :class:`Failed` event, or None when it :class:`Ended`). ``limit``: stop after that many
+    chunks and close the stream (as a client that leaves)."""
     chunks: list[dict[str, Any]] = []
-    frames = streaming.frames
+    events = streaming.events
     try:
-        async for item in frames:
-            for block in item.split(b"\n\n")[:-1]:
-                assert item.endswith(b"\n\n")
-                if block.startswith(b":"):
-                    continue
+        async for event in events:
+            if isinstance(event, Ended):
+                return chunks, None
+            if isinstance(event, Failed):
+                return chunks, json.loads(error_body(event.error))
+            assert event.frame.endswith(b"\n\n")
+            for block in event.frame.split(b"\n\n")[:-1]:
                 assert block.startswith(b"data: "), block
-                data = block[len(b"data: "):]
-                if data == b"[DONE]":
-                    return chunks, None
-                obj = json.loads(data)
-                if "error" in obj:
-                    return chunks, obj
-                chunks.append(obj)
+                chunks.append(json.loads(block[len(b"data: "):]))
                 if limit is not None and len(chunks) >= limit:
                     return chunks, None
-        raise AssertionError("the stream ended without [DONE] or an error event")
+        raise AssertionError("the stream ended without Ended or Failed")
     finally:
-        if isinstance(frames, AsyncGenerator):
-            await frames.aclose()
+        if isinstance(events, AsyncGenerator):
+            await events.aclose()
 
 
 def text_of(chunks: list[dict[str, Any]]) -> str:
