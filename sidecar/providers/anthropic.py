@@ -47,6 +47,7 @@ from sidecar.types import (
     ChunkChoice,
     Delta,
     FunctionCall,
+    FunctionDelta,
     Message,
     Meter,
     Op,
@@ -478,7 +479,7 @@ class StreamTranslator:
                     args = _encoder.encode(block.input).decode() if block.input else ""
                     if not args:
                         self._no_args.add(i)
-                    function = {"name": block.name, "arguments": args}
+                    function = FunctionDelta(name=block.name, arguments=args)
                     out.append(self._tool_delta(ToolCallDelta(
                         index=n, id=block.id, type="function", function=function)))
             case _BlockDelta(index=i, delta=delta):
@@ -526,7 +527,7 @@ class StreamTranslator:
 
     def _arguments(self, block: int, fragment: str) -> bytes:
         return self._tool_delta(ToolCallDelta(index=self._tools[block],
-                                              function={"arguments": fragment}))
+                                              function=FunctionDelta(arguments=fragment)))
 
 
 def _frame(chunk: ChatChunk) -> bytes:
