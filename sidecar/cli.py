@@ -17,7 +17,9 @@ import msgspec
 
 from sidecar.config import Config, ConfigError, default_config, load_config
 from sidecar.money.budgets import LedgerUnavailable
+from sidecar.providers.sse import SSEDecoder
 from sidecar.redact import MIN_SECRET_LEN, redact_url, short_secrets
+from sidecar.types import ChatChunk, ErrorDetail
 
 DEFAULT_URL = "http://127.0.0.1:8088"
 
@@ -156,7 +158,6 @@ def _chat(url: str, args: argparse.Namespace) -> int:
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     body = {"model": args.model, "stream": True,
             "messages": [{"role": "user", "content": args.text}]}
-    decoder = msgspec.json.Decoder()
     try:
         with httpx.stream("POST", f"{url.rstrip('/')}/v1/chat/completions", json=body,
                           headers=headers, timeout=args.timeout) as resp:
@@ -164,15 +165,13 @@ def _chat(url: str, args: argparse.Namespace) -> int:
                 resp.read()
                 print(f"error: HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
                 return 1
-            for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = decoder.decode(line[6:])
-                if "error" in event:
-                    print(f"\nerror: {event['error'].get('message')}", file=sys.stderr)
-                    return 1
-                for choice in event.get("choices", []):
-                    print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+            events = SSEDecoder()
+            for piece in resp.iter_bytes():
+                for event in events.feed(piece):
+                    error = _print_chunk(event.data)
+                    if error is not None:
+                        print(f"\nerror: {error}", file=sys.stderr)
+                        return 1
             print(f"\n[{resp.headers.get('x-sidecar-target')}]", file=sys.stderr)
     except httpx.ConnectError:
         raise
@@ -181,6 +180,21 @@ def _chat(url: str, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _print_chunk(data: bytes) -> str | None:
+    """Print the content of one stream event's chunk; return the message of an error event
+    (None for any other event)."""
+    if not data or data == b"[DONE]":
+        return None
+    chunk = msgspec.json.decode(data, type=ChatChunk)
+    if isinstance(chunk.error, ErrorDetail):
+        return str(chunk.error.message)
+    if isinstance(chunk.error, str):
+        return chunk.error
+    for choice in chunk.choices or ():
+        print((choice.delta.content if choice.delta else None) or "", end="", flush=True)
+    return None
 
 
 @contextlib.contextmanager

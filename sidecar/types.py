@@ -2,8 +2,10 @@
 
 The OpenAI wire format is the gateway's lingua franca: front ends decode client bodies into
 the request Structs below (which validate types and values), providers answer with OpenAI
-JSON bodies or SSE frames, and the response Structs describe those bodies for the places
-that must look inside them (validation, translation, the gRPC front end).
+JSON bodies or SSE frames, and the answer Structs (chat completion and chunk, text
+completion, embeddings list, error envelope) are those bodies' one declaration: providers
+that translate build them, and the places that must look inside a relayed answer (stream
+validation, the gRPC front end) decode them.
 
 A :class:`Call` keeps the client's original JSON object next to its validated form, so that
 fields the gateway does not model (``tools``, ``response_format``, ``seed``, ``logprobs``,
@@ -255,8 +257,7 @@ class Call(msgspec.Struct, frozen=True):
         return not isinstance(self.request, EmbeddingRequest) and self.request.stream
 
 
-# --- responses ------------------------------------------------------------------------------
-# Fields that OpenAI leaves out when empty are UNSET (never encoded); the rest always are.
+# --- usage and metering ---------------------------------------------------------------------
 
 
 class PromptTokensDetails(msgspec.Struct, omit_defaults=True):
@@ -318,61 +319,167 @@ class Meter:
         return max(self.content_chunks, -(-self.content_chars // 4))
 
 
+# --- answers --------------------------------------------------------------------------------
+# Each OpenAI answer shape is declared once, here, for both directions: providers that
+# translate build them (every field set), and the places that read a relayed answer decode
+# them (the OpenAI provider's stream validation, the gRPC front end). So a field that a
+# provider may leave out or send as null is optional, and a field that only readers need is
+# UNSET by default (never encoded): what the gateway builds encodes as it always did.
+
+
 class ResponseMessage(msgspec.Struct):
-    role: str = "assistant"
+    """A chat choice's ``message``."""
+
+    role: str | None = "assistant"
     content: str | None = None
-    tool_calls: list[ToolCall] | UnsetType = UNSET
+    tool_calls: list[ToolCall] | UnsetType | None = UNSET
+    refusal: str | UnsetType | None = UNSET
 
 
 class Choice(msgspec.Struct):
-    index: int
-    message: ResponseMessage
+    index: int = 0
+    message: ResponseMessage | None = None
     finish_reason: str | None = None
 
 
 class ChatCompletion(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[Choice]
+    """A ``chat.completion``. ``created`` is a number: some providers send floats."""
+
+    id: str | None = None
+    created: float | None = None
+    model: str | None = None
+    choices: list[Choice] | None = None
     usage: Usage | None = None
-    object: str = "chat.completion"
+    object: str | None = "chat.completion"
+
+
+class FunctionDelta(msgspec.Struct, omit_defaults=True):
+    """A tool call's function in a stream chunk: the name once, then argument fragments."""
+
+    name: str | None = None
+    arguments: str | None = None
 
 
 class ToolCallDelta(msgspec.Struct, omit_defaults=True):
-    index: int
+    index: int | UnsetType = UNSET
+    """Always set by the gateway; some providers leave it out (it is 0 then)."""
     id: str | None = None
     type: str | None = None
-    function: dict[str, str] | None = None
+    function: FunctionDelta | None = None
 
 
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    refusal: str | None = None
+    function_call: FunctionDelta | None = None
+    """The legacy form of a tool call, from older servers."""
+
+    @property
+    def has_token(self) -> bool:
+        """Whether this delta carries generated output (text or a tool call)."""
+        return bool(self.content or self.tool_calls or self.function_call)
 
 
 class ChunkChoice(msgspec.Struct):
-    index: int
-    delta: Delta
+    index: int = 0
+    delta: Delta | None = None
     finish_reason: str | None = None
+
+    @property
+    def content_chars(self) -> int:
+        d = self.delta
+        return len(d.content or "") if d is not None else 0
+
+    @property
+    def has_token(self) -> bool:
+        """Whether this choice carries output or its end (not just the role preamble)."""
+        d = self.delta
+        return bool(self.finish_reason or (d is not None and d.has_token))
+
+
+class ErrorDetail(msgspec.Struct):
+    """The inside of OpenAI's error envelope (Anthropic's has ``message`` and ``type`` too).
+    The gateway's own errors set every field; upstream ones may set any."""
+
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+    param: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    """OpenAI's error answer ``{"error": {...}}``; some servers send a bare string."""
+
+    error: ErrorDetail | str | None = None
 
 
 class ChatChunk(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChunkChoice]
+    """A ``chat.completion.chunk``. ``error`` is set only by a stream's error event
+    (``data: {"error": {...}}``), which has no other field."""
+
+    id: str | None = None
+    created: float | None = None
+    model: str | None = None
+    choices: list[ChunkChoice] | None = None
     usage: Usage | UnsetType | None = UNSET
     """OpenAI sends ``"usage": null`` on every chunk but the last when usage is asked for."""
-    object: str = "chat.completion.chunk"
+    object: str | None = "chat.completion.chunk"
+    error: ErrorDetail | str | UnsetType | None = UNSET
+
+
+class TextChoice(msgspec.Struct):
+    """A legacy completion's choice; ``logprobs`` is relayed, never built (null)."""
+
+    index: int = 0
+    text: str | None = None
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+    @property
+    def content_chars(self) -> int:
+        return len(self.text or "")
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self.finish_reason or self.text)
+
+
+class TextCompletion(msgspec.Struct):
+    """A ``text_completion``: a whole answer, or one stream chunk (``error`` as in
+    :class:`ChatChunk`)."""
+
+    id: str | None = None
+    created: float | None = None
+    model: str | None = None
+    choices: list[TextChoice] | None = None
+    usage: Usage | UnsetType | None = UNSET
+    object: str | None = "text_completion"
+    error: ErrorDetail | str | UnsetType | None = UNSET
+
+
+class Embedding(msgspec.Struct):
+    """One vector: a list of floats, or base64 of little-endian float32 when asked."""
+
+    index: int = 0
+    embedding: list[float] | str = []
+    object: str | None = "embedding"
+
+
+class EmbeddingList(msgspec.Struct):
+    data: list[Embedding] = []
+    model: str | None = None
+    usage: Usage | None = None
+    object: str | None = "list"
 
 
 class BodyShape(msgspec.Struct):
     """What every OpenAI-format answer must have; used to reject garbage cheaply.
 
     ``choices`` for chat and completions, ``data`` for embeddings. Unknown fields are
-    ignored, so decoding into this costs little more than scanning the bytes.
+    ignored and the lists' items are not looked into, so decoding into this costs little
+    more than scanning the bytes: non-stream answers are relayed as the provider's bytes.
     """
 
     choices: list[Any] | None = None

@@ -5,10 +5,11 @@ Requests go proto -> the OpenAI-shaped JSON object an HTTP client would send -> 
 so validation, error messages (with the offending field's path) and pass-through of
 unmodelled fields are identical over both front ends.
 
-Answers come back from the gateway as OpenAI JSON bytes (non-stream) or relayed SSE
-frames (streams, read by :class:`ChunkReader`); they are decoded with msgspec into the
-lenient Structs below (every field optional: providers' answers are relayed as they sent
-them, e.g. OpenAI's ``"usage": null`` on every stream chunk) and copied into proto messages.
+Answers come back from the gateway as OpenAI JSON bytes (non-stream) or SSE frames
+(streams); they are decoded with msgspec into the answer Structs of :mod:`sidecar.types`
+(whose fields a provider may leave out or send as null are optional: providers' answers
+are relayed as they sent them, e.g. OpenAI's ``"usage": null`` on every stream chunk) and
+copied into proto messages.
 
 Every function here is pure (no I/O) and raises only :class:`~sidecar.errors.SidecarError`.
 """
@@ -27,7 +28,19 @@ from sidecar.errors import InvalidRequest, UpstreamMalformed
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.money.pricing import format_usd
 from sidecar.providers.sse import SSEDecoder
-from sidecar.types import Call, Op, validate_call
+from sidecar.types import (
+    Call,
+    ChatChunk,
+    ChatCompletion,
+    Delta,
+    EmbeddingList,
+    FunctionDelta,
+    Op,
+    ResponseMessage,
+    ToolCall,
+    Usage,
+    validate_call,
+)
 
 _ROLES = {
     pb.ROLE_SYSTEM: "system",
@@ -180,106 +193,39 @@ def _value(v: struct_pb2.Value) -> Any:
 # --- answers --------------------------------------------------------------------------------
 
 
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
+_chat_decoder = msgspec.json.Decoder(ChatCompletion)
+_chunk_decoder = msgspec.json.Decoder(ChatChunk)
+_embeddings_decoder = msgspec.json.Decoder(EmbeddingList)
 
 
-class _ToolCall(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    """A choice's ``message`` (non-stream) or ``delta`` (stream)."""
-
-    role: str | None = None
-    content: str | None = None
-    refusal: str | None = None
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    message: _Message | None = None
-    delta: _Message | None = None
-    finish_reason: str | None = None
-
-
-class _TokenDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    prompt_tokens_details: _TokenDetails | None = None
-
-
-class _ErrorBody(msgspec.Struct):
-    message: str = "The stream failed."
-    type: str | None = None
-    code: str | int | None = None
-    param: str | None = None
-
-
-class _Answer(msgspec.Struct):
-    """A ``chat.completion``, a ``chat.completion.chunk`` or an error event."""
-
-    id: str | None = None
-    model: str | None = None
-    created: float | None = None
-    choices: list[_Choice] | None = None
-    usage: _Usage | None = None
-    error: _ErrorBody | None = None
-
-
-class _Vector(msgspec.Struct):
-    index: int = 0
-    embedding: list[float] | str = []
-
-
-class _Embeddings(msgspec.Struct):
-    data: list[_Vector] = []
-    model: str | None = None
-    usage: _Usage | None = None
-
-
-_answer_decoder = msgspec.json.Decoder(_Answer)
-_embeddings_decoder = msgspec.json.Decoder(_Embeddings)
-
-
-def _fill_usage(out: pb.Usage, u: _Usage) -> None:
-    out.prompt_tokens = u.prompt_tokens or 0
-    out.completion_tokens = u.completion_tokens or 0
-    out.total_tokens = u.total_tokens or 0
+def _fill_usage(out: pb.Usage, u: Usage) -> None:
+    out.prompt_tokens = u.prompt_tokens
+    out.completion_tokens = u.completion_tokens
+    out.total_tokens = u.total_tokens
     if u.prompt_tokens_details is not None:
-        out.cached_tokens = u.prompt_tokens_details.cached_tokens or 0
+        out.cached_tokens = u.cached_tokens
 
 
-def _tool_call(c: _ToolCall) -> pb.ToolCall:
-    f = c.function or _Function()
-    return pb.ToolCall(id=c.id or "",
-                       function=pb.FunctionCall(name=f.name or "", arguments=f.arguments or ""))
+def _tool_call(c: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=c.id, function=pb.FunctionCall(name=c.function.name,
+                                                         arguments=c.function.arguments))
 
 
 def chat_response(body: bytes, target: str) -> pb.ChatResponse:
     """A non-stream chat answer (OpenAI JSON) as a :class:`pb.ChatResponse` (the
     sidecar's own fields are left to the caller). Raises :class:`UpstreamMalformed`."""
     try:
-        a = _answer_decoder.decode(body)
+        a = _chat_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise UpstreamMalformed(f"{target} sent an answer that cannot be translated",
                                 target=target) from None
     out = pb.ChatResponse(id=a.id or "", model=a.model or "", created=int(a.created or 0))
     for c in a.choices or ():
-        m = c.message or _Message()
+        m = c.message or ResponseMessage()
         choice = out.choices.add(index=c.index, finish_reason=c.finish_reason or "")
         if m.content is not None:
             choice.message.content = m.content
-        if m.refusal is not None:
+        if isinstance(m.refusal, str):
             choice.message.refusal = m.refusal
         if m.tool_calls:
             choice.message.tool_calls.extend(_tool_call(t) for t in m.tool_calls)
@@ -344,7 +290,7 @@ class ChunkReader:
 
     def _chunk(self, data: bytes) -> pb.ChatChunk:
         try:
-            a = _answer_decoder.decode(data)
+            a = _chunk_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise UpstreamMalformed(f"{self._target} sent a stream event that cannot be "
                                     "translated", target=self._target) from None
@@ -353,7 +299,7 @@ class ChunkReader:
         self._created = int(a.created or self._created)
         out = pb.ChatChunk(id=self._id, model=self._model, created=self._created)
         for c in a.choices or ():
-            d = c.delta or _Message()
+            d = c.delta or Delta()
             choice = out.choices.add(index=c.index, finish_reason=c.finish_reason or "")
             delta = choice.delta
             if d.role:
@@ -363,9 +309,9 @@ class ChunkReader:
             if d.refusal is not None:
                 delta.refusal = d.refusal
             for t in d.tool_calls or ():
-                f = t.function or _Function()
-                delta.tool_calls.add(index=t.index, id=t.id or "", name=f.name or "",
+                f = t.function or FunctionDelta()
+                delta.tool_calls.add(index=t.index or 0, id=t.id or "", name=f.name or "",
                                      arguments=f.arguments or "")
-        if a.usage is not None:
+        if isinstance(a.usage, Usage):
             _fill_usage(out.usage, a.usage)
         return out

@@ -38,7 +38,7 @@ from sidecar.errors import (
     rejected,
 )
 from sidecar.providers.transport import PooledTransport
-from sidecar.types import Call, Meter, Op, Usage
+from sidecar.types import Call, ErrorDetail, ErrorEnvelope, Meter, Op, Usage
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -203,18 +203,7 @@ def exhausted_for_s(headers: httpx.Headers, now: float | None = None) -> float |
     return None
 
 
-class _ErrorDetail(msgspec.Struct):
-    message: str | None = None
-    type: str | None = None
-    code: str | int | None = None
-    param: str | None = None
-
-
-class _ErrorBody(msgspec.Struct):
-    error: _ErrorDetail | str | None = None
-
-
-_error_decoder = msgspec.json.Decoder(_ErrorBody)
+_error_decoder = msgspec.json.Decoder(ErrorEnvelope)
 
 
 def status_error(status: int, body: bytes, headers: httpx.Headers, target: str) -> UpstreamError:
@@ -229,7 +218,7 @@ def status_error(status: int, body: bytes, headers: httpx.Headers, target: str) 
         detail = _error_decoder.decode(body).error
     except (msgspec.DecodeError, msgspec.ValidationError):
         detail = None
-    if isinstance(detail, _ErrorDetail):
+    if isinstance(detail, ErrorDetail):
         message = detail.message or detail.type or message
         code = str(detail.code) if detail.code is not None else detail.type
         param = detail.param

@@ -50,10 +50,14 @@ from sidecar.types import (
     ChunkChoice,
     CompletionRequest,
     Delta,
+    Embedding,
+    EmbeddingList,
     EmbeddingRequest,
     Meter,
     Op,
     ResponseMessage,
+    TextChoice,
+    TextCompletion,
     Usage,
 )
 
@@ -74,35 +78,6 @@ _UNSUPPORTED_FIELDS = ("tools", "functions", "logprobs", "top_logprobs", "logit_
                        "audio", "prediction")
 
 _encoder = msgspec.json.Encoder()
-
-
-class _TextChoice(msgspec.Struct):
-    index: int
-    text: str
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class _TextCompletion(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[_TextChoice]
-    usage: Usage | msgspec.UnsetType = msgspec.UNSET
-    object: str = "text_completion"
-
-
-class _Embedding(msgspec.Struct):
-    index: int
-    embedding: list[float] | str
-    object: str = "embedding"
-
-
-class _EmbeddingList(msgspec.Struct):
-    data: list[_Embedding]
-    model: str
-    usage: Usage
-    object: str = "list"
 
 
 class _Job(msgspec.Struct, frozen=True):
@@ -162,12 +137,12 @@ class LocalProvider:
         assert done is not None
         usage = _usage(done)
         text, reason, rid, created = "".join(parts), done.finish_reason, _id(call), int(time.time())
-        body: Any
+        body: ChatCompletion | TextCompletion
         if call.op is Op.CHAT:
             body = ChatCompletion(rid, created, model,
                                   [Choice(0, ResponseMessage(content=text), reason)], usage)
         else:
-            body = _TextCompletion(rid, created, model, [_TextChoice(0, text, reason)], usage)
+            body = TextCompletion(rid, created, model, [TextChoice(0, text, reason)], usage)
         return Reply(_encoder.encode(body), usage)
 
     async def stream(self, call: Call, model: str, timeout_s: float,
@@ -181,12 +156,12 @@ class LocalProvider:
 
         def frame(text: str | None, reason: str | None) -> bytes:
             nonlocal first
-            body: Any
+            body: ChatChunk | TextCompletion
             if chat:
                 delta = Delta(role="assistant" if first else None, content=text)
                 body = ChatChunk(rid, created, model, [ChunkChoice(0, delta, reason)])
             else:
-                body = _TextCompletion(rid, created, model, [_TextChoice(0, text or "", reason)])
+                body = TextCompletion(rid, created, model, [TextChoice(0, text or "", reason)])
             first = False
             return b"data: " + _encoder.encode(body) + b"\n\n"
 
@@ -199,8 +174,9 @@ class LocalProvider:
                     out = frame(None if chat else "", item.finish_reason)
                     if job.include_usage:
                         usage = _usage(item)
-                        tail: Any = (ChatChunk(rid, created, model, [], usage) if chat
-                                     else _TextCompletion(rid, created, model, [], usage))
+                        tail: ChatChunk | TextCompletion = (
+                            ChatChunk(rid, created, model, [], usage) if chat
+                            else TextCompletion(rid, created, model, [], usage))
                         out += b"data: " + _encoder.encode(tail) + b"\n\n"
                     yield out
 
@@ -229,12 +205,12 @@ class LocalProvider:
             result = await self.pool.embed(model, [str(i) for i in inputs])
         b64 = req.encoding_format == "base64"
         data = [
-            _Embedding(i, base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+            Embedding(i, base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
                        if b64 else list(v))
             for i, v in enumerate(result.vectors)
         ]
         usage = Usage(result.prompt_tokens, 0, result.prompt_tokens)
-        return Reply(_encoder.encode(_EmbeddingList(data, model, usage)), usage)
+        return Reply(_encoder.encode(EmbeddingList(data, model, usage)), usage)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

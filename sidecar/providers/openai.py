@@ -10,50 +10,30 @@ import re
 from collections.abc import AsyncGenerator
 
 import msgspec
+from msgspec import UNSET
 
 from sidecar.config import OpenAIProvider as OpenAIConfig
 from sidecar.errors import UpstreamMalformed, UpstreamServerError, UpstreamUnreachable
 from sidecar.providers.base import Reply, Upstream, check_shape, check_usage
 from sidecar.providers.sse import SSEDecoder
-from sidecar.types import BodyShape, Call, EmbeddingRequest, Meter, Op, Usage
+from sidecar.types import (
+    BodyShape,
+    Call,
+    ChatChunk,
+    EmbeddingRequest,
+    Meter,
+    Op,
+    TextCompletion,
+    Usage,
+)
 
 _DONE = b"[DONE]"
-
-
-class _DeltaShape(msgspec.Struct):
-    content: str | None = None
-    tool_calls: list[object] | None = None
-    function_call: object = None
-
-
-class _ChoiceEnd(msgspec.Struct):
-    finish_reason: str | None = None
-    delta: _DeltaShape | None = None
-    text: str | None = None  # legacy completions
-
-    @property
-    def content_chars(self) -> int:
-        d = self.delta
-        return len(self.text or "") + len((d.content or "") if d is not None else "")
-
-    @property
-    def has_token(self) -> bool:
-        d = self.delta
-        return bool(
-            self.finish_reason or self.text
-            or (d is not None and (d.content or d.tool_calls or d.function_call))
-        )
-
-
-class _ChunkShape(msgspec.Struct):
-    choices: list[_ChoiceEnd] | None = None
-    usage: Usage | None = None
-    error: object = None
-
-
 _REASONING = re.compile(r"^(o\d|gpt-5)")
 _body_decoder = msgspec.json.Decoder(BodyShape)
-_chunk_decoder = msgspec.json.Decoder(_ChunkShape)
+# Stream events are checked against their op's answer shape: chat chunks (deltas), or
+# text completion chunks (text).
+_chat_chunk_decoder = msgspec.json.Decoder(ChatChunk)
+_text_chunk_decoder = msgspec.json.Decoder(TextCompletion)
 _encoder = msgspec.json.Encoder()
 
 
@@ -117,14 +97,14 @@ class OpenAICompatible:
                         break
                     if not event.data:
                         continue
-                    shape = _check_chunk(event.data, target)
+                    shape = _check_chunk(call.op, event.data, target)
                     chars = sum(c.content_chars for c in shape.choices or ())
                     if chars:
                         meter.content_chunks += 1
                         meter.content_chars += chars
                     started |= any(c.has_token for c in shape.choices or ())
                     finished |= any(c.finish_reason for c in shape.choices or ())
-                    if shape.usage is not None:
+                    if isinstance(shape.usage, Usage):  # not UNSET or null
                         check_usage(shape.usage, target, meter)
                         meter.usage = shape.usage
                         started = True
@@ -145,13 +125,16 @@ class OpenAICompatible:
         await self._http.aclose()
 
 
-def _check_chunk(data: bytes, target: str) -> _ChunkShape:
-    """Validate one stream event."""
+def _check_chunk(op: Op, data: bytes, target: str) -> ChatChunk | TextCompletion:
+    """Validate one stream event of ``op``: a chunk with ``choices``. Raises
+    :class:`UpstreamServerError` for an error event, :class:`UpstreamMalformed` for
+    anything else."""
     try:
-        shape = _chunk_decoder.decode(data)
+        decoder = _text_chunk_decoder if op is Op.COMPLETIONS else _chat_chunk_decoder
+        shape = decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise UpstreamMalformed(f"{target} sent an invalid stream event", target=target) from None
-    if shape.error is not None:
+    if shape.error is not None and shape.error is not UNSET:
         raise UpstreamServerError(f"{target} reported an error mid-stream", target=target)
     if shape.choices is None:
         raise UpstreamMalformed(f"{target} sent a stream event without 'choices'", target=target)

@@ -21,8 +21,9 @@ from tests.support.fake_provider import (
     reset,
     slow_drip,
     status,
+    stream_error,
 )
-from tests.support.process import SidecarProcess, closed_port
+from tests.support.process import SidecarProcess, closed_port, run_cli
 
 CONFIG = """
 [server]
@@ -554,6 +555,26 @@ def test_health_endpoints(sidecar: SidecarProcess) -> None:
     assert httpx.get(sidecar.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(sidecar.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+# --- the chat command -----------------------------------------------------------------------
+
+
+def test_chat_command_prints_the_stream(sidecar: SidecarProcess, fp: FakeProvider) -> None:
+    fp.script("only", ok("Hello there, friend", chunks=4))
+    res = run_cli("chat", "hi", "--model", "single", "--url", sidecar.url)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "Hello there, friend"
+    assert res.stderr.endswith("\n[p1/only]\n")
+
+
+def test_chat_command_reports_a_stream_error(sidecar: SidecarProcess, fp: FakeProvider) -> None:
+    fp.script("only", stream_error(after_chunks=2))
+    res = run_cli("chat", "hi", "--model", "single", "--url", sidecar.url)
+    assert res.returncode == 1
+    assert res.stdout  # the chunks before the error
+    error = res.stderr.splitlines()[-1]
+    assert error.startswith("error: ") and "p1/only" in error
 
 
 # --- auth, circuit breaking and shutdown, each on its own sidecar ------------------------

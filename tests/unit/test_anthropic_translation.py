@@ -1,4 +1,5 @@
-"""Unit tests of the pure OpenAI <-> Anthropic translation in sidecar.providers.anthropic."""
+"""Unit tests of the pure OpenAI <-> Anthropic translation in sidecar.providers.anthropic
+(requests) and sidecar.providers.anthropic_answers (answers, streams)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,8 @@ from sidecar.errors import (
     UpstreamServerError,
     UpstreamUnsupported,
 )
-from sidecar.providers.anthropic import (
-    StreamTranslator,
-    build_request,
-    finish_reason,
-    translate_message,
-)
+from sidecar.providers.anthropic import build_request
+from sidecar.providers.anthropic_answers import StreamTranslator, finish_reason, translate_message
 from sidecar.types import ChatChunk, ChatRequest
 
 TARGET = "claude/claude-test"
