@@ -37,12 +37,16 @@ class Op(enum.Enum):
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
-class FunctionCall(msgspec.Struct, omit_defaults=True):
+class FunctionCall(msgspec.Struct):
+    """Always encoded whole: OpenAI's clients read ``arguments`` even when it is empty."""
+
     name: str
     arguments: str = ""
 
 
-class ToolCall(msgspec.Struct, omit_defaults=True):
+class ToolCall(msgspec.Struct):
+    """Always encoded with its ``type`` (OpenAI's format has it on every tool call)."""
+
     id: str
     function: FunctionCall
     type: str = "function"

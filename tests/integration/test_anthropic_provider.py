@@ -125,6 +125,8 @@ async def test_send_tool_call(provider: AnthropicMessages, fake: FakeProvider):
     assert call.id.startswith("toolu_")
     assert call.function.name == "search"
     assert json.loads(call.function.arguments) == {"query": "weather in Paris"}
+    [raw] = json.loads(reply.body)["choices"][0]["message"]["tool_calls"]
+    assert raw["type"] == "function"  # OpenAI's format has it on every tool call
 
     body = fake.requests()[0]["body"]
     assert body["tools"][0]["input_schema"]["properties"] == {"query": {"type": "string"}}
