@@ -52,9 +52,16 @@ import msgspec
 import openai
 from harness import SIDECAR_READY, choices, exit_on_sigterm, log, running
 
-from local_models.catalog import ModelSpec, build_catalog
-from local_models.pool import InvalidRequest, LocalError, ModelPool, PoolSettings
-from local_models.protocol import ChatMessage, Sampling
+from local_models import (
+    ChatMessage,
+    InvalidRequest,
+    LocalError,
+    ModelPool,
+    ModelSpec,
+    PoolSettings,
+    Sampling,
+    build_catalog,
+)
 from tests.support.fake_provider import FakeProvider, hang
 
 SECTIONS = ("routing", "local", "fuzz")

@@ -1,5 +1,72 @@
-"""Local GGUF inference (llama-cpp-python in supervised worker processes).
+"""Local GGUF inference: llama.cpp in one supervised worker process per loaded model.
 
-Imports nothing from ``sidecar``. The catalog, worker and pool arrive with the local
-inference issue; this package exists now so the layout is fixed.
+The public face; ``sidecar`` imports through it. This package imports nothing from
+``sidecar``, and importing it loads no native library (llama.cpp is imported by the worker
+process, and by :func:`gpu_offload_supported` when called).
+
+    catalog.py        which models exist and what each needs: ``build_catalog`` -> ``Catalog``
+                      of ``CatalogEntry`` (``ModelSpec``, GGUF facts, memory estimate)
+    gguf.py           GGUF header and metadata reader (never tensor data)
+    chat_template.py  the models' chat templates in a sandboxed Jinja environment
+    limits.py         pure bounds on one request's work, checked before a worker sees it
+    eviction.py       ``plan_load``: pure choice of the idle models to unload for a load
+    state.py          ``ModelState`` and ``next_state``: one model's life, a pure machine
+    priority.py       niceness / CPU set / autogroup of worker processes
+    protocol.py       the frames between the pool and a worker (``ChatMessage``,
+                      ``Sampling``, ``Done``, ...)
+    workers.py        one worker process seen from the gateway: spawn, handshake, frames,
+                      death -> ``WorkerCrashed`` / ``WorkerLost``
+    pool.py           ``ModelPool``: load on use, admission, eviction, idle unload, status
+    errors.py         every error the pool raises (``LocalError`` and its subclasses)
+    worker.py         the worker process itself (``python -m local_models.worker``)
+    backend.py        facts about the installed llama.cpp build
 """
+
+from local_models.backend import gpu_offload_supported
+from local_models.catalog import (
+    Catalog,
+    CatalogEntry,
+    CatalogError,
+    MemoryEstimate,
+    ModelSpec,
+    build_catalog,
+)
+from local_models.errors import (
+    InvalidRequest,
+    LocalError,
+    ModelUnavailable,
+    NoRoom,
+    Overloaded,
+    UnknownModel,
+    WorkerCrashed,
+    WorkerLost,
+)
+from local_models.pool import ModelPool, ModelStatus, PoolSettings
+from local_models.protocol import ChatMessage, Done, Embeddings, Sampling
+from local_models.state import ModelState
+
+__all__ = [
+    "Catalog",
+    "CatalogEntry",
+    "CatalogError",
+    "ChatMessage",
+    "Done",
+    "Embeddings",
+    "InvalidRequest",
+    "LocalError",
+    "MemoryEstimate",
+    "ModelPool",
+    "ModelSpec",
+    "ModelState",
+    "ModelStatus",
+    "ModelUnavailable",
+    "NoRoom",
+    "Overloaded",
+    "PoolSettings",
+    "Sampling",
+    "UnknownModel",
+    "WorkerCrashed",
+    "WorkerLost",
+    "build_catalog",
+    "gpu_offload_supported",
+]

@@ -29,84 +29,60 @@ Contract:
   decode step (an embedding stops before its next input).
 * Models idle for ``idle_unload_s`` are unloaded by a background task;
   :meth:`ModelPool.unload_idle` unloads idle ones at once (the host needs its memory).
-* :meth:`ModelPool.status` reports, per model, measured speed for routing: EWMAs (weight
-  0.2, the first sample sets them) of time to first token, per-sequence decode speed and
-  completion length over generations that ended normally (not cancelled, not failed),
-  of request duration over every request, and the duration of the last successful load.
+* Each model is in one :class:`~local_models.state.ModelState` (stopped, loading, ready,
+  unloading, failed), moved only by :func:`~local_models.state.next_state`; ``loading``
+  covers the load while it holds the pool's load lock (making room included).
+* :meth:`ModelPool.status` reports, per model, its state and measured speed for routing:
+  EWMAs (weight 0.2, the first sample sets them) of time to first token, per-sequence decode
+  speed and completion length over generations that ended normally (not cancelled, not
+  failed), of request duration over every request, and the duration of the last successful
+  load.
 * :meth:`ModelPool.set_priority` sets the niceness and CPU set of every thread of every
-  worker (on Linux both are per thread; llama.cpp's threads exist once it has loaded and
-  decoded), and the niceness of the worker's scheduler autogroup (each worker leads its own
-  session; with autogroups on, only the group's niceness weighs against other sessions),
-  now and for workers started later. Failures are logged once per distinct
-  message on the ``local_models.pool`` logger, never raised.
+  worker and the niceness of its scheduler autogroup (:mod:`local_models.priority`), and
+  the number of llama.cpp decode threads, now and for workers started later. Failures are
+  logged once per distinct message on the ``local_models.pool`` logger, never raised.
 
-All errors raised are :class:`LocalError` subclasses; the gateway translates them once.
+All errors raised are :class:`~local_models.errors.LocalError` subclasses
+(:mod:`local_models.errors`); the gateway translates them once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import itertools
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
 import psutil
 
-from local_models import limits
+from local_models import limits, priority, workers
 from local_models import protocol as p
 from local_models.catalog import CatalogEntry
+from local_models.errors import (
+    InvalidRequest,
+    LocalError,
+    ModelUnavailable,
+    NoRoom,
+    Overloaded,
+    UnknownModel,
+)
 from local_models.eviction import LoadPlan, Resident, plan_load
+from local_models.priority import Baseline, Priority
+from local_models.state import Event, ModelState, next_state
+from local_models.workers import Answer, Worker
+
+__all__ = ["ModelPool", "ModelStatus", "PoolSettings"]
 
 log = logging.getLogger(__name__)
 
 _EWMA_WEIGHT = 0.2
-
-
-class LocalError(Exception):
-    """Base of every error the pool raises."""
-
-
-class UnknownModel(LocalError):
-    pass
-
-
-class InvalidRequest(LocalError):
-    """The model cannot serve this request as asked (too long, template refused it)."""
-
-
-class ModelUnavailable(LocalError):
-    """The model cannot be loaded (bad file, worker failed to start; :class:`NoRoom`: no
-    memory for it now)."""
-
-
-class NoRoom(ModelUnavailable):
-    """The model does not fit the memory budget or the free memory above the floor now;
-    it may once other models finish or the host frees memory."""
-
-
-class WorkerCrashed(LocalError):
-    """The worker died or failed internally while serving the request."""
-
-
-class WorkerLost(WorkerCrashed):
-    """The worker died under this request, and another request already reported that same
-    death as :class:`WorkerCrashed`."""
-
-
-class Overloaded(LocalError):
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class PoolSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,10 +101,13 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True):
     """argv of a worker; empty means ``python -m local_models.worker``."""
 
 
-class ModelStatus(msgspec.Struct, frozen=True):
+class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     name: str
+    state: ModelState
     loaded: bool
+    """``state`` is ready: a live worker serves the model."""
     pid: int | None
+    """The worker's, while the pool holds one (a dead one until it is reaped)."""
     in_flight: int
     queued: int
     estimated_bytes: int
@@ -149,103 +128,19 @@ class ModelStatus(msgspec.Struct, frozen=True):
     """Niceness requested for the worker's threads; None: the gateway's own (baseline)."""
 
 
-_Answer = tuple[float, p.FromWorker]
-"""A worker's answer and when it arrived (``time.monotonic``)."""
-
-
-class _Worker:
-    """A running worker process and the per-request queues of its answers."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        self.name = name
-        self.proc = proc
-        self.loaded: p.Loaded | None = None
-        self.streams: dict[int, asyncio.Queue[_Answer | None]] = {}
-        self.control: asyncio.Queue[p.FromWorker | None] = asyncio.Queue()
-        self.alive = True
-        self.death_reported = False
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
-        self.tasks = [
-            asyncio.create_task(self._read(), name=f"local-{name}-reader"),
-            asyncio.create_task(self._relay_stderr(), name=f"local-{name}-stderr"),
-        ]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, message: p.ToWorker) -> None:
-        if self.alive and self.proc.stdin is not None and not self.proc.stdin.is_closing():
-            self.proc.stdin.write(p.frame(message))
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        reader = self.proc.stdout
-        try:
-            while True:
-                header = await reader.readexactly(p.HEADER.size)
-                (size,) = p.HEADER.unpack(header)
-                if size > p.MAX_FRAME:
-                    break
-                msg = p.from_worker_decoder.decode(await reader.readexactly(size))
-                rid = getattr(msg, "id", None)
-                if rid is None:
-                    self.control.put_nowait(msg)
-                elif (stream := self.streams.get(rid)) is not None:
-                    # stamped here, not when the consumer takes it: speed is the worker's
-                    stream.put_nowait((time.monotonic(), msg))
-        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError,
-                msgspec.ValidationError):
-            pass
-        finally:
-            self.alive = False
-            self.control.put_nowait(None)
-            for stream in self.streams.values():
-                stream.put_nowait(None)
-
-    async def _relay_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            self.stderr_tail.append(line)
-            print(f"[local {self.name}] {line}", file=sys.stderr, flush=True)
-
-    async def death(self) -> str:
-        """Wait for the process to exit and describe how it ended."""
-        rc = await self.proc.wait()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if rc < 0:
-            with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(-rc).name}"
-        return f"exit status {rc}"
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        if self.proc.returncode is None:
-            self.send(p.Shutdown())
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), grace_s)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 @dataclass(eq=False)
 class _Model:
     entry: CatalogEntry
-    worker: _Worker | None = None
-    loading: asyncio.Future[_Worker] | None = None
+    state: ModelState = field(init=False)
+    worker: Worker | None = None
+    """The ready state's worker; after it exits on its own, the dead one until reaped."""
+    loading: asyncio.Future[Worker] | None = None
+    """The load requested and not yet finished, shared by every request waiting for it."""
     in_flight: int = 0
     queued: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    failed: str | None = None
+    error: str | None = None
+    """Why the last load failed; cleared by a successful load."""
     failed_at: float = 0.0
     avg_duration_s: float | None = None
     ttft_s: float | None = None
@@ -256,6 +151,11 @@ class _Model:
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.n_parallel)
+        # a broken catalog entry never loads
+        self.state = ModelState.STOPPED if self.entry.error is None else ModelState.FAILED
+
+    def advance(self, event: Event) -> None:
+        self.state = next_state(self.state, event)
 
     @property
     def estimate(self) -> int:
@@ -294,12 +194,9 @@ class ModelPool:
         self._threads = (settings.n_threads or psutil.cpu_count(logical=False)
                          or os.cpu_count() or 1)
         self._available_memory = available_memory or _available_memory
-        self._workers: set[_Worker] = set()  # every started worker, loading ones included
-        self._nice: int | None = None
-        self._cpus: tuple[int, ...] | None = None
-        self._decode_threads: int | None = None
-        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)
-        self._base_cpus = tuple(sorted(os.sched_getaffinity(0)))
+        self._workers: set[Worker] = set()  # every started worker, loading ones included
+        self._priority = Priority()
+        self._baseline = Baseline.of_this_process()
         self._logged: set[str] = set()
 
     def names(self) -> list[str]:
@@ -323,13 +220,13 @@ class ModelPool:
 
     def _status(self, m: _Model) -> ModelStatus:
         return ModelStatus(
-            name=m.entry.name, loaded=m.worker is not None and m.worker.alive,
+            name=m.entry.name, state=m.state, loaded=m.state is ModelState.READY,
             pid=m.worker.pid if m.worker is not None else None,
             in_flight=m.in_flight, queued=m.queued, estimated_bytes=m.estimate,
-            last_error=m.failed or m.entry.error, n_parallel=m.n_parallel,
+            last_error=m.error or m.entry.error, n_parallel=m.n_parallel,
             ttft_s=m.ttft_s, decode_tps=m.decode_tps,
             avg_completion_tokens=m.avg_completion_tokens,
-            avg_duration_s=m.avg_duration_s, load_s=m.load_s, nice=self._nice,
+            avg_duration_s=m.avg_duration_s, load_s=m.load_s, nice=self._priority.nice,
         )
 
     def set_priority(self, nice: int | None, cpus: Sequence[int] | None,
@@ -343,9 +240,7 @@ class ModelPool:
         niceness and CPU set when the pool was built. Never raises: failures (lowering
         niceness without CAP_SYS_NICE, an invalid CPU id, a worker that exited meanwhile)
         are logged once per distinct message. Does not block."""
-        self._nice = nice
-        self._cpus = tuple(cpus) if cpus is not None else None
-        self._decode_threads = threads
+        self._priority = Priority.of(nice, cpus, threads)
         self._workers = {w for w in self._workers if w.proc.returncode is None}
         for worker in self._workers:
             self._apply_priority(worker)
@@ -390,7 +285,7 @@ class ModelPool:
                     limits.clamp_max_tokens(max_tokens), tuple(stop), sampling,
                 ))
                 while True:
-                    arrived, msg = _unpack(await answers.get())
+                    arrived, msg = workers.unpack(await answers.get())
                     if isinstance(msg, p.Tokens):
                         if first is None:
                             first = arrived
@@ -403,7 +298,7 @@ class ModelPool:
                                                     msg.completion_tokens)
                         yield msg
                         return
-                    raise await _failure(name, worker, msg)
+                    raise await worker.failure(msg)
             finally:
                 if not finished:
                     worker.send(p.Cancel(rid))
@@ -415,13 +310,13 @@ class ModelPool:
         async with self._request(name) as (_, worker, rid, answers):
             try:
                 worker.send(p.Embed(rid, tuple(inputs)))
-                _, msg = _unpack(await answers.get())
+                _, msg = workers.unpack(await answers.get())
             except BaseException:  # cancelled or past its deadline: stop the worker's part
                 worker.send(p.Cancel(rid))
                 raise
             if isinstance(msg, p.Embeddings):
                 return msg
-            raise await _failure(name, worker, msg)
+            raise await worker.failure(msg)
 
     def _n_ctx(self, name: str) -> int:
         """The context per sequence a request of ``name`` must fit: the loaded worker's, else
@@ -433,7 +328,7 @@ class ModelPool:
 
     @contextlib.asynccontextmanager
     async def _request(self, name: str) -> AsyncIterator[
-            tuple[_Model, _Worker, int, asyncio.Queue[_Answer | None]]]:
+            tuple[_Model, Worker, int, asyncio.Queue[Answer | None]]]:
         """Admission, a loaded worker, a request id and the queue of its answers; the
         slot is freed and the queue dropped however the request ends."""
         model = self._model(name)
@@ -442,7 +337,7 @@ class ModelPool:
         try:
             worker = await self._ensure_loaded(model)
             rid = next(self._ids)
-            answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
+            answers: asyncio.Queue[Answer | None] = asyncio.Queue()
             worker.streams[rid] = answers
             try:
                 yield model, worker, rid, answers
@@ -483,31 +378,43 @@ class ModelPool:
 
     # --- loading and unloading ----------------------------------------------------------
 
-    async def _ensure_loaded(self, model: _Model) -> _Worker:
-        if model.worker is not None and model.worker.alive:
+    async def _ensure_loaded(self, model: _Model) -> Worker:
+        if model.state is ModelState.READY:
+            assert model.worker is not None
             return model.worker
         if model.loading is None:
             since = time.monotonic() - model.failed_at
-            if model.failed and since < self.settings.retry_failed_load_s:
-                raise ModelUnavailable(model.failed)
+            if (model.state is ModelState.FAILED and model.error is not None
+                    and since < self.settings.retry_failed_load_s):
+                raise ModelUnavailable(model.error)
             model.loading = asyncio.ensure_future(self._load(model))
             model.loading.add_done_callback(lambda f: _loaded(model, f))
         return await asyncio.shield(model.loading)
 
-    async def _load(self, model: _Model) -> _Worker:
+    async def _load(self, model: _Model) -> Worker:
         async with self._load_lock:
             if model.worker is not None:
                 await self._unload(model)  # a dead worker: reap it before starting anew
-            # No room is not a failed load: once the busy models finish, it may load.
-            await self._make_room(model)
+            model.advance(Event.LOAD)
             try:
-                worker = await self._spawn(model)
-            except LocalError as e:
-                model.failed, model.failed_at = str(e), time.monotonic()
+                # No room is not a failed load: once the busy models finish, it may load.
+                await self._make_room(model)
+                try:
+                    worker = await self._spawn(model)
+                except LocalError as e:
+                    model.error, model.failed_at = str(e), time.monotonic()
+                    model.advance(Event.LOAD_FAILED)
+                    raise
+            except BaseException:
+                if model.state is ModelState.LOADING:  # no room, cancelled: no verdict
+                    model.advance(Event.LOAD_ABANDONED)
                 raise
-            model.failed = None
+            model.error = None
             model.worker = worker
             model.last_used = time.monotonic()
+            model.advance(Event.LOADED)
+            if not worker.alive:  # it died between its answer and now
+                model.advance(Event.WORKER_EXITED)
             return worker
 
     async def _make_room(self, model: _Model) -> None:
@@ -530,7 +437,8 @@ class ModelPool:
                 continue
             busy = not may_unload or not _idle(m)  # only an idle model's RSS is ever counted
             residents.append(Resident(m.entry.name, m.estimate,
-                                      0 if busy else _rss(m.worker.pid), busy, m.last_used))
+                                      0 if busy else workers.rss(m.worker.pid), busy,
+                                      m.last_used))
         return plan_load(
             model.entry.name, model.estimate,
             budget_bytes=self.settings.memory_budget_bytes,
@@ -539,104 +447,59 @@ class ModelPool:
             residents=residents,
         )
 
-    async def _spawn(self, model: _Model) -> _Worker:
+    async def _spawn(self, model: _Model) -> Worker:
         entry = model.entry
         argv = self.settings.worker_command or (sys.executable, "-m", "local_models.worker")
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches the gateway only
-        )
-        worker = _Worker(entry.name, proc)
+        worker = await workers.start(entry.name, argv,
+                                     functools.partial(_worker_exited, model))
         self._workers.add(worker)
-        if self._priority_set:
+        if self._priority.requested:
             self._apply_priority(worker)  # threads it starts from now on inherit it
-        worker.send(p.Load(
+        load = p.Load(
             path=entry.path,
             n_ctx=entry.spec.n_ctx,
             n_parallel=model.n_parallel,
             n_gpu_layers=entry.spec.n_gpu_layers,
             n_threads=self._threads,
             n_layers=entry.info.n_layers if entry.info is not None else 0,
-        ))
-        try:
-            async with asyncio.timeout(self.settings.load_timeout_s):
-                answer = await worker.control.get()
-        except TimeoutError:
-            self._workers.discard(worker)
-            await worker.stop(grace_s=0)
-            raise ModelUnavailable(
-                f"{entry.path}: loading took longer than {self.settings.load_timeout_s:g} s"
-            ) from None
-        if isinstance(answer, p.Loaded):
-            worker.loaded = answer
-            model.load_s = time.monotonic() - started
-            if self._priority_set:
-                self._apply_priority(worker)  # threads started before the first application
-            return worker
-        self._workers.discard(worker)
-        await worker.stop(grace_s=1.0)
-        if isinstance(answer, p.LoadFailed):
-            raise ModelUnavailable(answer.message)
-        detail = next((line for line in reversed(worker.stderr_tail) if line.strip()), "")
-        raise ModelUnavailable(
-            f"{entry.path}: the worker stopped while loading ({await _how(worker)})"
-            + (f": {detail}" if detail else "")
         )
+        try:
+            await worker.handshake(load, self.settings.load_timeout_s)
+        except ModelUnavailable:
+            self._workers.discard(worker)
+            raise
+        model.load_s = time.monotonic() - started
+        if self._priority.requested:
+            self._apply_priority(worker)  # threads started before the first application
+        return worker
 
     async def _unload(self, model: _Model) -> None:
+        """Stop the model's worker (a ready one: through unloading to stopped; a dead one
+        is only reaped)."""
         worker, model.worker = model.worker, None
-        if worker is not None:
-            self._workers.discard(worker)
+        if worker is None:
+            return
+        stopping = model.state is ModelState.READY
+        if stopping:
+            model.advance(Event.UNLOAD)
+        self._workers.discard(worker)
+        try:
             await worker.stop()
+        finally:
+            if stopping:
+                model.advance(Event.UNLOADED)
 
     # --- CPU priority -------------------------------------------------------------------
 
-    @property
-    def _priority_set(self) -> bool:
-        """Whether :meth:`set_priority` asks for anything beyond a worker's own."""
-        return (self._nice, self._cpus, self._decode_threads) != (None, None, None)
-
-    def _apply_priority(self, worker: _Worker) -> None:
+    def _apply_priority(self, worker: Worker) -> None:
         """Give ``worker`` what :meth:`set_priority` asked for (the baselines where it asked
         for None): niceness and affinity on every thread, decode threads once loaded (a
         loading worker gets them when it is)."""
-        nice = self._base_nice if self._nice is None else self._nice
-        cpus = self._base_cpus if self._cpus is None else self._cpus
         if worker.loaded is not None:
-            worker.send(p.SetThreads(self._decode_threads or 0))
-        what = f"local model '{worker.name}'"
-        try:
-            tids = [int(t) for t in os.listdir(f"/proc/{worker.pid}/task")]
-        except (OSError, ValueError) as e:
-            self._log_once(logging.DEBUG, f"{what}: cannot list the worker's threads: {e}")
-            return
-        autogroup = Path(f"/proc/{worker.pid}/autogroup")
-        if autogroup.exists():
-            # The worker leads its own session, so its own scheduler autogroup: with
-            # autogroups on, thread niceness only ranks threads inside the group, and it is
-            # the group's niceness that weighs it against the host app's group. Raising it
-            # back to 0 needs no privilege.
-            self._try(what, f"set its autogroup's niceness {nice}",
-                      functools.partial(autogroup.write_text, str(nice)))
-        for tid in tids:
-            self._try(what, f"set niceness {nice}",
-                      functools.partial(os.setpriority, os.PRIO_PROCESS, tid, nice))
-            self._try(what, f"set CPUs {','.join(map(str, cpus))}",
-                      functools.partial(os.sched_setaffinity, tid, cpus))
-
-    def _try(self, what: str, action: str, call: Callable[[], object]) -> None:
-        try:
-            call()
-        except ProcessLookupError:
-            self._log_once(logging.DEBUG, f"{what}: a worker thread exited meanwhile")
-        except OSError as e:
-            self._log_once(logging.WARNING, f"{what}: cannot {action}: {e.strerror or e}")
-        except (ValueError, OverflowError) as e:
-            self._log_once(logging.WARNING, f"{what}: cannot {action}: {e}")
+            worker.send(p.SetThreads(self._priority.threads or 0))
+        nice, cpus = priority.effective(self._priority, self._baseline)
+        priority.apply(worker.pid, f"local model '{worker.name}'", nice, cpus, self._log_once)
 
     def _log_once(self, level: int, message: str) -> None:
         if message not in self._logged:
@@ -664,41 +527,23 @@ class ModelPool:
 
 
 def _idle(model: _Model) -> bool:
+    """Holds a worker (a dead one counts: reaping it is free) with nothing running, queued
+    or loading."""
     return (model.worker is not None and model.in_flight == 0 and model.queued == 0
             and model.loading is None)
 
 
-def _loaded(model: _Model, future: asyncio.Future[_Worker]) -> None:
+def _worker_exited(model: _Model, worker: Worker) -> None:
+    """A worker's death: the model's ready worker dying on its own stops the model (the
+    pool's own stops and loading workers are the unload's and the load's business)."""
+    if model.worker is worker:
+        model.advance(Event.WORKER_EXITED)
+
+
+def _loaded(model: _Model, future: asyncio.Future[Worker]) -> None:
     model.loading = None
     if not future.cancelled():
         future.exception()  # retrieved here: every waiter may have gone away meanwhile
-
-
-async def _how(worker: _Worker) -> str:
-    try:
-        return await asyncio.wait_for(worker.death(), 5.0)
-    except TimeoutError:
-        return "not answering"
-
-
-async def _failure(name: str, worker: _Worker, msg: p.FromWorker | None) -> LocalError:
-    """The error for an answer that is not the expected one (None: the worker died)."""
-    if isinstance(msg, p.Failed):
-        if msg.kind == "invalid":
-            return InvalidRequest(msg.message)
-        return WorkerCrashed(f"local model '{name}': {msg.message}")
-    if msg is None:
-        how = await _how(worker)
-        if worker.death_reported:
-            return WorkerLost(f"local model '{name}' worker stopped ({how})")
-        worker.death_reported = True
-        return WorkerCrashed(f"local model '{name}' worker stopped ({how})")
-    return WorkerCrashed(f"local model '{name}' answered out of order ({type(msg).__name__})")
-
-
-def _unpack(answer: _Answer | None) -> tuple[float, p.FromWorker | None]:
-    """An answer and its arrival time; None (the worker died) arrives now."""
-    return answer if answer is not None else (time.monotonic(), None)
 
 
 def _ewma(average: float | None, sample: float) -> float:
@@ -707,13 +552,3 @@ def _ewma(average: float | None, sample: float) -> float:
 
 def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
-
-
-def _rss(pid: int) -> int:
-    """Resident bytes of ``pid`` that its exit returns (not the file-backed pages of the
-    mapped model, which available memory already counts as reclaimable); 0 when it is gone."""
-    try:
-        info = psutil.Process(pid).memory_info()
-    except psutil.Error:
-        return 0
-    return int(info.rss - getattr(info, "shared", 0))

@@ -78,7 +78,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     import psutil
 
-    from local_models.backend import gpu_offload_supported
+    from local_models import gpu_offload_supported
     from sidecar.host.watch import memory_floor_bytes
     from sidecar.runtime import build_catalog, memory_budget
 

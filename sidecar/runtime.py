@@ -24,9 +24,8 @@ from pathlib import Path
 import psutil
 import uvicorn
 
-from local_models.catalog import Catalog, ModelSpec
-from local_models.catalog import build_catalog as _build_catalog
-from local_models.pool import ModelPool, PoolSettings
+from local_models import Catalog, ModelPool, ModelSpec, PoolSettings
+from local_models import build_catalog as _build_catalog
 from sidecar.config import (
     LOCAL_PROVIDER,
     AnthropicProvider,

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from local_models.catalog import ModelSpec, build_catalog
-from local_models.pool import ModelPool, PoolSettings
+from local_models import ModelPool, ModelSpec, PoolSettings, build_catalog
 from tests.support.fake_provider import FakeProvider
 from tests.support.process import SidecarProcess, local_spec
 

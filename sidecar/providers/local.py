@@ -31,8 +31,19 @@ from typing import Any
 
 import msgspec
 
-from local_models import pool as lp
-from local_models.protocol import ChatMessage, Done, Sampling
+from local_models import (
+    ChatMessage,
+    Done,
+    InvalidRequest,
+    ModelPool,
+    ModelUnavailable,
+    NoRoom,
+    Overloaded,
+    Sampling,
+    UnknownModel,
+    WorkerCrashed,
+    WorkerLost,
+)
 from sidecar.errors import (
     UpstreamOverloaded,
     UpstreamServerError,
@@ -99,11 +110,11 @@ class LocalWorkerLost(UpstreamServerError):
 
 
 class LocalProvider:
-    """Serves ``local/<model>`` targets from a :class:`~local_models.pool.ModelPool`."""
+    """Serves ``local/<model>`` targets from a :class:`~local_models.ModelPool`."""
 
     name = NAME
 
-    def __init__(self, pool: lp.ModelPool) -> None:
+    def __init__(self, pool: ModelPool) -> None:
         self.pool = pool
 
     def supports(self, op: Op) -> bool:
@@ -296,17 +307,17 @@ def _translated(target: str) -> Iterator[None]:
     """Translate pool errors into upstream errors, once."""
     try:
         yield
-    except lp.InvalidRequest as e:
+    except InvalidRequest as e:
         raise UpstreamUnsupported(f"{target}: {e}", target=target) from None
-    except lp.Overloaded as e:
+    except Overloaded as e:
         raise UpstreamOverloaded(f"{target}: {e}", target=target,
                                  retry_after_s=e.retry_after_s) from None
-    except lp.NoRoom as e:
+    except NoRoom as e:
         raise UpstreamOverloaded(f"{target}: {e}", target=target,
                                  retry_after_s=NO_ROOM_RETRY_S) from None
-    except (lp.ModelUnavailable, lp.UnknownModel) as e:
+    except (ModelUnavailable, UnknownModel) as e:
         raise UpstreamUnreachable(f"{target}: {e}", target=target) from None
-    except lp.WorkerLost as e:
+    except WorkerLost as e:
         raise LocalWorkerLost(f"{target}: {e}", target=target) from None
-    except lp.WorkerCrashed as e:
+    except WorkerCrashed as e:
         raise UpstreamServerError(f"{target}: {e}", target=target) from None

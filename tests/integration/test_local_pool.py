@@ -19,22 +19,26 @@ from typing import Any
 import psutil
 import pytest
 
-from local_models import protocol as p
-from local_models.catalog import ModelSpec, build_catalog
-from local_models.chat_template import DEFAULT_TEMPLATE, ChatTemplate
-from local_models.gguf import read_gguf
-from local_models.pool import (
+from local_models import (
+    ChatMessage,
+    Done,
     InvalidRequest,
     ModelPool,
+    ModelSpec,
+    ModelState,
     ModelStatus,
     ModelUnavailable,
     Overloaded,
     PoolSettings,
+    Sampling,
     UnknownModel,
     WorkerCrashed,
     WorkerLost,
+    build_catalog,
 )
-from local_models.protocol import ChatMessage, Done, Sampling
+from local_models import protocol as p
+from local_models.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+from local_models.gguf import read_gguf
 from tests.support.gguf_files import short_by, write_model, write_not_gguf
 from tests.support.process import gone, local_workers, model_with_chat_template, wait_until
 from tests.support.process import local_spec as spec
@@ -244,12 +248,15 @@ async def test_cancelled_while_loading_then_the_next_uses_the_loaded_model(
     pool = make_pool()
     task = asyncio.create_task(collect(pool, **counting(3)))
     await wait_until(lambda: status(pool).in_flight == 1)  # admitted, waiting for the load
+    await wait_until(lambda: status(pool).state is ModelState.LOADING)
     assert not status(pool).loaded
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert status(pool).in_flight == 0
-    r = await collect(pool, **counting(3))  # the load went on; no second worker
+    await wait_until(lambda: status(pool).state is ModelState.READY)  # the load went on
+    assert status(pool).loaded
+    r = await collect(pool, **counting(3))  # no second worker
     assert r.done.completion_tokens == 3
     [worker] = local_workers(os.getpid())
     assert worker.pid == status(pool).pid
@@ -364,9 +371,11 @@ async def test_sigkill_mid_stream_fails_every_request_and_the_next_gets_a_new_wo
     assert [isinstance(x, WorkerLost) for x in errors].count(False) == 1
     assert gone(pid)
     assert not status(pool).loaded and status(pool).in_flight == 0
+    assert status(pool).state is ModelState.STOPPED and status(pool).last_error is None
     r = await collect(pool, **counting(5))
     assert r.done.completion_tokens == 5
     assert status(pool).loaded and status(pool).pid not in (None, pid)
+    assert status(pool).state is ModelState.READY
 
 
 async def test_worker_killed_while_idle_is_replaced(make_pool: Callable[..., ModelPool]) -> None:
@@ -376,6 +385,8 @@ async def test_worker_killed_while_idle_is_replaced(make_pool: Callable[..., Mod
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     await wait_until(lambda: not status(pool).loaded)
+    assert status(pool).state is ModelState.STOPPED
+    assert status(pool).pid == pid  # the dead worker, reaped by the next load
     after = await collect(pool, **counting(6))
     assert after.pieces == before.pieces and status(pool).pid != pid
 
@@ -402,12 +413,13 @@ async def test_bad_files_fail_clearly_and_the_good_model_still_serves(
             with pytest.raises(ModelUnavailable) as e:
                 await attempt
             assert str(path) in str(e.value) and problem in str(e.value)
-        assert status(pool, name).pid is None
+        assert status(pool, name).pid is None and status(pool, name).state is ModelState.FAILED
     with pytest.raises(ModelUnavailable) as e:
         await collect(pool, "tiny", **counting(3))
     message = str(e.value)
     assert str(unloadable) in message
     assert status(pool, "tiny").last_error == message and not status(pool, "tiny").loaded
+    assert status(pool, "tiny").state is ModelState.FAILED
     # a failed load is not retried at once: the same error comes back without a new worker
     # (a worker that started and exited would add its CPU time to this process's children)
     before = _children_cpu()
@@ -620,6 +632,8 @@ async def test_memory_budget_unloads_the_least_recently_used_model(
         r = await collect(pool, name, **counting(6))
         assert r.pieces == reference.pieces  # the same file: the same greedy answer
         assert status(pool, name).loaded and not status(pool, other).loaded
+        assert (status(pool, name).state, status(pool, other).state) == (
+            ModelState.READY, ModelState.STOPPED)
         old = pids.get(other)
         assert old is not None and gone(old)  # unloading returned the memory: it exited
         pids[name] = status(pool, name).pid
@@ -651,6 +665,7 @@ async def test_memory_floor_refuses_a_load_the_host_cannot_spare(
     assert "local model 'm' needs about" in str(e.value)
     # no room is not a failed load: nothing is remembered, no worker was started
     assert status(pool).pid is None and status(pool).last_error is None
+    assert status(pool).state is ModelState.STOPPED
     pool = make_pool(memory_floor_bytes=64 << 20)
     assert (await collect(pool, **counting(3))).done.completion_tokens == 3
 
@@ -806,8 +821,28 @@ async def test_idle_model_is_unloaded(make_pool: Callable[..., ModelPool]) -> No
     assert pid is not None
     await wait_until(lambda: not status(pool).loaded and gone(pid), within=30)
     assert status(pool).pid is None
+    await wait_until(lambda: status(pool).state is ModelState.STOPPED)  # unloading ended
     again = await collect(pool, **counting(4))
     assert again.pieces == first.pieces and status(pool).pid not in (None, pid)
+
+
+async def test_unloading_lasts_until_the_worker_has_exited(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool()
+    assert status(pool).state is ModelState.STOPPED
+    await collect(pool, **counting(2))
+    pid = status(pool).pid
+    assert pid is not None and status(pool).state is ModelState.READY
+    os.kill(pid, signal.SIGSTOP)  # it cannot read its Shutdown until it is continued
+    try:
+        unload = asyncio.create_task(pool.unload_idle())
+        await wait_until(lambda: status(pool).state is ModelState.UNLOADING)
+        assert not status(pool).loaded and not gone(pid)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert await asyncio.wait_for(unload, 30) == ["m"]
+    assert gone(pid) and status(pool).state is ModelState.STOPPED
 
 
 async def test_aclose_stops_every_worker(make_pool: Callable[..., ModelPool]) -> None:
@@ -817,6 +852,7 @@ async def test_aclose_stops_every_worker(make_pool: Callable[..., ModelPool]) ->
     assert all(pids)
     await pool.aclose()
     assert all(gone(pid) for pid in pids if pid is not None)
+    assert {s.state for s in pool.status()} == {ModelState.STOPPED}
 
 
 # --- embeddings -----------------------------------------------------------------------------
@@ -875,5 +911,7 @@ async def test_unload_idle_spares_busy_models(make_pool: Callable[..., ModelPool
     assert await pool.unload_idle() == ["a"]  # what memory pressure asks for
     assert not status(pool, "a").loaded and gone(pid_a)
     assert status(pool, "b").loaded
+    assert (status(pool, "a").state, status(pool, "b").state) == (
+        ModelState.STOPPED, ModelState.READY)
     await busy.aclose()
     assert (await collect(pool, "a", **counting(2))).done.completion_tokens == 2  # loads again

@@ -15,8 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from local_models.catalog import ModelSpec
-from local_models.pool import ModelPool
+from local_models import ModelPool, ModelSpec
 from sidecar.errors import (
     UpstreamOverloaded,
     UpstreamServerError,
