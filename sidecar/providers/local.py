@@ -15,12 +15,17 @@ target. Pool errors are translated here, once:
     WorkerLost       -> LocalWorkerLost     (the same death again: retryable, no health verdict)
     WorkerCrashed    -> UpstreamServerError (retryable; the next request gets a new worker)
 
+``send`` is bounded by its ``timeout_s`` (UpstreamTimeout); a stream fills the ``Meter``
+(content chunks and characters as they go, the usage at the end), so its tokens count
+against rate limits like a remote stream's.
+
 A worker death under many requests is one health event: only the first request to see it
 counts against the target's circuit, so the next request gets the new worker at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import struct
@@ -47,6 +52,7 @@ from local_models import (
 from sidecar.errors import (
     UpstreamOverloaded,
     UpstreamServerError,
+    UpstreamTimeout,
     UpstreamUnreachable,
     UpstreamUnsupported,
 )
@@ -138,13 +144,18 @@ class LocalProvider:
         job = _job(call, target)
         parts: list[str] = []
         done: Done | None = None
-        with _translated(target):
-            async with contextlib.aclosing(self._generate(model, job)) as items:
-                async for item in items:
-                    if isinstance(item, Done):
-                        done = item
-                    else:
-                        parts.append(item)
+        try:
+            with _translated(target):
+                async with asyncio.timeout(timeout_s), \
+                        contextlib.aclosing(self._generate(model, job)) as items:
+                    async for item in items:
+                        if isinstance(item, Done):
+                            done = item
+                        else:
+                            parts.append(item)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{target} did not answer within {timeout_s:g} s",
+                                  target=target) from None
         assert done is not None
         usage = _usage(done)
         text, reason, rid, created = "".join(parts), done.finish_reason, _id(call), int(time.time())
@@ -180,8 +191,13 @@ class LocalProvider:
             async with contextlib.aclosing(self._generate(model, job)) as items:
                 async for item in items:
                     if not isinstance(item, Done):
+                        if meter is not None and item:
+                            meter.content_chunks += 1
+                            meter.content_chars += len(item)
                         yield frame(item, None)
                         continue
+                    if meter is not None:
+                        meter.usage = _usage(item)
                     out = frame(None if chat else "", item.finish_reason)
                     if job.include_usage:
                         usage = _usage(item)

@@ -171,14 +171,6 @@ def every(*kinds: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("subject", kinds, indirect=True)
 
 
-def known_bug(kinds: tuple[str, ...], reason: str) -> pytest.MarkDecorator:
-    """Every implementation, the cases of ``kinds`` marked as failing today for ``reason``
-    (strict: once fixed they fail as XPASS, and the mark must go)."""
-    params = [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=reason))
-              if k in kinds else k for k in ALL]
-    return pytest.mark.parametrize("subject", params, indirect=True)
-
-
 # --- calls ------------------------------------------------------------------------------------
 
 HI = [{"role": "user", "content": "Say hi."}]
@@ -255,7 +247,7 @@ async def test_stream_of_whole_data_frames(subject: Subject) -> None:
     assert all(c.usage is None or c.usage is msgspec.UNSET for c in chunks)
 
 
-@known_bug(("local",), "LocalProvider.stream never fills the meter")
+@every(*ALL)
 async def test_stream_meter_counts_content_and_usage(subject: Subject) -> None:
     meter = Meter()
     pieces = await stream_all(subject, chat(stream=True), meter)
@@ -317,8 +309,7 @@ async def test_max_tokens_and_token_cap_are_honoured(subject: Subject) -> None:
 # --- time and cancellation ---------------------------------------------------------------------
 
 
-@known_bug(("local",), "LocalProvider.send ignores timeout_s (only the gateway's deadline "
-                       "bounds a local call)")
+@every(*ALL)
 async def test_timeout_bounds_a_send(subject: Subject) -> None:
     # Remote: the upstream hangs after reading the request. Local: any generation takes
     # more than a millisecond.
