@@ -1,6 +1,6 @@
 """The one request pipeline, shared by every front end.
 
-    authenticate -> resolve route -> plan (strategy) -> arrange (host pressure)
+    authenticate -> resolve route -> plan (strategy, host pressure, deadline: routing.planner)
     -> for each target:
         local deadline check -> circuit check -> budget reserve -> outbound limit
         -> provider call (bounded by the request deadline; by ``[routing].attempt_share`` of the
@@ -60,8 +60,7 @@ from sidecar.gateway.relay import Cut, relay
 from sidecar.gateway.status import model_ids, readiness_document, status_document
 from sidecar.gateway.verdict import deadline_passed, exhausted
 from sidecar.health import Health, RetryBudget
-from sidecar.host.pressure import LocalLoad, Pressure, arrange, late_eta_s
-from sidecar.host.watch import HostWatch
+from sidecar.host import HostWatch, LocalLoad, Pressure
 from sidecar.limits.gcra import MemoryRateLimiter
 from sidecar.money.accountant import Accountant, Estimate, Ticket, estimate
 from sidecar.money.pricing import FREE
@@ -69,8 +68,7 @@ from sidecar.money.pricing import cost as cost_of
 from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
-from sidecar.routing.routes import Route, Router, Target, plan
-from sidecar.routing.strategies import TargetTracker
+from sidecar.routing import Plan, Route, Router, Target, TargetTracker, plan
 from sidecar.types import Call, Meter
 
 T = TypeVar("T")
@@ -373,14 +371,14 @@ class Gateway:
         attempts = 0
         failures: list[UpstreamError] = []
         next_open: float | None = None
-        order, reasons = self._order(call, route, ctx, est)
-        for i, target in enumerate(order):
+        order = self._order(call, route, ctx, est)
+        reasons = list(order.reasons)
+        for i, target in enumerate(order.targets):
             provider = self.providers[target.provider]
             if not provider.supports(call.op):
                 continue
-            # The first choice is always tried (the deadline bounds it); a local fallback
-            # only when it can answer in time.
-            slow = self._too_slow(target, est, ctx) if i > 0 else None
+            # The plan says which targets are tried only when they can answer in time.
+            slow = self._too_slow(order, i, ctx.deadline - self._clock())
             if slow is not None:
                 failures.append(slow)
                 _note(reasons, f"fallback:{slow.route_reason}")
@@ -407,7 +405,7 @@ class Gateway:
                     raise deadline_passed(failures)
                 # A target with others after it gets a share of what is left, so a hung
                 # one cannot use up the whole deadline; the last one gets all of it.
-                cut = (None if not self._others_after(order, i, call, est, ctx, now)
+                cut = (None if not self._others_after(order, i, call, ctx, now)
                        else now + remaining * self._routing.attempt_share)
                 ticket: Ticket | None = None
                 meter = Meter()
@@ -466,20 +464,22 @@ class Gateway:
                 return result, _Attempt(target, attempts, ticket, meter, reason, started)
         raise exhausted(call, route, failures, next_open, self._clock())
 
-    def _others_after(self, order: list[Target], i: int, call: Call, est: Estimate,
-                      ctx: Context, now: float) -> bool:
-        """Whether a target after ``order[i]`` may be tried now: it serves the operation,
-        its circuit lets calls through and, if local, it could answer in time."""
-        for t in order[i + 1:]:
+    def _others_after(self, order: Plan, i: int, call: Call, ctx: Context, now: float
+                      ) -> bool:
+        """Whether a target after step ``i`` may be tried now: it serves the operation,
+        its circuit lets calls through and the plan does not rule it out for the time
+        left."""
+        for j in range(i + 1, len(order.steps)):
+            t = order.steps[j].target
             if (self.providers[t.provider].supports(call.op)
                     and self.health.circuit(t.key).available_at(now) <= now
-                    and self._too_slow(t, est, ctx) is None):
+                    and self._too_slow(order, j, ctx.deadline - now) is None):
                 return True
         return False
 
-    def _order(self, call: Call, route: Route, ctx: Context, est: Estimate
-               ) -> tuple[list[Target], list[str]]:
-        """The targets to try, in order, and the ``offload:*`` reasons that shaped it."""
+    def _order(self, call: Call, route: Route, ctx: Context, est: Estimate) -> Plan:
+        """The planner's plan for this request, from what is measured now: target stats or
+        costs for the strategy, the host's pressure, the local targets' loads."""
         stats = costs = None
         if route.strategy in ("least-busy", "latency"):
             stats = self.tracker.stats()
@@ -491,30 +491,29 @@ class Gateway:
                 price = prices.lookup(t.provider, t.model)
                 costs[t.key] = None if price is None else cost_of(price, est.prompt_guess,
                                                                   completion)
-        ordered = plan(route, self._rng, stats=stats, costs=costs, stream=call.stream)
+        known = self._local_load or (lambda model: None)
+        loads = {t.key: load for t in route.targets if t.provider == LOCAL_PROVIDER
+                 and (load := known(t.model)) is not None}
         pressure = self.host.pressure if self.host is not None else Pressure()
-        arranged = arrange(ordered, route.prefer, pressure,
-                           lambda t: self._too_slow(t, est, ctx, queued=True) is not None)
-        return list(arranged.order), list(arranged.reasons)
+        return plan(route, self._rng, stats=stats, costs=costs, stream=call.stream,
+                    pressure=pressure, loads=loads, left_s=ctx.deadline - self._clock(),
+                    max_tokens=est.max_tokens)
 
-    def _too_slow(self, target: Target, est: Estimate, ctx: Context, *,
-                  queued: bool = False) -> LocalTooSlow | None:
-        """Why a local target cannot answer before the deadline, if its queue and measured
-        speed say so (``queued``: see :func:`~sidecar.host.pressure.late_eta_s`)."""
-        if target.provider != LOCAL_PROVIDER or self._local_load is None:
+    def _too_slow(self, order: Plan, i: int, left_s: float) -> LocalTooSlow | None:
+        """The error of step ``i`` when the plan rules it out with ``left_s`` seconds left
+        and its model's load now (:meth:`~sidecar.routing.planner.Plan.too_slow`)."""
+        step = order.steps[i]
+        if not step.in_time_only or self._local_load is None:
             return None
-        load = self._local_load(target.model)
-        left = ctx.deadline - self._clock()
-        eta = None if load is None else late_eta_s(load, est.max_tokens, left,
-                                                   only_if_queued=queued)
-        if load is None or eta is None:
+        late = order.too_slow(i, self._local_load(step.target.model), left_s)
+        if late is None:
             return None
-        speed = f", {load.decode_tps:.0f} tokens/s" if load.decode_tps else ""
+        speed = f", {late.decode_tps:.0f} tokens/s" if late.decode_tps else ""
         return LocalTooSlow(
-            f"{target.key} cannot answer before the deadline: it needs about {eta:.1f} s "
-            f"({load.in_flight} running, {load.queued} queued{speed}) and {max(left, 0):.1f} "
-            "s are left",
-            target=target.key, retry_after_s=max(1.0, round(eta - left, 1)),
+            f"{late.target.key} cannot answer before the deadline: it needs about "
+            f"{late.eta_s:.1f} s ({late.in_flight} running, {late.queued} queued{speed}) and "
+            f"{max(late.left_s, 0):.1f} s are left",
+            target=late.target.key, retry_after_s=max(1.0, round(late.eta_s - late.left_s, 1)),
         )
 
     async def _settle(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,

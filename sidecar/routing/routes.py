@@ -1,24 +1,20 @@
-"""Routes: which targets may serve a model name, and in what order to try them.
+"""Routes: which targets may serve a model name.
 
 :class:`Router` resolves the ``model`` a client sends: a configured route by name, or a
-direct ``provider/model`` target. :func:`plan` orders a route's targets for one request by
-its strategy; it is a pure function of the route, a random source and the measurements it
-is given, and knows nothing about health (the gateway skips unhealthy targets while it
-walks the plan, so a weighted route's healthy targets share the load by weight and the
-rest serve as fallbacks). The host-pressure rules (:mod:`sidecar.host.pressure`) then move local
-targets behind remote ones when the host needs its CPU or memory.
+direct ``provider/model`` target. A :class:`Route` lists its targets and how to order them
+(``strategy``, ``prefer``); the order for one request is decided by
+:func:`sidecar.routing.planner.plan`. This module imports nothing else of the routing
+package, so the strategies and the planner can import it without a cycle.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import msgspec
 
 from sidecar.config import LOCAL_PROVIDER, Config, Strategy
 from sidecar.errors import ModelNotFound
-from sidecar.routing.strategies import TargetStats, by_cost, by_latency, least_busy
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -87,23 +83,3 @@ class Router:
             param="model",
         )
 
-
-def plan(route: Route, rng: random.Random, *, stats: Mapping[str, TargetStats] | None = None,
-         costs: Mapping[str, int | None] | None = None, stream: bool = False) -> list[Target]:
-    """The order in which to try ``route``'s targets for one request: ``stats`` feed the
-    least-busy and latency strategies, ``costs`` (µ$ of this request per target key) the
-    cost strategy; missing measurements leave the listed order."""
-    targets = route.targets
-    if len(targets) < 2:
-        return list(targets)
-    match route.strategy:
-        case "weighted":
-            # Weighted sampling without replacement (Efraimidis-Spirakis): by u ** (1 / w).
-            return sorted(targets, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True)
-        case "least-busy":
-            return least_busy(targets, stats or {})
-        case "latency":
-            return by_latency(targets, stats or {}, stream=stream)
-        case "cost":
-            return by_cost(targets, costs or {})
-    return list(targets)

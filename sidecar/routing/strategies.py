@@ -1,9 +1,12 @@
-"""Measurement-driven route strategies: least-busy, latency and cost, and the tracker feeding them.
+"""Route strategies: the first ordering rule of the planner, and the tracker feeding them.
 
-The strategies are pure functions: each takes a route's targets (in listed order) and a
-snapshot of what is known about them, and returns a new list holding every target exactly
-once, best first. They do no I/O, read no clock and keep no state, so the same inputs always
-give the same order. Every sort is stable: targets that compare equal keep their listed
+:func:`by_strategy` orders a route's targets by its ``strategy``: ``priority`` keeps the
+listed order, ``weighted`` samples by weight from the given random source, and the
+measurement-driven ones dispatch to the functions below. They are pure functions: each
+takes a route's targets (in listed order) and a snapshot of what is known about them, and
+returns a new list holding every target exactly once, best first. They do no I/O, read no
+clock and keep no state, so the same inputs always give the same order (``weighted``: the
+same draws). Every sort is stable: targets that compare equal keep their listed
 order, so a route's listing remains the tie-breaker (and the whole order when nothing has
 been measured yet).
 
@@ -21,13 +24,12 @@ thread (no locks, not thread-safe); :meth:`TargetTracker.stats` hands out immuta
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import msgspec
 
-if TYPE_CHECKING:
-    from sidecar.routing.routes import Target
+from sidecar.routing.routes import Route, Target
 
 
 class TargetStats(msgspec.Struct, frozen=True):
@@ -79,6 +81,31 @@ def by_cost(targets: Sequence[Target], costs: Mapping[str, int | None]) -> list[
         return (1, 0) if cost is None else (0, cost)
 
     return sorted(targets, key=rank)
+
+
+def by_strategy(route: Route, rng: random.Random, *,
+                stats: Mapping[str, TargetStats] | None = None,
+                costs: Mapping[str, int | None] | None = None,
+                stream: bool = False) -> list[Target]:
+    """``route``'s targets in the order its strategy gives for one request: ``stats`` feed
+    the least-busy and latency strategies, ``costs`` (µ$ of this request per target key)
+    the cost strategy; missing measurements leave the listed order. ``weighted`` draws from
+    ``rng`` (one draw per target, for routes of two targets or more): weighted sampling
+    without replacement, so every target stays in the order as a fallback."""
+    targets = route.targets
+    if len(targets) < 2:
+        return list(targets)
+    match route.strategy:
+        case "weighted":
+            # Efraimidis-Spirakis: sort by u ** (1 / w).
+            return sorted(targets, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True)
+        case "least-busy":
+            return least_busy(targets, stats or {})
+        case "latency":
+            return by_latency(targets, stats or {}, stream=stream)
+        case "cost":
+            return by_cost(targets, costs or {})
+    return list(targets)
 
 
 class TargetTracker:

@@ -7,16 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from sidecar.host.pressure import (
-    LocalLoad,
-    Pressure,
-    PressureSettings,
-    arrange,
-    local_eta_s,
-    next_pressure,
-    waits_for_slot,
-)
+from sidecar.host.pressure import LocalLoad, Pressure, PressureSettings, next_pressure
 from sidecar.host.sampler import ResourceSnapshot
+from sidecar.routing.planner import arrange, local_eta_s, waits_for_slot
 from sidecar.routing.routes import Target
 
 MIB = 1 << 20

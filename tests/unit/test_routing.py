@@ -9,7 +9,8 @@ import pytest
 
 from sidecar.config import parse_config
 from sidecar.errors import ModelNotFound
-from sidecar.routing.routes import Router, plan
+from sidecar.routing.routes import Router
+from sidecar.routing.strategies import by_strategy
 
 CONFIG = parse_config(
     {
@@ -45,15 +46,15 @@ def test_resolve_route_and_direct_target() -> None:
 
 def test_priority_plan_keeps_order() -> None:
     route = Router(CONFIG, ["a", "b"]).resolve("chat")
-    assert [t.key for t in plan(route, random.Random(1))] == ["a/x", "b/y"]
+    assert [t.key for t in by_strategy(route, random.Random(1))] == ["a/x", "b/y"]
 
 
 def test_weighted_plan_follows_weights_and_keeps_fallbacks() -> None:
     route = Router(CONFIG, ["a", "b"]).resolve("w")
     rng = random.Random(7)
-    firsts = Counter(plan(route, rng)[0].key for _ in range(4000))
+    firsts = Counter(by_strategy(route, rng)[0].key for _ in range(4000))
     assert 0.70 < firsts["a/x"] / 4000 < 0.80  # 3:1
-    assert all(len(plan(route, rng)) == 2 for _ in range(10))
+    assert all(len(by_strategy(route, rng)) == 2 for _ in range(10))
 
 
 LOCAL = parse_config(
@@ -93,7 +94,7 @@ def test_plan_dispatches_to_the_route_strategy() -> None:
 
     def order(strategy: str, stream: bool = False) -> list[str]:
         route = Route("r", strategy, (a, b, c), 0)  # type: ignore[arg-type]
-        got = plan(route, random.Random(1), stats=stats, costs=costs, stream=stream)
+        got = by_strategy(route, random.Random(1), stats=stats, costs=costs, stream=stream)
         return [t.model for t in got]
 
     assert order("priority") == ["a", "b", "c"]
@@ -103,4 +104,4 @@ def test_plan_dispatches_to_the_route_strategy() -> None:
     assert order("cost") == ["c", "a", "b"]
     # Nothing measured: the listed order.
     route = Route("r", "latency", (a, b, c), 0)
-    assert plan(route, random.Random(1)) == [a, b, c]
+    assert by_strategy(route, random.Random(1)) == [a, b, c]
