@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import msgspec
 
 from sidecar.config import Config, ConfigError, default_config, load_config
-from sidecar.money.budgets import LedgerUnavailable
+from sidecar.money import LedgerUnavailable
 from sidecar.redact import MIN_SECRET_LEN, redact_url, short_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8088"
