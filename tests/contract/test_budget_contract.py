@@ -32,6 +32,7 @@ from sidecar.money import (
     SQLiteBudgetStore,
     Totals,
 )
+from sidecar.money.budgets import fit
 from sidecar.money.ledger_redis import RedisBudgetStore
 from sidecar.money.ledger_sqlite import Recovered
 from sidecar.redis_client import redact_url
@@ -68,6 +69,18 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 3.
         assert time.monotonic() - start < timeout_s, "condition not met before the deadline"
         await asyncio.sleep(0.01)
     return time.monotonic() - start
+
+
+# --- the reservation rule, pure -----------------------------------------------------------
+
+
+def test_fit_takes_the_smallest_room_and_names_the_first_key_short() -> None:
+    assert fit([(G, 1000), (K, 300)], 500, 100) == Reserved(300)
+    assert fit([(G, 1000)], 500, 100) == Reserved(500)
+    assert fit([(G, 50), (K, 10)], 500, 100) == Shortfall(G, 50)  # the first one short
+    assert fit([(G, 1000), (K, -20)], 500, 100) == Shortfall(K, 0)  # overspent: no room
+    assert fit([(G, 0)], 5, 0) == Shortfall(G, 0)  # nothing fits in no room, not even 0
+    assert fit([], 500, 100) == Reserved(500)
 
 
 # --- the contract -------------------------------------------------------------------------
