@@ -18,7 +18,8 @@ class MemoryRateLimiter:
     async def acquire(self, key: str, rate: Rate, cost: float = 1.0) -> float:
         now = self._clock()
         tat, wait = gcra(self._tat.get(key, now), now, rate, cost)
-        self._tat[key] = tat
+        if cost > 0:  # a cost of 0 only reads (and adds no key)
+            self._tat[key] = tat
         return wait
 
     async def charge(self, key: str, rate: Rate, cost: float) -> None:
