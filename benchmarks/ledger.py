@@ -3,8 +3,8 @@
 A fresh ledger in a temporary directory; ``--requests`` reserve + settle pairs, one at a
 time (``--concurrency 1``) or from that many tasks at once on one event loop (each
 reserve and each settle timed on its own, so queueing behind the ledger thread counts).
-Uses only the public :class:`sidecar.money.budgets.SQLiteBudgetStore` API, so the same script
-measures any version of it (``PYTHONPATH`` picks which):
+Uses only the public :class:`sidecar.money.ledger_sqlite.SQLiteBudgetStore` API, so the same
+script measures any version of it (``PYTHONPATH`` picks which):
 
     python benchmarks/ledger.py [--requests 5000] [--concurrency 1,32] [--synchronous NORMAL]
 
@@ -21,7 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
-from sidecar.money.budgets import BudgetKey, Reserved, SQLiteBudgetStore
+try:
+    from sidecar.money import BudgetKey, Reserved, SQLiteBudgetStore
+except ImportError:  # a tree from before the money package re-exported its ledgers
+    from sidecar.money.budgets import BudgetKey, Reserved, SQLiteBudgetStore  # type: ignore
 
 KEYS = [(BudgetKey("daily", "*", "2026-12-02"), 10**15),
         (BudgetKey("per-key", "frontend", "2026-12"), 10**15)]

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import msgspec
 
 from sidecar.config import Config, ConfigError, default_config, load_config
-from sidecar.money.budgets import LedgerUnavailable
+from sidecar.money import LedgerUnavailable
 from sidecar.providers.sse import SSEDecoder
 from sidecar.redact import MIN_SECRET_LEN, redact_url, short_secrets
 from sidecar.types import ChatChunk, ErrorDetail

@@ -10,7 +10,9 @@ Circuit states::
     half_open --(probe succeeds)--> closed
     half_open --(probe fails)--> open (cooldown starts again)
 
-A Retry-After from the target also blocks it until then, whatever the state.
+The breaker counts failures only. A provider that says when to come back (a 429's
+Retry-After, ``x-ratelimit-*`` used up) holds its target in the rate limiter instead
+(:mod:`sidecar.limits.holds`), so a shared limiter holds it for the whole fleet.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 import msgspec
 
 #: Timers may fire a little early (uvloop's resolution is 1 ms): a caller that slept until
-#: a target's Retry-After must not find it still blocked.
+#: a circuit's cooldown ends must not find it still open.
 _SLACK_S = 0.005
 
 
@@ -48,23 +50,15 @@ class Circuit:
         self.state = CircuitState.CLOSED
         self.failures = 0
         self._opened_at = 0.0
-        self._blocked_until = 0.0
         self._probing = False
 
     def available_at(self, now: float) -> float:
         """The earliest time a call may be let through (``now`` or earlier means now)."""
         if self.state is CircuitState.OPEN:
-            return max(self._opened_at + self._cooldown_s, self._blocked_until)
+            return self._opened_at + self._cooldown_s
         if self.state is CircuitState.HALF_OPEN and self._probing:
             return now + self._cooldown_s
-        return self._blocked_until
-
-    def held_for_s(self, now: float) -> float | None:
-        """Seconds a Retry-After still holds the target when that, not the breaker, is
-        why no call may go through now (None otherwise)."""
-        if self.state is not CircuitState.CLOSED or self._blocked_until <= now + _SLACK_S:
-            return None
-        return self._blocked_until - now
+        return now
 
     def try_acquire(self, now: float) -> bool:
         """Claim the right to call the target now. A half-open circuit lets one caller in;
@@ -82,10 +76,8 @@ class Circuit:
         self.failures = 0
         self._probing = False
 
-    def failure(self, now: float, retry_after_s: float | None = None) -> None:
+    def failure(self, now: float) -> None:
         self.failures += 1
-        if retry_after_s:
-            self._blocked_until = max(self._blocked_until, now + retry_after_s)
         if self.state is CircuitState.HALF_OPEN or self.failures >= self._threshold:
             self.state = CircuitState.OPEN
             self._opened_at = now

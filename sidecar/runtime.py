@@ -37,10 +37,14 @@ from sidecar.gateway import Gateway
 from sidecar.host.watch import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.http.protocol import CappedHttpToolsProtocol
-from sidecar.limits.gcra import MemoryRateLimiter, RateLimiter
-from sidecar.money.accountant import Accountant
-from sidecar.money.budgets import BudgetStore, MemoryBudgetStore, SQLiteBudgetStore
-from sidecar.money.pricing import format_usd
+from sidecar.limits import MemoryRateLimiter, RateLimiter
+from sidecar.money import (
+    Accountant,
+    BudgetStore,
+    MemoryBudgetStore,
+    SQLiteBudgetStore,
+    format_usd,
+)
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider
 from sidecar.providers.local import LocalProvider
@@ -97,7 +101,8 @@ def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
     ``[state]``. Raises :class:`LedgerUnavailable` when the SQLite ledger cannot be opened."""
     state = config.state
     if state.backend == "redis":
-        from sidecar.money.redis_ledger import RedisBudgetStore, RedisRateLimiter
+        from sidecar.limits.redis import RedisRateLimiter
+        from sidecar.money.ledger_redis import RedisBudgetStore
 
         assert state.redis_url is not None
         limiter: RateLimiter = RedisRateLimiter(state.redis_url, prefix=state.redis_prefix,

@@ -48,7 +48,6 @@ from sidecar.errors import (
     CutAttempt,
     InvalidRequest,
     LocalTooSlow,
-    RetryAfterHeld,
     SidecarError,
     Unauthenticated,
     Unavailable,
@@ -61,8 +60,8 @@ from sidecar.gateway.status import model_ids, readiness_document, status_documen
 from sidecar.gateway.verdict import deadline_passed, exhausted
 from sidecar.health import Health, RetryBudget
 from sidecar.host import HostWatch, LocalLoad, Pressure
-from sidecar.limits.gcra import MemoryRateLimiter
-from sidecar.money.accountant import Accountant, Estimate, Ticket, estimate
+from sidecar.limits import MemoryRateLimiter
+from sidecar.money import Accountant, Estimate, Ticket, estimate
 from sidecar.money.pricing import FREE
 from sidecar.money.pricing import cost as cost_of
 from sidecar.providers.base import Provider, Reply
@@ -337,9 +336,10 @@ class Gateway:
         (first, frames), done = await self._run(call, route, ctx, est, attempt)
         circuit = self.health.circuit(done.target.key)
 
-        def upstream_failed(e: UpstreamError) -> None:
+        async def upstream_failed(e: UpstreamError) -> None:
             if e.counts_against_health:
-                circuit.failure(self._clock(), e.retry_after_s)
+                circuit.failure(self._clock())
+                await self.accountant.retry_after(done.target, e.retry_after_s)
 
         events = relay(
             first, frames, deadline=ctx.deadline, cut=self._cut, meter=done.meter,
@@ -388,13 +388,6 @@ class Gateway:
             while True:
                 now = self._clock()
                 if not circuit.try_acquire(now):
-                    held = circuit.held_for_s(now)
-                    if held is not None:  # a 429's Retry-After, not the breaker
-                        failures.append(RetryAfterHeld(
-                            f"{target.key} is rate limited by the provider for {held:.1f} "
-                            "more seconds", target=target.key, retry_after_s=round(held, 3)))
-                        _note(reasons, f"fallback:{RetryAfterHeld.route_reason}")
-                        break
                     at = circuit.available_at(now)
                     next_open = at if next_open is None else min(next_open, at)
                     _note(reasons, "fallback:circuit_open")
@@ -411,6 +404,7 @@ class Gateway:
                 meter = Meter()
                 try:
                     async with asyncio.timeout_at(ctx.deadline):
+                        await self.accountant.check_retry_after(target)  # RetryAfterHeld
                         ticket = await self.accountant.reserve(call, target, ctx.identity, est)
                         await self.accountant.outbound(target, est)
                         attempts += 1
@@ -444,7 +438,9 @@ class Gateway:
                     if not e.counts_against_health:
                         circuit.release()  # no verdict on its health; move on
                         break
-                    circuit.failure(self._clock(), e.retry_after_s)
+                    circuit.failure(self._clock())
+                    # Held before anything else is tried, for every sidecar sharing the limiter.
+                    await self.accountant.retry_after(target, e.retry_after_s)
                     delay = self._retry_delay(e, tries, route, ctx)
                     if delay is None:
                         break
@@ -534,7 +530,8 @@ class Gateway:
 
     def _note_limits(self, target: Target, meter: Meter) -> None:
         """Remember when a provider's headers said its limit is used up (x-ratelimit-*);
-        a 429's Retry-After already holds the target's circuit."""
+        a failure's Retry-After is held where the failure is handled. Both are holds in the
+        rate limiter (:mod:`sidecar.limits.holds`)."""
         if meter.limited_for_s:
             self.accountant.provider_limited(target, meter.limited_for_s)
 

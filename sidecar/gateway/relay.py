@@ -87,7 +87,7 @@ async def relay(
     meter: Meter,
     redact: Redactor,
     settle: Callable[[], Awaitable[int | None]],
-    upstream_failed: Callable[[UpstreamError], None],
+    upstream_failed: Callable[[UpstreamError], Awaitable[None]],
     finished: Callable[[bool], None],
 ) -> AsyncGenerator[StreamEvent, None]:
     """Relay ``first`` then ``frames`` as :class:`Relayed` events and end with one
@@ -123,7 +123,7 @@ async def relay(
     except _Stopped:
         yield Failed(redact.error(shut_down()))
     except UpstreamError as e:
-        upstream_failed(e)
+        await upstream_failed(e)
         yield Failed(redact.error(e))
     except SidecarError as e:  # the cost could not be recorded
         yield Failed(redact.error(e))

@@ -1,4 +1,4 @@
-"""Rate limits: GCRA (the generic cell rate algorithm), in memory or shared.
+"""Rate limits: GCRA (the generic cell rate algorithm), its decision and its contract.
 
 A limit is a rate (units per second: requests, or tokens) and a burst (units that may be
 taken at once). GCRA keeps one number per key, the theoretical arrival time (TAT): taking
@@ -12,24 +12,28 @@ Every limiter implements :class:`RateLimiter` with the same semantics:
   A cost above the burst can never fit: it returns ``inf``.
 * :meth:`~RateLimiter.charge` takes units unconditionally (may go into debt), for
   corrections once the real token count is known.
+* A cost of 0 takes nothing: :meth:`~RateLimiter.acquire` then only reads the wait that a
+  block imposes (0 when there is none), so one key can hold a target without limiting it.
 * :meth:`~RateLimiter.block` makes every acquire on a key wait until ``until_s`` from now
   (a provider said its limit is reached until then).
 
 Limiters raise :class:`LimiterUnavailable` when shared state cannot be reached.
+
+Implementations: :class:`sidecar.limits.memory.MemoryRateLimiter` (one process) and
+:class:`sidecar.limits.redis.RedisRateLimiter` (a fleet, on Redis's clock); one contract
+test suite runs against both. :func:`gcra` is the decision itself, pure.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
 
 
 class LimiterUnavailable(Exception):
-    pass
+    """Shared limiter state cannot be reached; the message says why (never a secret)."""
 
 
 class Rate(msgspec.Struct, frozen=True):
@@ -74,29 +78,3 @@ def gcra(tat: float, now: float, rate: Rate, cost: float) -> tuple[float, float]
     new_tat = tat + cost / rate.per_s
     wait = new_tat - now - rate.burst / rate.per_s
     return (new_tat, 0.0) if wait <= gcra_slack(rate, cost) else (tat, wait)
-
-
-class MemoryRateLimiter:
-    """Per-process limits; exact, no I/O."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._tat: dict[str, float] = {}
-        self._clock = clock
-
-    async def acquire(self, key: str, rate: Rate, cost: float = 1.0) -> float:
-        now = self._clock()
-        tat, wait = gcra(self._tat.get(key, now), now, rate, cost)
-        self._tat[key] = tat
-        return wait
-
-    async def charge(self, key: str, rate: Rate, cost: float) -> None:
-        now = self._clock()
-        self._tat[key] = max(self._tat.get(key, now), now) + cost / rate.per_s
-
-    async def block(self, key: str, rate: Rate, until_s: float) -> None:
-        now = self._clock()
-        blocked = now + until_s + rate.burst / rate.per_s
-        self._tat[key] = max(self._tat.get(key, now), blocked)
-
-    async def aclose(self) -> None:
-        pass

@@ -1,6 +1,6 @@
 """Money and limits for one request: what it may cost, who pays, whether it may go now.
 
-The :class:`Accountant` is called by the gateway at four points of a request:
+The :class:`Accountant` is called by the gateway at these points of a request:
 
 * :meth:`~Accountant.admit` once, before any target: the client key's and the route's
   inbound rate limits (requests and tokens per minute). Raises :class:`RateLimited` with an
@@ -13,15 +13,27 @@ The :class:`Accountant` is called by the gateway at four points of a request:
   (``on_exhausted = "local"``: the gateway skips to free targets) or :class:`BudgetRejected`
   (``"reject"``: 429 with the window's reset time); an unreachable ledger raises
   :class:`LedgerDown` (skip to free targets) unless budgets fail open.
-* :meth:`~Accountant.outbound` before each attempt: the provider's outbound rpm/tpm, and
-  what the provider itself said about its limits. Raises :class:`TargetLimited`.
+* :meth:`~Accountant.check_retry_after` before each attempt, before the reservation: an
+  earlier Retry-After of the target (:meth:`~Accountant.retry_after`) still holds it.
+  Raises :class:`RetryAfterHeld`.
+* :meth:`~Accountant.outbound` before each attempt, after the reservation: the provider's
+  outbound rpm/tpm, and what its ``x-ratelimit-*`` headers said about its limits
+  (:meth:`~Accountant.provider_limited`). Raises :class:`TargetLimited`.
 * :meth:`~Accountant.settle` after a success (the actual cost from the usage, durably
   recorded before the answer goes out) or :meth:`~Accountant.release` after a failure.
+* :meth:`~Accountant.retry_after` after a failure that carried a Retry-After, and
+  :meth:`~Accountant.provider_limited` after any answer whose ``x-ratelimit-*`` headers
+  said the limit is used up: what the provider told us to wait for.
 
 A reservation is durable before the provider is called (see :mod:`sidecar.money.budgets`), so a
 crash between reserve and settle, or a settle or release the ledger could not take, costs
 the attempt's worst case (its reservation is spent when it expires, or when the SQLite
 ledger is opened again), never a lost charge.
+
+What a provider says about waiting is held in the rate limiter (:mod:`sidecar.limits.holds`),
+so with a shared limiter (Redis) every sidecar of the fleet skips a target that one of them
+was told to wait for. Holds fail open: when the limiter cannot be reached, the target is
+tried (the provider will say so again), whatever ``limits_on_unavailable`` says.
 
 Free targets (local models, providers marked ``free``) never reserve. A paid target whose
 price is unknown cannot be bounded, so under a budget it is skipped like an exhausted one.
@@ -36,7 +48,6 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import msgspec
 
@@ -46,21 +57,24 @@ from sidecar.errors import (
     BudgetRejected,
     LedgerDown,
     RateLimited,
+    RetryAfterHeld,
     TargetLimited,
     Unavailable,
 )
 from sidecar.limits.gcra import LimiterUnavailable, Rate, RateLimiter
+from sidecar.limits.holds import Hold, Holds
 from sidecar.money.budgets import (
     BudgetKey,
     BudgetStore,
     LedgerUnavailable,
-    NoRoom,
+    Shortfall,
     window_of,
     window_reset,
 )
+from sidecar.money.estimates import Estimate
 from sidecar.money.pricing import FREE, Price, PriceTable, cost, format_usd
 from sidecar.routing.routes import Route, Target
-from sidecar.types import Call, ChatRequest, CompletionRequest, EmbeddingRequest, Meter, Usage
+from sidecar.types import Call, Meter, Usage
 
 log = logging.getLogger("sidecar.money.accountant")
 
@@ -69,51 +83,6 @@ log = logging.getLogger("sidecar.money.accountant")
 DEFAULT_MAX_TOKENS = 4096
 #: The fewest completion tokens worth calling a paid target for.
 MIN_COMPLETION_TOKENS = 16
-#: Extra prompt tokens assumed per image part (its bytes say nothing about its tokens).
-IMAGE_TOKENS = 1600
-
-_encoder = msgspec.json.Encoder()
-
-
-class Estimate(msgspec.Struct, frozen=True):
-    """What a request may use before any provider has seen it."""
-
-    prompt_max: int
-    """An upper bound of its prompt tokens: the JSON bytes of its input (a token is at
-    least one byte) plus a fixed amount per image."""
-    prompt_guess: int
-    """A realistic guess (a quarter of that), for token rate limits."""
-    max_tokens: int | None
-    """The client's completion limit per choice, if any."""
-    choices: int = 1
-    """Completions the provider generates (and bills): ``n``, or ``best_of`` for text
-    completions."""
-
-
-def estimate(call: Call) -> Estimate:
-    req = call.request
-    choices = 1
-    if isinstance(req, ChatRequest):
-        data: Any = [call.raw.get("messages"), call.raw.get("tools")]
-        images = sum(
-            1 for m in req.messages if isinstance(m.content, list)
-            for part in m.content if part.get("type") in ("image_url", "input_image", "image")
-        )
-        limit, choices = req.token_limit, req.n or 1
-    elif isinstance(req, CompletionRequest):
-        data, images, limit = req.prompt, 0, req.max_tokens
-        choices = max(_count(call.raw.get("n")), _count(call.raw.get("best_of")))
-    else:
-        assert isinstance(req, EmbeddingRequest)
-        data, images, limit = req.input, 0, 0
-    size = len(_encoder.encode(data)) + images * IMAGE_TOKENS
-    return Estimate(size, max(1, size // 4), limit, choices)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
-
-
 class Ticket(msgspec.Struct):
     """One attempt's reservation. ``rid`` None: nothing was reserved; ``price`` None: the
     target's price is unknown (no budget applies to it), so its cost is too."""
@@ -170,7 +139,9 @@ class Accountant:
         self._ttl_s = config.server.max_request_timeout_s + 60.0
         state = config.state
         self._budgets_closed = state.budgets_on_unavailable == "closed"
-        self._blocked_until: dict[str, float] = {}
+        self._holds = Holds(limiter)
+        self._pending: set[asyncio.Task[None]] = set()
+        """Holds being recorded (:meth:`provider_limited`)."""
         self._limits_closed = state.limits_on_unavailable == "closed"
 
     @property
@@ -236,11 +207,26 @@ class Accountant:
 
     # --- outbound limits ------------------------------------------------------------------
 
+    async def check_retry_after(self, target: Target) -> None:
+        """Raise :class:`RetryAfterHeld` while an earlier Retry-After holds ``target`` (told
+        to this sidecar, or to any that shares its limiter)."""
+        held = await self._held_for_s(Hold.RETRY_AFTER, target)
+        if held is not None:
+            raise RetryAfterHeld(
+                f"{target.key} is rate limited by the provider for {held:.1f} more seconds",
+                target=target.key, retry_after_s=round(held, 3))
+
+    async def retry_after(self, target: Target, seconds: float | None) -> None:
+        """The provider answered a call to ``target`` with a Retry-After of ``seconds``
+        (None or 0: none): hold the target until then."""
+        if seconds:
+            await self._hold(Hold.RETRY_AFTER, target, seconds)
+
     async def outbound(self, target: Target, est: Estimate) -> None:
         """Raise :class:`TargetLimited` when the provider's limits say wait: its configured
-        rpm/tpm, or what it said itself (429 Retry-After, ``x-ratelimit-*``)."""
-        blocked = self._blocked_until.get(target.key, 0.0) - time.monotonic()
-        if blocked > 0:
+        rpm/tpm, or what its ``x-ratelimit-*`` headers said (:meth:`provider_limited`)."""
+        blocked = await self._held_for_s(Hold.EXHAUSTED, target)
+        if blocked is not None:
             raise TargetLimited(f"{target.key}: the provider asked to wait {blocked:.1f} s",
                                 target=target.key, retry_after_s=blocked)
         pc = self._providers.get(target.provider)
@@ -254,12 +240,36 @@ class Accountant:
                     target=target.key, retry_after_s=None if math.isinf(wait) else wait,
                 )
 
-    def provider_limited(self, target: Target, seconds: float) -> None:
-        """The provider said its limit for this model is used up for ``seconds``: skip the
-        target until then (providers limit per model, so other models still go)."""
-        until = time.monotonic() + seconds
-        if until > self._blocked_until.get(target.key, 0.0):
-            self._blocked_until[target.key] = until
+    def provider_limited(self, target: Target, seconds: float | None) -> None:
+        """The provider said its limit for this model is used up for ``seconds`` (None or
+        0: it did not): skip the target until then (providers limit per model, so other
+        models still go).
+
+        Recorded in the background, because the answer that said so is on its way to the
+        client and must not wait for the limiter (nor be lost if its task is cancelled
+        meanwhile); this sidecar's own checks wait for it, so it always sees its own holds.
+        """
+        if not seconds:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._hold(Hold.EXHAUSTED, target, seconds))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _hold(self, kind: Hold, target: Target, seconds: float) -> None:
+        try:
+            await self._holds.hold(kind, target.key, seconds)
+        except LimiterUnavailable as e:
+            log.warning("%s not held (%s): %s", target.key, kind.value, e)
+
+    async def _held_for_s(self, kind: Hold, target: Target) -> float | None:
+        if self._pending:  # not gather: a cancelled caller must not cancel them
+            await asyncio.wait(set(self._pending))
+        try:
+            return await self._holds.held_for_s(kind, target.key)
+        except LimiterUnavailable as e:
+            log.warning("holds not checked for %s: %s", target.key, e)
+            return None
 
     # --- budgets --------------------------------------------------------------------------
 
@@ -310,7 +320,7 @@ class Accountant:
                                  f"unavailable: {e}", target=target.key) from None
             log.warning("budgets not applied: %s", e)
             return Ticket(target, price)
-        if isinstance(result, NoRoom):
+        if isinstance(result, Shortfall):
             b = next(b for b, key in budgets if key == result.key)
             raise self._exhausted(b, result, target, now)
         cap = None
@@ -320,13 +330,13 @@ class Accountant:
                              // (per_token * n)))
         return Ticket(target, price, rid, result.amount, cap)
 
-    def _exhausted(self, b: BudgetConfig, no_room: NoRoom, target: Target, now: float
+    def _exhausted(self, b: BudgetConfig, short: Shortfall, target: Target, now: float
                    ) -> BudgetExhausted | BudgetRejected:
         reset = window_reset(b.window, now)
         when = (f"; it resets at {_iso(reset)}" if reset is not None
                 else "; it does not reset")
-        who = "" if no_room.key.subject == "*" else f" for {b.scope} '{no_room.key.subject}'"
-        message = (f"Budget '{b.name}'{who} is exhausted ({format_usd(no_room.room)} of "
+        who = "" if short.key.subject == "*" else f" for {b.scope} '{short.key.subject}'"
+        message = (f"Budget '{b.name}'{who} is exhausted ({format_usd(short.room)} of "
                    f"{format_usd(_micro(b.limit_usd))} USD left this {b.window} window){when}")
         retry = None if reset is None else max(1.0, reset - now)
         if b.on_exhausted == "reject":
@@ -415,6 +425,8 @@ class Accountant:
 
 
     async def aclose(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending))
         if self._store is not None:
             await self._store.aclose()
         await self._limiter.aclose()

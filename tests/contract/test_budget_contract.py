@@ -22,18 +22,20 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.money.budgets import (
+from sidecar.money import (
     BudgetKey,
     BudgetStore,
     LedgerUnavailable,
     MemoryBudgetStore,
-    NoRoom,
-    Recovered,
     Reserved,
+    Shortfall,
     SQLiteBudgetStore,
     Totals,
 )
-from sidecar.money.redis_ledger import RedisBudgetStore, redact_url
+from sidecar.money.budgets import fit
+from sidecar.money.ledger_redis import RedisBudgetStore
+from sidecar.money.ledger_sqlite import Recovered
+from sidecar.redis_client import redact_url
 from tests.support.redis_server import RedisServer, redis_server_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,14 +71,26 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 3.
     return time.monotonic() - start
 
 
+# --- the reservation rule, pure -----------------------------------------------------------
+
+
+def test_fit_takes_the_smallest_room_and_names_the_first_key_short() -> None:
+    assert fit([(G, 1000), (K, 300)], 500, 100) == Reserved(300)
+    assert fit([(G, 1000)], 500, 100) == Reserved(500)
+    assert fit([(G, 50), (K, 10)], 500, 100) == Shortfall(G, 50)  # the first one short
+    assert fit([(G, 1000), (K, -20)], 500, 100) == Shortfall(K, 0)  # overspent: no room
+    assert fit([(G, 0)], 5, 0) == Shortfall(G, 0)  # nothing fits in no room, not even 0
+    assert fit([], 500, 100) == Reserved(500)
+
+
 # --- the contract -------------------------------------------------------------------------
 
 
 async def test_reserve_within_and_over_the_limit(store: BudgetStore) -> None:
     assert await store.reserve("r1", [(G, 1000)], 600, 600, 60) == Reserved(600)
-    assert await store.reserve("r2", [(G, 1000)], 600, 600, 60) == NoRoom(G, 400)
+    assert await store.reserve("r2", [(G, 1000)], 600, 600, 60) == Shortfall(G, 400)
     assert await store.reserve("r3", [(G, 1000)], 400, 400, 60) == Reserved(400)
-    assert await store.reserve("r4", [(G, 1000)], 1, 0, 60) == NoRoom(G, 0)
+    assert await store.reserve("r4", [(G, 1000)], 1, 0, 60) == Shortfall(G, 0)
     assert await store.totals([G]) == {G: Totals(spent=0, reserved=1000)}
 
 
@@ -87,22 +101,22 @@ async def test_want_max_is_capped_by_the_room_and_want_min_is_the_floor(
     await store.release("big")
     assert await store.reserve("a", [(G, 1000)], 700, 700, 60) == Reserved(700)
     assert await store.reserve("b", [(G, 1000)], 500, 200, 60) == Reserved(300)
-    assert await store.reserve("c", [(G, 1000)], 500, 0, 60) == NoRoom(G, 0)
+    assert await store.reserve("c", [(G, 1000)], 500, 0, 60) == Shortfall(G, 0)
     await store.release("b")
     # want_min above the room: nothing, and the room is reported.
-    assert await store.reserve("d", [(G, 1000)], 500, 301, 60) == NoRoom(G, 300)
+    assert await store.reserve("d", [(G, 1000)], 500, 301, 60) == Shortfall(G, 300)
     assert (await store.totals([G]))[G] == Totals(0, 700)
 
 
 async def test_all_keys_are_reserved_at_once_or_none_is(store: BudgetStore) -> None:
     limits = [(G, 1000), (K, 100), (P, 50)]
     # K is the first key without room: it is named, and nothing is reserved anywhere.
-    assert await store.reserve("r1", limits, 500, 200, 60) == NoRoom(K, 100)
+    assert await store.reserve("r1", limits, 500, 200, 60) == Shortfall(K, 100)
     assert await store.totals([G, K, P]) == {G: Totals(), K: Totals(), P: Totals()}
     assert await store.reserve("r2", limits, 500, 10, 60) == Reserved(50)
     assert await store.totals([G, K, P]) == {G: Totals(0, 50), K: Totals(0, 50),
                                              P: Totals(0, 50)}
-    assert await store.reserve("r3", limits, 500, 1, 60) == NoRoom(P, 0)
+    assert await store.reserve("r3", limits, 500, 1, 60) == Shortfall(P, 0)
     assert (await store.totals([G]))[G] == Totals(0, 50)
 
 
@@ -145,7 +159,7 @@ async def test_settle_or_release_of_unknown_ids_changes_nothing(store: BudgetSto
 
 async def test_release_gives_the_room_back(store: BudgetStore) -> None:
     assert await store.reserve("r1", [(G, 1000), (K, 500)], 500, 500, 60) == Reserved(500)
-    assert await store.reserve("r2", [(K, 500)], 1, 1, 60) == NoRoom(K, 0)
+    assert await store.reserve("r2", [(K, 500)], 1, 1, 60) == Shortfall(K, 0)
     await store.release("r1")
     await store.release("r1")
     assert await store.totals([G, K]) == {G: Totals(0, 0), K: Totals(0, 0)}
@@ -201,8 +215,8 @@ async def _race(stores: list[BudgetStore]) -> tuple[int, list[Totals]]:
     async def request(i: int) -> bool:
         s = stores[i % len(stores)]
         got = await s.reserve(f"req-{i}", limits, 100, 100, 30)
-        if isinstance(got, NoRoom):
-            assert got == NoRoom(G, 0)
+        if isinstance(got, Shortfall):
+            assert got == Shortfall(G, 0)
             return False
         assert got == Reserved(100)
         await asyncio.sleep(0)
@@ -234,7 +248,7 @@ async def test_concurrent_reservations_never_overshoot(store: BudgetStore) -> No
 
 _CRASHING_WRITER = textwrap.dedent("""
     import asyncio, sys
-    from sidecar.money.budgets import BudgetKey, SQLiteBudgetStore
+    from sidecar.money import BudgetKey, SQLiteBudgetStore
 
     async def main():
         store = SQLiteBudgetStore(sys.argv[1])
@@ -252,7 +266,7 @@ _CRASHING_WRITER = textwrap.dedent("""
 
 _SECOND_OPENER = textwrap.dedent("""
     import sys
-    from sidecar.money.budgets import LedgerUnavailable, SQLiteBudgetStore
+    from sidecar.money import LedgerUnavailable, SQLiteBudgetStore
     try:
         SQLiteBudgetStore(sys.argv[1])
     except LedgerUnavailable as e:
@@ -418,7 +432,7 @@ async def test_redis_reservation_of_a_crashed_sidecar_is_spent_when_it_expires(
     await crashed.aclose()  # never settles nor releases
     survivor = RedisBudgetStore(redis_server.url, prefix=prefix)
     try:
-        assert await survivor.reserve("r2", [(G, 1000)], 401, 401, 60) == NoRoom(G, 400)
+        assert await survivor.reserve("r2", [(G, 1000)], 401, 401, 60) == Shortfall(G, 400)
 
         async def charged() -> bool:
             return (await survivor.totals([G]))[G] == Totals(600, 0)

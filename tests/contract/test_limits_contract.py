@@ -18,8 +18,16 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.limits.gcra import LimiterUnavailable, MemoryRateLimiter, Rate, RateLimiter, gcra
-from sidecar.money.redis_ledger import RedisRateLimiter
+from sidecar.limits import (
+    Hold,
+    Holds,
+    LimiterUnavailable,
+    MemoryRateLimiter,
+    Rate,
+    RateLimiter,
+    gcra,
+)
+from sidecar.limits.redis import RedisRateLimiter
 from tests.support.process import closed_port
 from tests.support.redis_server import RedisServer, redis_server_fixture
 
@@ -122,6 +130,40 @@ async def test_block_in_the_past_admits_the_burst(limiter: RateLimiter) -> None:
     assert [await limiter.acquire("k", rate) for _ in range(2)] == [0.0, 0.0]
 
 
+async def test_a_cost_of_zero_only_reads_the_wait(limiter: RateLimiter) -> None:
+    rate = Rate(per_s=1.0, burst=2.0)
+    assert await limiter.acquire("k", rate, cost=0.0) == 0.0
+    assert [await limiter.acquire("k", rate) for _ in range(2)] == [0.0, 0.0]
+    # The burst is used up, yet nothing still fits, and reading takes nothing.
+    assert await limiter.acquire("k", rate, cost=0.0) == 0.0
+    wait = await limiter.acquire("k", rate)
+    assert 0.9 <= wait <= 1.0 + 1e-6
+    start = time.monotonic()
+    await limiter.block("k", rate, 0.5)
+    held = await limiter.acquire("k", rate, cost=0.0)
+    assert 0.5 - (time.monotonic() - start) - TOLERANCE_S <= held <= 0.5 + 1e-6
+
+
+async def test_holds_are_kept_in_the_limiter(limiter: RateLimiter) -> None:
+    holds = Holds(limiter)
+    assert await holds.held_for_s(Hold.RETRY_AFTER, "p/m") is None
+    start = time.monotonic()
+    await holds.hold(Hold.RETRY_AFTER, "p/m", 30.0)
+    await holds.hold(Hold.RETRY_AFTER, "p/m", 1.0)  # never shortens a longer hold
+    await holds.hold(Hold.EXHAUSTED, "p/n", 0.0)  # nothing to hold
+    held = await holds.held_for_s(Hold.RETRY_AFTER, "p/m")
+    assert held is not None and 30.0 - (time.monotonic() - start) - TOLERANCE_S <= held <= 30.0
+    # Each kind and each target on its own; reading changes nothing.
+    assert await holds.held_for_s(Hold.EXHAUSTED, "p/m") is None
+    assert await holds.held_for_s(Hold.RETRY_AFTER, "p/other") is None
+    assert await holds.held_for_s(Hold.EXHAUSTED, "p/n") is None
+    again = await holds.held_for_s(Hold.RETRY_AFTER, "p/m")
+    assert again is not None and again <= held
+    # A hold shorter than the timer slack is no hold: a caller that slept for it goes.
+    await holds.hold(Hold.EXHAUSTED, "p/short", 0.001)
+    assert await holds.held_for_s(Hold.EXHAUSTED, "p/short") is None
+
+
 async def test_keys_are_independent(limiter: RateLimiter) -> None:
     rate = Rate(per_s=1.0, burst=3.0)
     assert [await limiter.acquire("a", rate) for _ in range(3)] == [0.0] * 3
@@ -186,6 +228,18 @@ async def test_redis_cost_above_burst_needs_no_redis() -> None:
         await lim.aclose()
 
 
+async def test_redis_sidecars_share_one_hold(redis_server: RedisServer) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+    told, other = (RedisRateLimiter(redis_server.url, prefix=prefix) for _ in range(2))
+    try:
+        await Holds(told).hold(Hold.RETRY_AFTER, "p/m", 30.0)
+        held = await Holds(other).held_for_s(Hold.RETRY_AFTER, "p/m")
+        assert held is not None and 29.0 < held <= 30.0
+    finally:
+        await told.aclose()
+        await other.aclose()
+
+
 async def test_redis_outage_fails_fast_and_recovers(lone_redis: RedisServer) -> None:
     lim = RedisRateLimiter(lone_redis.url, prefix="t:", timeout_s=0.5)
     rate = Rate(per_s=10.0, burst=2.0)
@@ -193,7 +247,7 @@ async def test_redis_outage_fails_fast_and_recovers(lone_redis: RedisServer) -> 
         assert await lim.acquire("k", rate) == 0.0
         lone_redis.stop(kill=True)
         for call in (lambda: lim.acquire("k", rate), lambda: lim.charge("k", rate, 1.0),
-                     lambda: lim.block("k", rate, 1.0)):
+                     lambda: lim.block("k", rate, 1.0), lambda: lim.acquire("k", rate, 0.0)):
             start = time.monotonic()
             with pytest.raises(LimiterUnavailable, match=re.escape(f"127.0.0.1:{lone_redis.port}")):
                 await call()
@@ -214,6 +268,9 @@ async def test_redis_idle_keys_vanish(redis_server: RedisServer) -> None:
         await lim.acquire("k", Rate(per_s=20.0, burst=1.0))  # TAT 50 ms ahead
         ttl_ms = await client.pttl(f"{prefix}rate:k")
         assert 0 < ttl_ms <= 52
+        # Reading at cost 0 writes nothing.
+        assert await lim.acquire("z", Rate(per_s=20.0, burst=1.0), 0.0) == 0.0
+        assert await client.exists(f"{prefix}rate:z") == 0
     finally:
         await client.aclose()
         await lim.aclose()

@@ -1,6 +1,7 @@
 """End to end, a fleet: three ``sidecar serve`` processes on one real ``redis-server``
-share a budget and a per-key rate limit; when Redis goes away, paid calls fail closed
-while free and local targets still serve, and paid calls work again once it is back."""
+share a budget, a per-key rate limit and what a provider told one of them to wait for
+(a 429's Retry-After); when Redis goes away, paid calls fail closed while free and local
+targets still serve, and paid calls work again once it is back."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.fake_provider import FakeProvider, ok
+from tests.support.fake_provider import FakeProvider, ok, status
 from tests.support.process import SidecarProcess
 from tests.support.redis_server import RedisServer, redis_server_fixture
 
@@ -76,6 +77,10 @@ n_parallel = 2
 [[routes]]
 model = "chat"
 targets = [{{ provider = "p1", model = "a" }}]
+
+[[routes]]
+model = "told-to-wait"
+targets = [{{ provider = "p1", model = "fake-a" }}, {{ provider = "p1", model = "fake-b" }}]
 
 [[routes]]
 model = "money"
@@ -230,6 +235,40 @@ def test_the_fleet_shares_one_rate_limit(fleet: list[SidecarProcess], fp: FakePr
     assert burst + rate * shortest - 1 <= n <= rate * longest + burst + 1, (n, longest)
     assert fp.stats()["requests"] == n
     assert all(1 <= int(e.response.headers["retry-after"]) <= 1 for e in limited)
+
+
+def test_a_retry_after_told_to_one_sidecar_holds_the_target_for_the_fleet(
+    fleet: list[SidecarProcess], fp: FakeProvider
+) -> None:
+    def models() -> list[str]:
+        return [r["model"] for r in fp.requests()]
+
+    fp.script("fake-a", status(429, retry_after="30"))
+    told, other, third = fleet
+    first = chat(told.sdk("k-free", timeout=30), "told-to-wait")
+    assert first.headers["x-sidecar-target"] == "p1/fake-b"
+    assert first.headers["x-sidecar-route-reason"] == "fallback:upstream_429"
+    assert models() == ["fake-a", "fake-b"]
+    # Another sidecar skips fake-a without calling it: the hold is in Redis.
+    second = chat(other.sdk("k-free", timeout=30), "told-to-wait")
+    assert second.headers["x-sidecar-target"] == "p1/fake-b"
+    assert second.headers["x-sidecar-route-reason"] == "fallback:upstream_429"
+    assert second.headers["x-sidecar-attempts"] == "1"
+    assert models() == ["fake-a", "fake-b", "fake-b"]
+    # Naming the held target on a third: 429 with the time left, nothing sent.
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(third.sdk("k-free", timeout=30), "p1/fake-a")
+    assert 25 <= int(e.value.response.headers["retry-after"]) <= 30
+    assert "p1/fake-a is rate limited by the provider for" in e.value.message
+    assert "circuit" not in e.value.message
+    assert models() == ["fake-a", "fake-b", "fake-b"]
+    # A hold is not a failure: no sidecar's circuit counted one for the others.
+    for s in (other, third):
+        r = httpx.get(f"{s.url}/v1/sidecar/status",
+                      headers={"authorization": "Bearer k-free"}, timeout=10)
+        assert r.status_code == 200, r.text
+        circuit = r.json()["targets"]["p1/fake-a"]["circuit"]
+        assert circuit["state"] == "closed" and circuit["consecutive_failures"] == 0
 
 
 def test_redis_down_paid_fails_closed_free_and_local_serve_then_recovers(

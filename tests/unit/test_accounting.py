@@ -17,28 +17,26 @@ from sidecar.errors import (
     BudgetRejected,
     LedgerDown,
     RateLimited,
+    RetryAfterHeld,
     TargetLimited,
     Unavailable,
     UpstreamError,
 )
-from sidecar.limits.gcra import LimiterUnavailable, MemoryRateLimiter, Rate
-from sidecar.money.accountant import (
-    DEFAULT_MAX_TOKENS,
-    IMAGE_TOKENS,
-    MIN_COMPLETION_TOKENS,
+from sidecar.limits import LimiterUnavailable, MemoryRateLimiter, Rate
+from sidecar.money import (
     Accountant,
-    Estimate,
-    Ticket,
-    estimate,
-)
-from sidecar.money.budgets import (
     BudgetKey,
+    Estimate,
     LedgerUnavailable,
     MemoryBudgetStore,
-    NoRoom,
     Reserved,
+    Shortfall,
+    Ticket,
     Totals,
+    estimate,
 )
+from sidecar.money.accountant import DEFAULT_MAX_TOKENS, MIN_COMPLETION_TOKENS
+from sidecar.money.estimates import IMAGE_TOKENS
 from sidecar.money.pricing import FREE, Price, cost
 from sidecar.routing.routes import Route, Target
 from sidecar.types import (
@@ -506,7 +504,7 @@ async def test_views_of_a_total_budget_and_of_none() -> None:
 
 class DownStore:
     async def reserve(self, rid: str, limits: Sequence[tuple[BudgetKey, int]], want_max: int,
-                      want_min: int, ttl_s: float) -> Reserved | NoRoom:
+                      want_min: int, ttl_s: float) -> Reserved | Shortfall:
         raise LedgerUnavailable("disk on fire")
 
     async def settle(self, rid: str, actual: int) -> None:
@@ -636,6 +634,47 @@ async def test_what_the_provider_said_blocks_only_that_model() -> None:
     await acc.outbound(Target("p1", "other-model"), est)
 
 
+async def test_a_retry_after_holds_only_that_model_until_then() -> None:
+    mono = Clock(1000.0)
+    acc = accountant(config(), limiter=MemoryRateLimiter(mono))
+    await acc.check_retry_after(PAID)  # nothing said yet
+    await acc.retry_after(PAID, 5.0)
+    await acc.retry_after(PAID, 1.0)  # a shorter hold never shortens a longer one
+    await acc.retry_after(PAID, None)  # no Retry-After: nothing changes
+    mono.t += 1.0
+    with pytest.raises(RetryAfterHeld) as e:
+        await acc.check_retry_after(PAID)
+    err = e.value
+    assert err.message == "p1/m1 is rate limited by the provider for 4.0 more seconds"
+    assert err.retry_after_s == 4.0 and err.target == "p1/m1"
+    assert err.route_reason == "upstream_429" and not err.counts_against_health
+    await acc.check_retry_after(Target("p1", "other-model"))
+    # A Retry-After hold is not what x-ratelimit-* said: outbound still lets it go.
+    await acc.outbound(PAID, estimate(chat()))
+    mono.t += 4.0 - 0.001  # within the timer slack: a caller that slept for it goes
+    await acc.check_retry_after(PAID)
+
+
+async def test_what_the_provider_said_is_held_in_the_shared_limiter() -> None:
+    # Two gateways sharing one limiter (as a fleet shares Redis): what one was told, the
+    # other obeys.
+    mono = Clock(1000.0)
+    limiter = MemoryRateLimiter(mono)
+    told, other = accountant(config(), limiter=limiter), accountant(config(), limiter=limiter)
+    await told.retry_after(PAID, 30.0)
+    told.provider_limited(Target("p1", "m2"), 10.0)
+    await told.outbound(PAID, estimate(chat()))  # waits for its own hold to be recorded
+    with pytest.raises(RetryAfterHeld):
+        await other.check_retry_after(PAID)
+    with pytest.raises(TargetLimited) as e:
+        await other.outbound(Target("p1", "m2"), estimate(chat()))
+    assert e.value.message == "p1/m2: the provider asked to wait 10.0 s"
+    assert e.value.route_reason == "rate_limit" and e.value.retry_after_s == 10.0
+    mono.t += 30.0
+    await other.check_retry_after(PAID)
+    await other.outbound(Target("p1", "m2"), estimate(chat()))
+
+
 class DownLimiter:
     async def acquire(self, key: str, rate: Rate, cost: float = 1.0) -> float:
         raise LimiterUnavailable("redis gone")
@@ -661,3 +700,8 @@ async def test_limiter_down_admits_by_default_and_refuses_when_closed() -> None:
     with pytest.raises(Unavailable) as e:
         await closed.admit("alice", ROUTE, est)
     assert e.value.status == 503 and "redis gone" in e.value.message
+    # Holds fail open whatever limits_on_unavailable says: the provider says it again.
+    await closed.retry_after(PAID, 5.0)
+    closed.provider_limited(PAID, 5.0)
+    await closed.check_retry_after(PAID)
+    await closed.outbound(PAID, est)

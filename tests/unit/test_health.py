@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.health import Circuit, CircuitState, RetryBudget
+from sidecar.health import Circuit, CircuitState, CircuitView, RetryBudget
 
 
 class Clock:
@@ -52,24 +52,15 @@ def test_success_resets_the_count() -> None:
     assert c.state is CircuitState.CLOSED
 
 
-def test_retry_after_blocks_target_until_then() -> None:
+def test_the_breaker_counts_failures_only() -> None:
+    # A Retry-After is not the breaker's: it is a hold in the rate limiter (see
+    # test_accounting and the limits contract). Below the threshold the circuit stays
+    # closed and lets every call through, however the failures ended.
     c = Circuit(failures_to_open=5, cooldown_s=10)
-    c.failure(0, retry_after_s=2)
-    assert c.state is CircuitState.CLOSED
-    assert not c.try_acquire(1.5)
-    assert c.try_acquire(2.0)
-    assert c.view(1.0).retry_in_s == 1.0
-
-
-def test_held_for_tells_a_retry_after_hold_from_an_open_circuit() -> None:
-    c = Circuit(failures_to_open=2, cooldown_s=60)
-    assert c.held_for_s(0) is None
-    c.failure(0, retry_after_s=5)
-    assert c.state is CircuitState.CLOSED and not c.try_acquire(1)
-    assert c.held_for_s(1) == 4  # closed: only the Retry-After holds it
-    assert c.held_for_s(5) is None and c.try_acquire(5)
-    c.failure(5, retry_after_s=5)
-    assert c.state is CircuitState.OPEN and c.held_for_s(6) is None  # the breaker does
+    c.failure(0)
+    assert c.state is CircuitState.CLOSED and c.failures == 1
+    assert c.try_acquire(0) and c.available_at(0) <= 0
+    assert c.view(0) == CircuitView("closed", 1, None)
 
 
 def test_retry_budget_caps_retries_to_ratio_of_traffic() -> None:
