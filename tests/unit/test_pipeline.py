@@ -30,9 +30,8 @@ from sidecar.errors import (
     UpstreamUnsupported,
 )
 from sidecar.gateway import Context, Ended, Failed, Gateway, Streaming, error_body
-from sidecar.limits.gcra import MemoryRateLimiter
-from sidecar.money.accountant import Accountant
-from sidecar.money.budgets import MemoryBudgetStore
+from sidecar.limits import MemoryRateLimiter
+from sidecar.money import Accountant, MemoryBudgetStore
 from sidecar.types import Call, Op, validate_call
 from tests.support.scripted import Answer, Fail, FailAfter, Hang, ScriptedProvider
 
