@@ -6,7 +6,8 @@ process, and by :func:`gpu_offload_supported` when called).
 
     catalog.py        which models exist and what each needs: ``build_catalog`` -> ``Catalog``
                       of ``CatalogEntry`` (``ModelSpec``, GGUF facts, memory estimate)
-    gguf.py           GGUF header and metadata reader (never tensor data)
+    gguf.py           GGUF metadata -> ``GGUFInfo``, ``check_supported`` (never tensor data)
+    gguf_reader.py    the byte level under it: header, metadata, tensor table, checked
     chat_template.py  the models' chat templates in a sandboxed Jinja environment
     limits.py         pure bounds on one request's work, checked before a worker sees it
     eviction.py       ``plan_load``: pure choice of the idle models to unload for a load
