@@ -19,7 +19,11 @@ process, and by :func:`gpu_offload_supported` when called).
                       death -> ``WorkerCrashed`` / ``WorkerLost``
     pool.py           ``ModelPool``: load on use, admission, eviction, idle unload, status
     errors.py         every error the pool raises (``LocalError`` and its subclasses)
-    worker.py         the worker process itself (``python -m local_models.worker``)
+    worker.py         the worker process itself (``python -m local_models.worker``): frames
+                      on stdin/stdout around one ``engine.Engine``
+    engine.py         ``Engine``: llama.cpp objects, continuous batching, sampling, stops,
+                      embeddings (imports llama_cpp only when one is made)
+    text_cuts.py      pure cuts of text: prompt slices, stop sequences
     backend.py        facts about the installed llama.cpp build
 """
 

@@ -11,7 +11,7 @@ a prompt that cannot fit is refused without rendering or tokenizing it.
   ``n_ctx * MAX_CHARS_PER_TOKEN`` characters.
 
 What passes is bounded again in the worker: tokenized in slices and refused at ``n_ctx``
-tokens (:mod:`local_models.worker`).
+tokens (:mod:`local_models.engine`).
 """
 
 from __future__ import annotations

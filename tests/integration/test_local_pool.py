@@ -518,7 +518,7 @@ async def test_a_large_embedding_batch_interleaves_with_generation_and_stops_on_
 
 def test_message_contents_never_become_control_tokens(default_model_path: Path) -> None:
     from local_models.chat_template import CONTENT_END
-    from local_models.worker import Engine
+    from local_models.engine import Engine
 
     engine = Engine(p.Load(path=str(default_model_path), n_ctx=4096, n_parallel=1,
                            n_gpu_layers=0, n_threads=1))
