@@ -15,7 +15,7 @@ process, and by :func:`gpu_offload_supported` when called).
     priority.py       niceness / CPU set / autogroup of worker processes
     protocol.py       the frames between the pool and a worker (``ChatMessage``,
                       ``Sampling``, ``Done``, ...)
-    workers.py        one worker process seen from the gateway: spawn, handshake, frames,
+    process.py        one worker process seen from the gateway: spawn, handshake, frames,
                       death -> ``WorkerCrashed`` / ``WorkerLost``
     pool.py           ``ModelPool``: load on use, admission, eviction, idle unload, status
     errors.py         every error the pool raises (``LocalError`` and its subclasses)

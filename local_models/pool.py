@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import msgspec
 import psutil
 
-from local_models import limits, priority, workers
+from local_models import limits, priority, process
 from local_models import protocol as p
 from local_models.catalog import CatalogEntry
 from local_models.errors import (
@@ -75,8 +75,8 @@ from local_models.errors import (
 )
 from local_models.eviction import LoadPlan, Resident, plan_load
 from local_models.priority import Baseline, Priority
+from local_models.process import Answer, Worker
 from local_models.state import Event, ModelState, next_state
-from local_models.workers import Answer, Worker
 
 __all__ = ["ModelPool", "ModelStatus", "PoolSettings"]
 
@@ -285,7 +285,7 @@ class ModelPool:
                     limits.clamp_max_tokens(max_tokens), tuple(stop), sampling,
                 ))
                 while True:
-                    arrived, msg = workers.unpack(await answers.get())
+                    arrived, msg = process.unpack(await answers.get())
                     if isinstance(msg, p.Tokens):
                         if first is None:
                             first = arrived
@@ -310,7 +310,7 @@ class ModelPool:
         async with self._request(name) as (_, worker, rid, answers):
             try:
                 worker.send(p.Embed(rid, tuple(inputs)))
-                _, msg = workers.unpack(await answers.get())
+                _, msg = process.unpack(await answers.get())
             except BaseException:  # cancelled or past its deadline: stop the worker's part
                 worker.send(p.Cancel(rid))
                 raise
@@ -437,7 +437,7 @@ class ModelPool:
                 continue
             busy = not may_unload or not _idle(m)  # only an idle model's RSS is ever counted
             residents.append(Resident(m.entry.name, m.estimate,
-                                      0 if busy else workers.rss(m.worker.pid), busy,
+                                      0 if busy else process.rss(m.worker.pid), busy,
                                       m.last_used))
         return plan_load(
             model.entry.name, model.estimate,
@@ -451,7 +451,7 @@ class ModelPool:
         entry = model.entry
         argv = self.settings.worker_command or (sys.executable, "-m", "local_models.worker")
         started = time.monotonic()
-        worker = await workers.start(entry.name, argv,
+        worker = await process.start(entry.name, argv,
                                      functools.partial(_worker_exited, model))
         self._workers.add(worker)
         if self._priority.requested:
