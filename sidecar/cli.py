@@ -79,7 +79,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     import psutil
 
     from local_models import gpu_offload_supported
-    from sidecar.host.watch import memory_floor_bytes
+    from sidecar.host import memory_floor_bytes
     from sidecar.runtime import build_catalog, memory_budget
 
     config = _load(_config_path(args.config))

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 
 from sidecar.gateway import Served
-from sidecar.money.pricing import format_usd
+from sidecar.money import format_usd
 
 MAX_HEADERS = 100
 """Header fields one HTTP request may have."""

@@ -34,7 +34,7 @@ from sidecar.config import (
     ProviderConfig,
 )
 from sidecar.gateway import Gateway
-from sidecar.host.watch import HostWatch, memory_floor_bytes
+from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.http.protocol import CappedHttpToolsProtocol
 from sidecar.limits import MemoryRateLimiter, RateLimiter

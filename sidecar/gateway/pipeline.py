@@ -42,7 +42,7 @@ from typing import TypeVar
 
 import msgspec
 
-from local_models.pool import ModelStatus
+from local_models import ModelStatus
 from sidecar.config import LOCAL_PROVIDER, Config
 from sidecar.errors import (
     CutAttempt,
@@ -61,9 +61,8 @@ from sidecar.gateway.verdict import deadline_passed, exhausted
 from sidecar.health import Health, RetryBudget
 from sidecar.host import HostWatch, LocalLoad, Pressure
 from sidecar.limits import MemoryRateLimiter
-from sidecar.money import Accountant, Estimate, Ticket, estimate
-from sidecar.money.pricing import FREE
-from sidecar.money.pricing import cost as cost_of
+from sidecar.money import FREE, Accountant, Estimate, Ticket, estimate
+from sidecar.money import cost as cost_of
 from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor

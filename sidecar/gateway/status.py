@@ -11,11 +11,10 @@ from typing import Any
 
 import msgspec
 
-from local_models.pool import ModelStatus
+from local_models import ModelStatus
 from sidecar.health import CircuitView
-from sidecar.host.watch import HostWatch
-from sidecar.routing.routes import Route
-from sidecar.routing.strategies import TargetTracker
+from sidecar.host import HostWatch
+from sidecar.routing import Route, TargetTracker
 
 _CLOSED = CircuitView("closed", 0, None)
 

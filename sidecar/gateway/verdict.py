@@ -25,7 +25,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnsupported,
 )
-from sidecar.routing.routes import Route
+from sidecar.routing import Route
 from sidecar.types import Call
 
 

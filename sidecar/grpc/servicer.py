@@ -59,7 +59,7 @@ from sidecar.grpc.translation import (
     embed_response,
 )
 from sidecar.grpc.v1 import sidecar_pb2 as pb
-from sidecar.money.pricing import format_usd
+from sidecar.money import format_usd
 from sidecar.request_meta import api_key, request_id_of, retry_after, served_meta
 
 log = logging.getLogger("sidecar.grpc")

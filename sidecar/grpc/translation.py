@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2
 
 from sidecar.errors import InvalidRequest, UpstreamMalformed
 from sidecar.grpc.v1 import sidecar_pb2 as pb
-from sidecar.money.pricing import format_usd
+from sidecar.money import format_usd
 from sidecar.providers.sse import SSEDecoder
 from sidecar.types import (
     Call,

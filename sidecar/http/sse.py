@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 
 from sidecar.errors import SidecarError
 from sidecar.gateway import Ended, Failed, Relayed, StreamEvent, error_body
-from sidecar.money.pricing import format_usd
+from sidecar.money import format_usd
 
 DONE_FRAME = b"data: [DONE]\n\n"
 COST_COMMENT = b": x-sidecar-cost-usd "

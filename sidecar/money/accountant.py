@@ -61,8 +61,7 @@ from sidecar.errors import (
     TargetLimited,
     Unavailable,
 )
-from sidecar.limits.gcra import LimiterUnavailable, Rate, RateLimiter
-from sidecar.limits.holds import Hold, Holds
+from sidecar.limits import Hold, Holds, LimiterUnavailable, Rate, RateLimiter
 from sidecar.money.budgets import (
     BudgetKey,
     BudgetStore,
@@ -73,7 +72,7 @@ from sidecar.money.budgets import (
 )
 from sidecar.money.estimates import Estimate
 from sidecar.money.pricing import FREE, Price, PriceTable, cost, format_usd
-from sidecar.routing.routes import Route, Target
+from sidecar.routing import Route, Target
 from sidecar.types import Call, Meter, Usage
 
 log = logging.getLogger("sidecar.money.accountant")

@@ -56,7 +56,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
     UpstreamUnsupported,
 )
-from sidecar.host.pressure import LocalLoad
+from sidecar.host import LocalLoad
 from sidecar.providers.base import Reply
 from sidecar.types import (
     Call,
