@@ -59,14 +59,14 @@ from sidecar.gateway.relay import Cut, relay
 from sidecar.gateway.status import model_ids, readiness_document, status_document
 from sidecar.gateway.verdict import deadline_passed, exhausted
 from sidecar.health import Health, RetryBudget
-from sidecar.host import HostWatch, LocalLoad, Pressure
+from sidecar.host import HostWatch, LocalLoad
 from sidecar.limits import MemoryRateLimiter
 from sidecar.money import FREE, Accountant, Estimate, Ticket, estimate
 from sidecar.money import cost as cost_of
 from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
-from sidecar.routing import Plan, Route, Router, Target, TargetTracker, plan
+from sidecar.routing import CALM, Plan, Route, Router, Target, TargetTracker, plan
 from sidecar.types import Call, Meter
 
 T = TypeVar("T")
@@ -486,10 +486,11 @@ class Gateway:
                 price = prices.lookup(t.provider, t.model)
                 costs[t.key] = None if price is None else cost_of(price, est.prompt_guess,
                                                                   completion)
-        known = self._local_load or (lambda model: None)
-        loads = {t.key: load for t in route.targets if t.provider == LOCAL_PROVIDER
-                 and (load := known(t.model)) is not None}
-        pressure = self.host.pressure if self.host is not None else Pressure()
+        known = self._local_load
+        loads = {} if known is None else {
+            t.key: load for t in route.targets
+            if t.provider == LOCAL_PROVIDER and (load := known(t.model)) is not None}
+        pressure = self.host.pressure if self.host is not None else CALM
         return plan(route, self._rng, stats=stats, costs=costs, stream=call.stream,
                     pressure=pressure, loads=loads, left_s=ctx.deadline - self._clock(),
                     max_tokens=est.max_tokens)

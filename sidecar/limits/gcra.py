@@ -47,6 +47,11 @@ class Rate(msgspec.Struct, frozen=True):
 
 
 class RateLimiter(Protocol):
+    def may_have(self, key: str) -> bool:
+        """False only when the limiter knows without I/O that it has no state for ``key``
+        (so a cost-0 :meth:`acquire` of it would return 0); True: ask."""
+        ...
+
     async def acquire(self, key: str, rate: Rate, cost: float = 1.0) -> float:
         ...
 

@@ -56,8 +56,16 @@ class Holds:
         if seconds > 0:
             await self._limiter.block(hold_key(kind, target), _RATE, seconds)
 
+    def may_hold(self, kind: Hold, target: str) -> bool:
+        """False when ``target`` is known not to be held without asking the limiter
+        (:meth:`~sidecar.limits.gcra.RateLimiter.may_have`: the common case, read on every
+        attempt, costs a dict lookup in memory); True: :meth:`held_for_s` must ask."""
+        return self._limiter.may_have(hold_key(kind, target))
+
     async def held_for_s(self, kind: Hold, target: str) -> float | None:
         """Seconds ``target`` is still held for (None: not held, or for less than
         :data:`SLACK_S`). Changes nothing."""
+        if not self.may_hold(kind, target):
+            return None
         wait = await self._limiter.acquire(hold_key(kind, target), _RATE, 0.0)
         return wait if wait > SLACK_S else None

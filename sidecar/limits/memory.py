@@ -15,6 +15,9 @@ class MemoryRateLimiter:
         self._tat: dict[str, float] = {}
         self._clock = clock
 
+    def may_have(self, key: str) -> bool:
+        return key in self._tat
+
     async def acquire(self, key: str, rate: Rate, cost: float = 1.0) -> float:
         now = self._clock()
         tat, wait = gcra(self._tat.get(key, now), now, rate, cost)

@@ -85,6 +85,10 @@ class RedisRateLimiter:
     ``timeout_s``. Creating the limiter does no I/O.
     """
 
+    def may_have(self, key: str) -> bool:
+        """Always True: another sidecar may have written ``key``."""
+        return True
+
     def __init__(self, url: str, *, prefix: str = "sidecar:", timeout_s: float = 0.5) -> None:
         self._client = RedisClient(url, prefix=prefix, timeout_s=timeout_s,
                                    error=LimiterUnavailable, what="rate limiter")

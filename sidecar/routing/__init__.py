@@ -9,11 +9,12 @@
   :class:`Plan` the gateway walks.
 """
 
-from sidecar.routing.planner import Plan, Step, TooSlow, local_eta_s, plan, too_slow
+from sidecar.routing.planner import CALM, Plan, Step, TooSlow, local_eta_s, plan, too_slow
 from sidecar.routing.routes import Route, Router, Target
 from sidecar.routing.strategies import TargetStats, TargetTracker, by_strategy
 
 __all__ = [
+    "CALM",
     "Plan",
     "Route",
     "Router",

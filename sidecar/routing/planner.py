@@ -106,8 +106,10 @@ def plan(route: Route, rng: random.Random, *,
     ``costs`` (µ$ of this request) are by target key and feed the strategy (``stream``:
     the latency strategy ranks by time to first byte); ``loads`` are the local targets'
     by key (missing: not measured, in time); ``left_s``: seconds before the deadline."""
-    loads = loads or {}
     ordered = by_strategy(route, rng, stats=stats, costs=costs, stream=stream)
+    if not any(is_local(t) for t in ordered):  # rules 3 and 4 concern local targets only
+        return Plan(tuple(map(Step, ordered)), (), max_tokens)
+    loads = loads or {}
     arranged = arrange(ordered, route.prefer, pressure, lambda t: too_slow(
         t, loads.get(t.key), max_tokens, left_s, only_if_queued=True) is not None)
     steps = tuple(

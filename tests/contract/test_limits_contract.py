@@ -110,6 +110,15 @@ async def test_charge_creates_debt(limiter: RateLimiter) -> None:
     assert await limiter.acquire("k", rate) == pytest.approx(0.5, abs=elapsed + 0.02)
 
 
+async def test_may_have_is_false_only_for_keys_without_state(limiter: RateLimiter) -> None:
+    rate = Rate(per_s=10.0, burst=2.0)
+    if not limiter.may_have("fresh"):  # a cost-0 read of it must then be 0
+        assert await limiter.acquire("fresh", rate, 0.0) == 0.0
+    await limiter.block("held", rate, 0.5)
+    assert limiter.may_have("held")
+    assert await limiter.acquire("held", rate, 0.0) > 0
+
+
 async def test_block_makes_every_acquire_wait(limiter: RateLimiter) -> None:
     rate = Rate(per_s=10.0, burst=2.0)
     start = time.monotonic()

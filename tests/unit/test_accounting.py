@@ -676,6 +676,9 @@ async def test_what_the_provider_said_is_held_in_the_shared_limiter() -> None:
 
 
 class DownLimiter:
+    def may_have(self, key: str) -> bool:
+        return True
+
     async def acquire(self, key: str, rate: Rate, cost: float = 1.0) -> float:
         raise LimiterUnavailable("redis gone")
 
