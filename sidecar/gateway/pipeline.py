@@ -58,7 +58,7 @@ from sidecar.gateway.events import StreamEvent
 from sidecar.gateway.relay import Cut, relay
 from sidecar.gateway.status import model_ids, readiness_document, status_document
 from sidecar.gateway.verdict import deadline_passed, exhausted
-from sidecar.health import Health, RetryBudget
+from sidecar.health import Circuit, Health, RetryBudget
 from sidecar.host import HostWatch, LocalLoad
 from sidecar.limits import MemoryRateLimiter
 from sidecar.money import FREE, Accountant, Estimate, Ticket, estimate
@@ -337,8 +337,7 @@ class Gateway:
 
         async def upstream_failed(e: UpstreamError) -> None:
             if e.counts_against_health:
-                circuit.failure(self._clock())
-                await self.accountant.retry_after(done.target, e.retry_after_s)
+                await self._failed(done.target, circuit, e)
 
         events = relay(
             first, frames, deadline=ctx.deadline, cut=self._cut, meter=done.meter,
@@ -437,9 +436,7 @@ class Gateway:
                     if not e.counts_against_health:
                         circuit.release()  # no verdict on its health; move on
                         break
-                    circuit.failure(self._clock())
-                    # Held before anything else is tried, for every sidecar sharing the limiter.
-                    await self.accountant.retry_after(target, e.retry_after_s)
+                    await self._failed(target, circuit, e)
                     delay = self._retry_delay(e, tries, route, ctx)
                     if delay is None:
                         break
@@ -458,6 +455,13 @@ class Gateway:
                 self.reasons.update(reasons or ["primary"])
                 return result, _Attempt(target, attempts, ticket, meter, reason, started)
         raise exhausted(call, route, failures, next_open, self._clock())
+
+    async def _failed(self, target: Target, circuit: Circuit, e: UpstreamError) -> None:
+        """``target`` failed in a way that counts against its health: the circuit's verdict,
+        and its Retry-After held before anything else is tried (for every sidecar sharing
+        the limiter)."""
+        circuit.failure(self._clock())
+        await self.accountant.retry_after(target, e.retry_after_s)
 
     def _others_after(self, order: Plan, i: int, call: Call, ctx: Context, now: float
                       ) -> bool:

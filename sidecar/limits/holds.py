@@ -56,16 +56,13 @@ class Holds:
         if seconds > 0:
             await self._limiter.block(hold_key(kind, target), _RATE, seconds)
 
-    def may_hold(self, kind: Hold, target: str) -> bool:
-        """False when ``target`` is known not to be held without asking the limiter
-        (:meth:`~sidecar.limits.gcra.RateLimiter.may_have`: the common case, read on every
-        attempt, costs a dict lookup in memory); True: :meth:`held_for_s` must ask."""
-        return self._limiter.may_have(hold_key(kind, target))
-
     async def held_for_s(self, kind: Hold, target: str) -> float | None:
         """Seconds ``target`` is still held for (None: not held, or for less than
-        :data:`SLACK_S`). Changes nothing."""
-        if not self.may_hold(kind, target):
+        :data:`SLACK_S`). Changes nothing. Read on every attempt: when the limiter knows
+        it has nothing for the key (:meth:`~sidecar.limits.gcra.RateLimiter.may_have`, a
+        dict lookup in memory) it is not asked."""
+        key = hold_key(kind, target)
+        if not self._limiter.may_have(key):
             return None
-        wait = await self._limiter.acquire(hold_key(kind, target), _RATE, 0.0)
+        wait = await self._limiter.acquire(key, _RATE, 0.0)
         return wait if wait > SLACK_S else None

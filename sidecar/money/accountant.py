@@ -264,8 +264,6 @@ class Accountant:
     async def _held_for_s(self, kind: Hold, target: Target) -> float | None:
         if self._pending:  # not gather: a cancelled caller must not cancel them
             await asyncio.wait(set(self._pending))
-        elif not self._holds.may_hold(kind, target.key):
-            return None
         try:
             return await self._holds.held_for_s(kind, target.key)
         except LimiterUnavailable as e:
