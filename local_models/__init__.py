@@ -21,8 +21,10 @@ process, and by :func:`gpu_offload_supported` when called).
     errors.py         every error the pool raises (``LocalError`` and its subclasses)
     worker.py         the worker process itself (``python -m local_models.worker``): frames
                       on stdin/stdout around one ``engine.Engine``
-    engine.py         ``Engine``: llama.cpp objects, continuous batching, sampling, stops,
-                      embeddings (imports llama_cpp only when one is made)
+    engine.py         ``Engine``: llama.cpp objects, continuous batching, n choices sharing
+                      a prompt, stops (imports llama_cpp only when one is made)
+    sampling.py       one sequence's sampler chain, grammar and log-probabilities
+    embedder.py       embeddings: a second context, one input per turn
     text_cuts.py      pure cuts of text: prompt slices, stop sequences
     backend.py        facts about the installed llama.cpp build
 """
@@ -47,7 +49,7 @@ from local_models.errors import (
     WorkerLost,
 )
 from local_models.pool import ModelPool, ModelStatus, PoolSettings
-from local_models.protocol import ChatMessage, Done, Embeddings, Sampling
+from local_models.protocol import ChatMessage, Done, Embeddings, Sampling, TokenLogprob, Tokens
 from local_models.state import ModelState
 
 __all__ = [
@@ -69,6 +71,8 @@ __all__ = [
     "Overloaded",
     "PoolSettings",
     "Sampling",
+    "TokenLogprob",
+    "Tokens",
     "UnknownModel",
     "WorkerCrashed",
     "WorkerLost",

@@ -12,7 +12,11 @@ Contract:
   tokens each. Each decode step carries one token of every generating sequence plus prompt
   tokens of newly admitted ones (prefill in chunks up to ``n_batch``), so a request joins
   between steps and never waits for others to finish. Each sequence has its own sampler
-  chain, stop sequences and token limit.
+  chain and grammar (:mod:`local_models.sampling`), stop sequences and token limit.
+* A request for ``n`` choices takes ``n`` sequences at once: the prompt is prefilled in the
+  first, whose KV cache is then copied to the others (one copy, no second prefill), and every
+  choice draws its first token from the same logits with its own seed (``seed + index``).
+  It is answered with one :class:`~local_models.protocol.Done` once every choice has ended.
 * A cancelled sequence is freed at the start of the next step. Requests beyond the free
   sequences wait in arrival order (the pool bounds how many it sends; this only absorbs the
   moment between a cancel and the slot being freed).
@@ -23,8 +27,8 @@ Contract:
   interleaved with the decode steps of the other sequences; a prompt is refused as soon as
   it reaches the context, and a cancel stops it between slices. The pool bounds what it
   sends (:mod:`local_models.limits`), so rendering one request is bounded too.
-* Embeddings use a second, lazily created context with mean pooling, on the same thread:
-  one input per loop iteration, between decode steps; a cancel stops the rest.
+* Embeddings (:mod:`local_models.embedder`) use a second, lazily created context on the same
+  thread: one input per loop iteration, between decode steps; a cancel stops the rest.
 * :meth:`Engine.run` returns on :class:`~local_models.protocol.Shutdown` or at the end of
   its input (``None``). A model that cannot be loaded raises :class:`LoadError`; a request
   that fails is answered with :class:`~local_models.protocol.Failed`, never raised.
@@ -36,7 +40,6 @@ import codecs
 import contextlib
 import ctypes
 import heapq
-import math
 import os
 import queue
 import sys
@@ -47,6 +50,8 @@ from typing import Any
 
 from local_models import protocol as p
 from local_models.chat_template import ChatTemplate, TemplateError
+from local_models.embedder import Embedder
+from local_models.sampling import GrammarError, SeqSampler, Vocab, top_logprobs
 from local_models.text_cuts import cut, cut_at_stop, held_back
 
 __all__ = ["TOKENIZE_SLICE_CHARS", "Engine", "LoadError", "Send"]
@@ -77,44 +82,60 @@ def _llama() -> Any:
 
 
 @dataclass(eq=False)
-class _Seq:
-    """One generating request in a sequence slot of the shared context."""
+class _Request:
+    """One generation request: its prompt (tokenized in slices) and its choices."""
 
-    id: int
-    slot: int
-    prompt: list[int]
+    req: p.Generate
     max_tokens: int | None
     """As asked; set to what fits the context once the prompt is tokenized."""
-    stop: tuple[str, ...]
-    sampler: Any
-    pieces: deque[tuple[str, bool]] = field(default_factory=deque)
+    pieces: deque[tuple[str, bool]]
     """Prompt text still to tokenize: (text, special)."""
+    prompt: list[int] = field(default_factory=list)
+    seqs: list[_Seq] = field(default_factory=list)
+    reasons: list[p.FinishReason | None] = field(default_factory=list)
+    generated: int = 0
+
+    @property
+    def id(self) -> int:
+        return self.req.id
+
+    @property
+    def tokenizing(self) -> bool:
+        return bool(self.pieces)
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One choice of a request, generating in a sequence slot of the shared context."""
+
+    request: _Request
+    index: int
+    slot: int
+    sampler: SeqSampler
     n_past: int = 0
     n_generated: int = 0
     next_token: int | None = None
     batch_index: int = -1
     pending: str = ""
+    logprobs: list[p.TokenLogprob] = field(default_factory=list)
     cancelled: bool = False
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
 
     @property
-    def tokenizing(self) -> bool:
-        return bool(self.pieces)
+    def id(self) -> int:
+        return self.request.req.id
+
+    @property
+    def forking(self) -> bool:
+        """A later choice still waiting for the first one's prompt to be prefilled."""
+        return self.index > 0 and self.n_past == 0
 
     @property
     def prefilling(self) -> bool:
-        return not self.pieces and self.n_past < len(self.prompt)
-
-
-@dataclass(eq=False)
-class _EmbedJob:
-    """An embedding request being computed, one input per loop iteration."""
-
-    req: p.Embed
-    vectors: list[tuple[float, ...]] = field(default_factory=list)
-    used: int = 0
+        r = self.request
+        return self.index == 0 and not r.pieces and self.n_past < len(r.prompt)
 
 
 class Engine:
@@ -143,11 +164,14 @@ class Engine:
         )
         self.bos = ll.llama_vocab_bos(self.vocab)
         self.free_slots = list(range(load.n_parallel))  # a heap: the lowest slot first
-        self.active: dict[int, _Seq] = {}
+        self.vocab_info = Vocab(ll, self.vocab, self.n_vocab)
+        self.requests: dict[int, _Request] = {}
+        self.seqs: list[_Seq] = []
         self.waiting: deque[p.Generate] = deque()
-        self.embeds: deque[_EmbedJob] = deque()
-        self._embed_ctx: Any = None
-        self._embed_n_ctx = 0
+        # One input per decode, as long as a generation's context.
+        self.embedder = Embedder(ll, self.model, n_ctx=self.n_ctx_seq, n_embd=self.n_embd,
+                                 n_vocab=self.n_vocab, n_threads=self.n_threads,
+                                 tokenize=self._tokens_within)
 
     def _load(self, load: p.Load) -> tuple[Any, Any, int]:
         """Load the weights and create the batch context; returns (model, context, layers
@@ -235,13 +259,19 @@ class Engine:
 
     def prompt_pieces(self, req: p.Generate) -> deque[tuple[str, bool]]:
         """What to tokenize for ``req``: the chat template's own text with special tokens,
-        message contents and text prompts as plain text."""
+        message contents and text prompts as plain text. When the template refuses a
+        ``tool`` message (many allow only system, user and assistant), tool results are
+        given as user turns, consecutive turns of one role joined."""
         if req.messages is None:
             return deque([(req.prompt or "", False)])
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
         try:
-            parts = self.template.render_parts(
-                [{"role": m.role, "content": m.content} for m in req.messages]
-            )
+            try:
+                parts = self.template.render_parts(messages)
+            except TemplateError:
+                if not any(m["role"] == "tool" for m in messages):
+                    raise
+                parts = self.template.render_parts(_without_tool_role(messages))
         except TemplateError as e:
             raise _RequestError("invalid", str(e)) from None
         return deque((text, not is_content) for text, is_content in parts)
@@ -251,6 +281,16 @@ class Engine:
         :meth:`tokenize_some` (what is left stays in ``pieces``)."""
         while pieces:
             self.tokenize_some(tokens, pieces, TOKENIZE_SLICE_CHARS)
+
+    def _tokens_within(self, text: str, limit: int) -> tuple[list[int], bool]:
+        """Tokens of plain ``text`` in slices, stopping past ``limit``; and whether all of
+        it was tokenized."""
+        tokens: list[int] = []
+        pieces = deque([(text, False)])
+        while pieces and len(tokens) <= limit:
+            with contextlib.suppress(_RequestError):  # at the context: reported by the caller
+                self.tokenize_some(tokens, pieces, TOKENIZE_SLICE_CHARS)
+        return tokens, not pieces
 
     def prompt_tokens(self, req: p.Generate) -> list[int]:
         """The whole prompt of ``req`` at once (what the loop does in slices)."""
@@ -269,129 +309,140 @@ class Engine:
             n = self.ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return bytes(buf.raw[:n])
 
-    def _sampler(self, s: p.Sampling) -> Any:
-        ll = self.ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if s.presence_penalty or s.frequency_penalty:
-            ll.llama_sampler_chain_add(
-                chain,
-                ll.llama_sampler_init_penalties(
-                    self.n_vocab, 64, 1.0, s.frequency_penalty, s.presence_penalty
-                ),
-            )
-        if s.temperature <= 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
-        if s.top_p < 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
-        seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little")
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
-
     def admit(self, req: p.Generate, send: Send) -> None:
-        """Start a generation in a free slot (the caller checked there is one); its prompt
-        is tokenized by the following steps."""
+        """Start a generation in ``req.n`` free slots (the caller checked there are); its
+        prompt is tokenized by the following steps."""
+        samplers: list[SeqSampler] = []
         try:
+            if req.n > self.n_parallel:
+                raise _RequestError("invalid", f"n = {req.n} is more than this model's "
+                                    f"{self.n_parallel} parallel sequences")
             pieces = self.prompt_pieces(req)
             if not pieces:
                 raise _RequestError("invalid", "the prompt is empty")
-        except _RequestError as e:
-            send(p.Failed(req.id, e.kind, str(e)))
+            for i in range(req.n):
+                samplers.append(SeqSampler(self.vocab_info, req.sampling, req.grammar,
+                                           seed_offset=i))
+        except (_RequestError, GrammarError, ValueError) as e:
+            for sampler in samplers:
+                sampler.free()
+            kind: p.ErrorKind = e.kind if isinstance(e, _RequestError) else "invalid"
+            send(p.Failed(req.id, kind, str(e)))
             return
-        seq = _Seq(req.id, heapq.heappop(self.free_slots), [], req.max_tokens, req.stop,
-                   self._sampler(req.sampling), pieces=pieces)
-        self.active[req.id] = seq
+        r = _Request(req, req.max_tokens, pieces, reasons=[None] * req.n)
+        for i, sampler in enumerate(samplers):
+            r.seqs.append(_Seq(r, i, heapq.heappop(self.free_slots), sampler))
+        self.requests[req.id] = r
+        self.seqs.extend(r.seqs)
 
     def _tokenize_slice(self, out: list[p.FromWorker]) -> None:
         """Tokenize one slice of the prompts still being tokenized, in arrival order."""
         budget = TOKENIZE_SLICE_CHARS
-        for seq in [s for s in self.active.values() if s.tokenizing]:
+        for r in [r for r in self.requests.values() if r.tokenizing]:
             if budget <= 0:
                 return
             try:
-                budget -= self.tokenize_some(seq.prompt, seq.pieces, budget)
-                if not seq.pieces and not seq.prompt:
+                budget -= self.tokenize_some(r.prompt, r.pieces, budget)
+                if not r.pieces and not r.prompt:
                     raise _RequestError("invalid", "the prompt is empty")
             except _RequestError as e:
-                out.append(p.Failed(seq.id, e.kind, str(e)))
-                self._release(seq)
+                out.append(p.Failed(r.id, e.kind, str(e)))
+                self._drop(r)
                 continue
-            if not seq.pieces:
-                room = self.n_ctx_seq - len(seq.prompt)
-                seq.max_tokens = room if seq.max_tokens is None else min(seq.max_tokens, room)
+            if not r.pieces:
+                room = self.n_ctx_seq - len(r.prompt)
+                r.max_tokens = room if r.max_tokens is None else min(r.max_tokens, room)
 
     def cancel(self, request_id: int, send: Send) -> None:
-        seq = self.active.get(request_id)
-        if seq is not None:
-            seq.cancelled = True
+        r = self.requests.get(request_id)
+        if r is not None:
+            for seq in r.seqs:
+                seq.cancelled = True
             return
         for req in self.waiting:
             if req.id == request_id:
                 self.waiting.remove(req)
                 send(p.Done(req.id, "cancelled", 0, 0))
                 return
-        for job in self.embeds:
-            if job.req.id == request_id:
-                self.embeds.remove(job)
-                send(p.Done(request_id, "cancelled", 0, 0))
-                return
+        if self.embedder.cancel(request_id):
+            send(p.Done(request_id, "cancelled", 0, 0))
 
     def _finish(self, seq: _Seq, reason: p.FinishReason, out: list[p.FromWorker]) -> None:
+        """End one choice; the request's Done once it was the last."""
+        r = seq.request
         if reason != "cancelled":
             tail = seq.pending + seq.decoder.decode(b"", final=True)
-            if reason == "stop" and seq.stop:
-                tail = cut_at_stop(tail, seq.stop)[0]
-            if tail:
-                out.append(p.Tokens(seq.id, tail))
-        out.append(p.Done(seq.id, reason, len(seq.prompt), seq.n_generated))
+            if reason == "stop" and r.req.stop:
+                tail = cut_at_stop(tail, r.req.stop)[0]
+            if tail or seq.logprobs:
+                out.append(p.Tokens(r.id, tail, seq.index, tuple(seq.logprobs)))
+        r.reasons[seq.index] = reason
+        r.generated += seq.n_generated
         self._release(seq)
+        if all(why is not None for why in r.reasons):
+            reasons = tuple(why for why in r.reasons if why is not None)
+            out.append(p.Done(r.id, reasons[0], len(r.prompt), r.generated,
+                              reasons if len(reasons) > 1 else ()))
+            del self.requests[r.id]
 
     def _release(self, seq: _Seq) -> None:
         """Free ``seq``'s KV cells, sampler and slot."""
         self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
-        self.ll.llama_sampler_free(seq.sampler)
-        del self.active[seq.id]
+        seq.sampler.free()
+        self.seqs.remove(seq)
         heapq.heappush(self.free_slots, seq.slot)
 
-    def _accept(self, seq: _Seq, token: int, out: list[p.FromWorker]) -> None:
-        """Handle one sampled token: emit text, or finish the sequence."""
-        if self.ll.llama_vocab_is_eog(self.vocab, token):
+    def _drop(self, r: _Request) -> None:
+        """Forget a failed request and free all its sequences."""
+        for seq in list(r.seqs):
+            if seq in self.seqs:
+                self._release(seq)
+        self.requests.pop(r.id, None)
+
+    def _accept(self, seq: _Seq, token: int | None, out: list[p.FromWorker]) -> None:
+        """Handle one sampled token (None: the grammar allows none): emit text, or finish."""
+        if token is None or self.ll.llama_vocab_is_eog(self.vocab, token):
             self._finish(seq, "stop", out)
             return
+        r = seq.request
         seq.n_generated += 1
-        seq.pending += seq.decoder.decode(self._piece_bytes(token))
-        if seq.stop:
-            text, hit = cut_at_stop(seq.pending, seq.stop)
+        piece = self._piece_bytes(token)
+        if r.req.logprobs is not None:
+            seq.logprobs.append(self._logprob(seq, token, piece))
+        seq.pending += seq.decoder.decode(piece)
+        stop = r.req.stop
+        if stop:
+            text, hit = cut_at_stop(seq.pending, stop)
             if hit:
                 seq.pending = text
                 self._finish(seq, "stop", out)
                 return
-            keep = held_back(seq.pending, seq.stop)
-            emit, seq.pending = seq.pending[: len(seq.pending) - keep], seq.pending[
-                len(seq.pending) - keep :
-            ]
+            keep = len(seq.pending) - held_back(seq.pending, stop)
+            emit, seq.pending = seq.pending[:keep], seq.pending[keep:]
         else:
             emit, seq.pending = seq.pending, ""
         if emit:
-            out.append(p.Tokens(seq.id, emit))
-        if seq.max_tokens is not None and seq.n_generated >= seq.max_tokens:
+            out.append(p.Tokens(seq.id, emit, seq.index, tuple(seq.logprobs)))
+            seq.logprobs.clear()
+        if r.max_tokens is not None and seq.n_generated >= r.max_tokens:
             self._finish(seq, "length", out)
         else:
             seq.next_token = token
+
+    def _logprob(self, seq: _Seq, token: int, piece: bytes) -> p.TokenLogprob:
+        k = seq.request.req.logprobs or 0
+        logits = self.vocab_info.logits(self.ctx, seq.batch_index)
+        chosen, top = top_logprobs(self.vocab_info, logits, token, k)
+        return p.TokenLogprob(piece, chosen, tuple((self._piece_bytes(t), lp) for t, lp in top))
 
     # --- the batch loop -----------------------------------------------------------------
 
     def step(self, out: list[p.FromWorker]) -> None:
         """One decode step over every active sequence."""
         ll, batch = self.ll, self.batch
-        for seq in [s for s in self.active.values() if s.cancelled]:
+        for seq in [s for s in self.seqs if s.cancelled]:
             self._finish(seq, "cancelled", out)
-        while self.waiting and self.free_slots:
+        while self.waiting and len(self.free_slots) >= min(self.waiting[0].n, self.n_parallel):
             self.admit(self.waiting.popleft(), out.append)
         self._tokenize_slice(out)
         n = 0
@@ -408,7 +459,7 @@ class Engine:
         # Ascending slot order, and slots handed out lowest first: with one KV stream per
         # sequence llama.cpp splits a batch into one sub-batch per run of consecutive,
         # increasing sequence ids, so any other order doubles the cost of a step.
-        ordered = sorted(self.active.values(), key=lambda q: q.slot)
+        ordered = sorted(self.seqs, key=lambda q: q.slot)
         for seq in ordered:
             seq.batch_index = -1
             if seq.next_token is not None:
@@ -419,101 +470,40 @@ class Engine:
         for seq in ordered:
             if not seq.prefilling or n >= self.n_batch:
                 continue
-            take = min(len(seq.prompt) - seq.n_past, self.n_batch - n)
+            prompt = seq.request.prompt
+            take = min(len(prompt) - seq.n_past, self.n_batch - n)
             for i in range(seq.n_past, seq.n_past + take):
-                last = i == len(seq.prompt) - 1
+                last = i == len(prompt) - 1
                 if last:
                     seq.batch_index = n
-                add(seq.prompt[i], i, seq.slot, last)
+                add(prompt[i], i, seq.slot, last)
             seq.n_past += take
         if n == 0:
             return
         batch.n_tokens = n
         rc = ll.llama_decode(self.ctx, batch)
         if rc != 0:
-            for seq in list(self.active.values()):
-                out.append(p.Failed(seq.id, "internal", f"llama_decode failed ({rc})"))
-                self._release(seq)
+            for r in list(self.requests.values()):
+                out.append(p.Failed(r.id, "internal", f"llama_decode failed ({rc})"))
+                self._drop(r)
             return
-        for seq in list(self.active.values()):
-            if seq.batch_index >= 0:
-                token = ll.llama_sampler_sample(seq.sampler, self.ctx, seq.batch_index)
-                self._accept(seq, token, out)
+        for seq in [s for s in self.seqs if s.batch_index >= 0]:
+            if seq.index == 0 and len(seq.request.seqs) > 1 and seq.n_past == len(
+                    seq.request.prompt) and seq.n_generated == 0:
+                self._fork(seq, out)
+            if seq in self.seqs:
+                self._accept(seq, seq.sampler.sample(self.ctx, seq.batch_index), out)
 
-    # --- embeddings ---------------------------------------------------------------------
-
-    def _embedding_context(self) -> Any:
-        ll = self.ll
-        if self._embed_ctx is None:
-            # One input per decode, as long as a generation's context: the compute buffer
-            # grows with the square of this, so it is not the model's full training context.
-            n_ctx = self.n_ctx_seq
-            params = ll.llama_context_default_params()
-            params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-            params.n_seq_max = 1
-            params.n_threads = params.n_threads_batch = self.n_threads
-            params.embeddings = True
-            params.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
-            params.no_perf = True
-            self._embed_ctx = ll.llama_init_from_model(self.model, params)
-            if not self._embed_ctx:
-                self._embed_ctx = None
-                raise _RequestError("internal", "llama.cpp could not create an embedding context")
-            self._embed_n_ctx = n_ctx
-        return self._embed_ctx
-
-    def embed_one(self, job: _EmbedJob) -> p.Embeddings | None:
-        """Embed the next input of ``job``; its answer once the last one is done."""
-        ll = self.ll
-        ctx = self._embedding_context()
-        i = len(job.vectors)
-        tokens: list[int] = []
-        pieces = deque([(job.req.inputs[i], False)])
-        with contextlib.suppress(_RequestError):  # too long: reported below, with the limit
-            self.tokenize_all(pieces, tokens)
-        if not tokens or len(tokens) > self._embed_n_ctx or pieces:
-            raise _RequestError(
-                "invalid",
-                f"input[{i}] is {len(tokens)}{'+' if pieces else ''} tokens; "
-                f"embeddings take 1 to {self._embed_n_ctx}",
-            )
-        batch = ll.llama_batch_init(self._embed_n_ctx, 0, 1)
-        try:
-            ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
-            for j, token in enumerate(tokens):
-                batch.token[j] = token
-                batch.pos[j] = j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = 0
-                batch.logits[j] = True
-            batch.n_tokens = len(tokens)
-            if ll.llama_decode(ctx, batch) != 0:
-                raise _RequestError("internal", "llama_decode failed for embeddings")
-            ptr = ll.llama_get_embeddings_seq(ctx, 0)
-            vec = [ptr[k] for k in range(self.n_embd)]
-        finally:
-            ll.llama_batch_free(batch)
-        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-        job.vectors.append(tuple(v / norm for v in vec))
-        job.used += len(tokens)
-        if len(job.vectors) < len(job.req.inputs):
-            return None
-        return p.Embeddings(job.req.id, tuple(job.vectors), job.used)
-
-    def _embed_slice(self, out: list[p.FromWorker]) -> None:
-        """One input of the oldest embedding request."""
-        if not self.embeds:
-            return
-        job = self.embeds[0]
-        try:
-            done = self.embed_one(job) if job.req.inputs else p.Embeddings(job.req.id, (), 0)
-        except _RequestError as e:
-            out.append(p.Failed(job.req.id, e.kind, str(e)))
-            self.embeds.popleft()
-            return
-        if done is not None:
-            out.append(done)
-            self.embeds.popleft()
+    def _fork(self, first: _Seq, out: list[p.FromWorker]) -> None:
+        """The first choice's prompt is in its KV cache: copy it to the other choices (the
+        copy is made before the next decode) and draw their first tokens from its logits."""
+        for seq in first.request.seqs[1:]:
+            if seq not in self.seqs or not seq.forking:
+                continue
+            self.ll.llama_memory_seq_cp(self.memory, first.slot, seq.slot, -1, -1)
+            seq.n_past = first.n_past
+            seq.batch_index = first.batch_index
+            self._accept(seq, seq.sampler.sample(self.ctx, first.batch_index), out)
 
     def set_threads(self, n: int) -> None:
         """Use ``n`` threads (0: the number given at load) for later decodes. Fewer threads
@@ -521,9 +511,8 @@ class Engine:
         descheduled stalls the others."""
         n = n if n > 0 else self.load_threads
         self.n_threads = n
-        for ctx in (self.ctx, self._embed_ctx):
-            if ctx is not None:
-                self.ll.llama_set_n_threads(ctx, n, n)
+        self.ll.llama_set_n_threads(self.ctx, n, n)
+        self.embedder.set_threads(n)
 
     # --- main loop ----------------------------------------------------------------------
 
@@ -532,7 +521,7 @@ class Engine:
         """Serve requests until Shutdown or the end of the input pipe."""
         while True:
             out: list[p.FromWorker] = []
-            block = not self.active and not self.waiting and not self.embeds
+            block = not self.seqs and not self.waiting and not self.embedder.jobs
             while True:
                 try:
                     msg = inbox.get(block=block)
@@ -548,11 +537,23 @@ class Engine:
                 elif isinstance(msg, p.SetThreads):
                     self.set_threads(msg.n)
                 elif isinstance(msg, p.Embed):
-                    self.embeds.append(_EmbedJob(msg))
+                    self.embedder.submit(msg)
             self.step(out)
-            self._embed_slice(out)
+            self.embedder.turn(out)
             if out:
                 send_all(out)
+
+
+def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``tool`` turns as ``user`` turns, and consecutive turns of one role joined."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role = "user" if m["role"] == "tool" else m["role"]
+        if out and out[-1]["role"] == role:
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append({"role": role, "content": m["content"]})
+    return out
 
 
 def _meta(ll: Any, model: Any, key: str) -> str | None:

@@ -8,7 +8,7 @@ a prompt that cannot fit is refused without rendering or tokenizing it.
   at most ``n_ctx * MAX_CHARS_PER_TOKEN`` characters of content and roles in all.
 * Text completion: at most ``n_ctx * MAX_CHARS_PER_TOKEN`` characters of prompt.
 * Embeddings: at most :data:`MAX_EMBEDDING_INPUTS` inputs, each at most
-  ``n_ctx * MAX_CHARS_PER_TOKEN`` characters.
+  ``n_ctx * MAX_CHARS_PER_TOKEN`` characters or ``n_ctx`` token ids.
 
 What passes is bounded again in the worker: tokenized in slices and refused at ``n_ctx``
 tokens (:mod:`local_models.engine`).
@@ -59,14 +59,18 @@ def generate_refusal(n_ctx: int, messages: Sequence[ChatMessage] | None,
     return None
 
 
-def embed_refusal(n_ctx: int, inputs: Sequence[str]) -> str | None:
+def embed_refusal(n_ctx: int, inputs: Sequence[str | tuple[int, ...]]) -> str | None:
     """Why an embedding request is refused unread (naming the limit), or None."""
     if len(inputs) > MAX_EMBEDDING_INPUTS:
         return (f"{len(inputs)} embedding inputs is more than the {MAX_EMBEDDING_INPUTS} "
                 "a local model takes in one request")
     limit = max_chars(n_ctx)
     for i, text in enumerate(inputs):
-        if len(text) > limit:
+        if isinstance(text, tuple):
+            if len(text) > n_ctx:
+                return (f"input[{i}] is {len(text)} tokens; this model's embeddings take at "
+                        f"most {n_ctx}")
+        elif len(text) > limit:
             return (f"input[{i}] is {len(text)} characters; this model's embeddings take at "
                     f"most {limit} characters ({n_ctx} tokens)")
     return None

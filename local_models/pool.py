@@ -148,6 +148,9 @@ class _Model:
     avg_completion_tokens: float | None = None
     load_s: float | None = None
     slots: asyncio.Semaphore = field(init=False)
+    several: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a request for several choices takes its slots one by one (two such
+    requests holding part of what each needs would wait for each other for ever)."""
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.n_parallel)
@@ -268,34 +271,44 @@ class ModelPool:
         max_tokens: int | None = None,
         stop: Sequence[str] = (),
         sampling: p.Sampling | None = None,
-    ) -> AsyncGenerator[str | p.Done, None]:
-        """Yield text deltas, then one :class:`~local_models.protocol.Done` with the usage."""
+        grammar: str | None = None,
+        n: int = 1,
+        logprobs: int | None = None,
+    ) -> AsyncGenerator[p.Tokens | p.Done, None]:
+        """Yield text deltas (each of one choice, with its log-probabilities when
+        ``logprobs`` is set), then one :class:`~local_models.protocol.Done` with the usage.
+        ``grammar``: GBNF every choice follows; ``n`` choices take ``n`` of the model's
+        parallel sequences (at most ``n_parallel``)."""
         refusal = limits.generate_refusal(self._n_ctx(name), messages, prompt)
+        n_parallel = self._model(name).n_parallel
+        if refusal is None and not 1 <= n <= n_parallel:
+            refusal = f"n = {n}: this model answers 1 to {n_parallel} choices per request"
         if refusal is not None:
             raise InvalidRequest(refusal)
         sampling = sampling or p.Sampling()
         sampling = msgspec.structs.replace(sampling, seed=limits.mask_seed(sampling.seed))
-        async with self._request(name) as (model, worker, rid, answers):
+        async with self._request(name, n) as (model, worker, rid, answers):
             finished = False
             first: float | None = None
             try:
                 sent = time.monotonic()
                 worker.send(p.Generate(
                     rid, tuple(messages) if messages is not None else None, prompt,
-                    limits.clamp_max_tokens(max_tokens), tuple(stop), sampling,
+                    limits.clamp_max_tokens(max_tokens), tuple(stop), sampling, grammar, n,
+                    logprobs,
                 ))
                 while True:
                     arrived, msg = process.unpack(await answers.get())
                     if isinstance(msg, p.Tokens):
                         if first is None:
                             first = arrived
-                        yield msg.text
+                        yield msg
                         continue
                     finished = True
                     if isinstance(msg, p.Done):
                         if msg.finish_reason != "cancelled":
                             model.record_generation(sent, first, arrived,
-                                                    msg.completion_tokens)
+                                                    msg.completion_tokens // n)
                         yield msg
                         return
                     raise await worker.failure(msg)
@@ -303,7 +316,8 @@ class ModelPool:
                 if not finished:
                     worker.send(p.Cancel(rid))
 
-    async def embed(self, name: str, inputs: Sequence[str]) -> p.Embeddings:
+    async def embed(self, name: str, inputs: Sequence[str | tuple[int, ...]]) -> p.Embeddings:
+        """The vectors of ``inputs`` (texts, or token ids used as they are)."""
         refusal = limits.embed_refusal(self._n_ctx(name), inputs)
         if refusal is not None:
             raise InvalidRequest(refusal)
@@ -327,12 +341,12 @@ class ModelPool:
         return model.entry.spec.n_ctx
 
     @contextlib.asynccontextmanager
-    async def _request(self, name: str) -> AsyncIterator[
+    async def _request(self, name: str, slots: int = 1) -> AsyncIterator[
             tuple[_Model, Worker, int, asyncio.Queue[Answer | None]]]:
-        """Admission, a loaded worker, a request id and the queue of its answers; the
-        slot is freed and the queue dropped however the request ends."""
+        """Admission for ``slots`` sequences, a loaded worker, a request id and the queue
+        of its answers; the slots are freed and the queue dropped however it ends."""
         model = self._model(name)
-        await self._admit(model)
+        await self._admit(model, slots)
         started = time.monotonic()
         try:
             worker = await self._ensure_loaded(model)
@@ -344,8 +358,9 @@ class ModelPool:
             finally:
                 worker.streams.pop(rid, None)
         finally:
-            model.slots.release()
-            model.in_flight -= 1
+            for _ in range(slots):
+                model.slots.release()
+            model.in_flight -= slots
             model.last_used = time.monotonic()
             model.avg_duration_s = _ewma(model.avg_duration_s, model.last_used - started)
 
@@ -357,11 +372,13 @@ class ModelPool:
             raise ModelUnavailable(model.entry.error)
         return model
 
-    async def _admit(self, model: _Model) -> None:
+    async def _admit(self, model: _Model, slots: int = 1) -> None:
+        """Wait for ``slots`` of the model's sequences, or raise Overloaded at once when
+        the queue is full (every sequence asked for counts, running or waiting)."""
         n_parallel = model.n_parallel
         # Count who is present, not the semaphore: a waiter woken by a freed slot is still
         # counted as queued until it runs, and a newcomer then is within the bound.
-        if model.in_flight + model.queued >= n_parallel + self.settings.max_queue:
+        if model.in_flight + model.queued + slots > n_parallel + self.settings.max_queue:
             duration = model.avg_duration_s if model.avg_duration_s is not None else 1.0
             wait = duration * (model.queued + n_parallel) / n_parallel
             raise Overloaded(
@@ -369,12 +386,24 @@ class ModelPool:
                 f"{model.queued} queued)",
                 retry_after_s=max(1.0, round(wait, 1)),
             )
-        model.queued += 1
+        model.queued += slots
+        taken = 0
         try:
-            await model.slots.acquire()
+            if slots == 1:
+                await model.slots.acquire()
+                taken = 1
+            else:
+                async with model.several:
+                    while taken < slots:
+                        await model.slots.acquire()
+                        taken += 1
+        except BaseException:
+            for _ in range(taken):
+                model.slots.release()
+            raise
         finally:
-            model.queued -= 1
-        model.in_flight += 1
+            model.queued -= slots
+        model.in_flight += slots
 
     # --- loading and unloading ----------------------------------------------------------
 

@@ -10,8 +10,9 @@ Contract:
   :class:`Shutdown`. Every request id gets exactly one terminal answer (:class:`Done`,
   :class:`Embeddings` or :class:`Failed`) unless the worker dies, which the pool detects as
   the end of the pipe.
-* A :class:`Generate` answers with zero or more :class:`Tokens` (text deltas, already cut at
-  stop sequences and on UTF-8 boundaries) and then :class:`Done` with the exact usage.
+* A :class:`Generate` answers with zero or more :class:`Tokens` (text deltas of one choice,
+  already cut at stop sequences and on UTF-8 boundaries, with log-probabilities when asked)
+  and then one :class:`Done` with the exact usage, once every choice has ended.
 * :class:`Cancel` of an unknown or finished id is ignored; a cancelled generation ends with
   ``Done(finish_reason="cancelled")`` at the next decode step, a cancelled embedding with
   the same before its next input.
@@ -63,6 +64,8 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit); -100 bans a token, 100 all but forces it."""
 
 
 class Generate(_Msg, frozen=True):
@@ -75,11 +78,18 @@ class Generate(_Msg, frozen=True):
     """None: up to the end of the sequence's context."""
     stop: tuple[str, ...] = ()
     sampling: Sampling = Sampling()
+    grammar: str | None = None
+    """GBNF (root rule ``root``) every choice's output must follow."""
+    n: int = 1
+    """Choices: sequences that share the prompt's KV cache (prefilled once)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each token's, with the k most likely alternatives."""
 
 
 class Embed(_Msg, frozen=True):
     id: int
-    inputs: tuple[str, ...]
+    inputs: tuple[str | tuple[int, ...], ...]
+    """Texts, or token ids as they are (no BOS added)."""
 
 
 class Cancel(_Msg, frozen=True):
@@ -117,9 +127,23 @@ class LoadFailed(_Msg, frozen=True):
     message: str
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token: its bytes (a piece may be part of a UTF-8 character), its
+    log-probability, and the most likely alternatives as (bytes, log-probability)."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 class Tokens(_Msg, frozen=True):
     id: int
     text: str
+    index: int = 0
+    """The choice this text belongs to (0 unless the request asked for n > 1)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens generated since the last :class:`Tokens` of this choice (only when asked;
+    text held back at a stop sequence is reported with the token that completed it)."""
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -128,8 +152,12 @@ FinishReason = Literal["stop", "length", "cancelled"]
 class Done(_Msg, frozen=True):
     id: int
     finish_reason: FinishReason
+    """The first choice's (the only one's, unless n > 1)."""
     prompt_tokens: int
     completion_tokens: int
+    """All choices together."""
+    finish_reasons: tuple[FinishReason, ...] = ()
+    """Each choice's, by index, when n > 1."""
 
 
 class Embeddings(_Msg, frozen=True):

@@ -332,18 +332,45 @@ class Meter:
 
 
 class ResponseMessage(msgspec.Struct):
-    """A chat choice's ``message``."""
+    """A chat choice's ``message`` (``refusal`` is required by OpenAI's schema: null)."""
 
     role: str | None = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | UnsetType | None = UNSET
-    refusal: str | UnsetType | None = UNSET
+    refusal: str | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct):
+    """One token of a chat answer's ``logprobs.content``."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    """A chat choice's ``logprobs`` (built by the gateway; relayed ones are read as any
+    JSON, see :class:`Choice`)."""
+
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
 
 
 class Choice(msgspec.Struct):
+    """``logprobs`` is required by OpenAI's schema (null when not asked for); read as any
+    JSON, so a provider's own shape of it never breaks the relay."""
+
     index: int = 0
     message: ResponseMessage | None = None
     finish_reason: str | None = None
+    logprobs: Any = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -390,6 +417,8 @@ class ChunkChoice(msgspec.Struct):
     index: int = 0
     delta: Delta | None = None
     finish_reason: str | None = None
+    logprobs: Any = None
+    """As in :class:`Choice`: null, or this chunk's tokens (a :class:`ChoiceLogprobs`)."""
 
     @property
     def content_chars(self) -> int:
@@ -434,7 +463,8 @@ class ChatChunk(msgspec.Struct):
 
 
 class TextChoice(msgspec.Struct):
-    """A legacy completion's choice; ``logprobs`` is relayed, never built (null)."""
+    """A legacy completion's choice; ``logprobs`` null, or OpenAI's legacy shape (tokens,
+    token_logprobs, top_logprobs, text_offset)."""
 
     index: int = 0
     text: str | None = None

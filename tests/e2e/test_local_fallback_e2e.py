@@ -16,7 +16,7 @@ from typing import Any
 import openai
 
 from local_models.pool import ModelPool
-from local_models.protocol import ChatMessage, Done, Sampling
+from local_models.protocol import ChatMessage, Done, Sampling, Tokens
 from tests.support.fake_provider import FakeProvider
 from tests.support.money import PAID_COST, TINY_LIMIT_USD, budget_config, burst, paid_ok
 from tests.support.process import SidecarProcess, wait_until
@@ -26,7 +26,7 @@ GREEDY = Sampling(temperature=0.0)
 
 
 async def _answer(pool: ModelPool, max_tokens: int) -> str:
-    pieces = [item async for item in pool.generate(
+    pieces = [item.text async for item in pool.generate(
         "m", messages=[ChatMessage("user", "Hi")], max_tokens=max_tokens, sampling=GREEDY)
         if not isinstance(item, Done)]
     return "".join(pieces)
@@ -37,7 +37,7 @@ async def test_a_freed_slot_has_room_for_a_newcomer_before_the_woken_waiter_runs
 ) -> None:
     pool = make_pool(spec(n_parallel=1), max_queue=1)
     running = pool.generate("m", prompt="1, 2, 3, 4, 5,", max_tokens=400, sampling=GREEDY)
-    assert isinstance(await anext(running), str)
+    assert isinstance(await anext(running), Tokens)
     waiting = asyncio.create_task(_answer(pool, 3))
     await wait_until(lambda: next(s for s in pool.status() if s.name == "m").queued == 1)
     # Ending the running request frees its slot and wakes the waiting one, which has not

@@ -31,6 +31,7 @@ from local_models import (
     Overloaded,
     PoolSettings,
     Sampling,
+    Tokens,
     UnknownModel,
     WorkerCrashed,
     WorkerLost,
@@ -65,7 +66,7 @@ async def collect(pool: ModelPool, name: str = "m", **kw: Any) -> Result:
         if isinstance(item, Done):
             done = item
         else:
-            pieces.append(item)
+            pieces.append(item.text)
     assert done is not None
     return Result(pieces, done)
 
@@ -276,7 +277,7 @@ class Witness:
 
     async def _run(self, pool: ModelPool) -> None:
         async for item in pool.generate("m", **counting(2000)):
-            assert isinstance(item, str), "the witness must outlast the test"
+            assert isinstance(item, Tokens), "the witness must outlast the test"
             self.tokens += 1
             self.running.set()
 
@@ -297,7 +298,7 @@ async def _steps_to_serve_the_next(pool: ModelPool, witness: Witness) -> int:
 async def test_closing_a_stream_frees_its_slot(make_pool: Callable[..., ModelPool]) -> None:
     pool = make_pool(spec(n_ctx=2048, n_parallel=2))
     stream = pool.generate("m", **counting(2000))
-    assert isinstance(await anext(stream), str)
+    assert isinstance(await anext(stream), Tokens)
     witness = Witness(pool)  # the worker's other sequence
     await asyncio.wait_for(witness.running.wait(), 60)
     await stream.aclose()
@@ -334,7 +335,7 @@ async def test_cancelling_the_consumer_frees_its_slot(make_pool: Callable[..., M
 async def test_queue_bound_raises_overloaded(make_pool: Callable[..., ModelPool]) -> None:
     pool = make_pool(spec(n_parallel=1), max_queue=1)
     first = pool.generate("m", **counting(400))
-    assert isinstance(await anext(first), str)
+    assert isinstance(await anext(first), Tokens)
     queued = asyncio.create_task(collect(pool, **chat("Hi", max_tokens=3)))
     await wait_until(lambda: status(pool).queued == 1)
     with pytest.raises(Overloaded) as e:
@@ -356,7 +357,7 @@ async def test_sigkill_mid_stream_fails_every_request_and_the_next_gets_a_new_wo
     pool = make_pool(spec(n_parallel=2))
     streams = [pool.generate("m", **counting(400)) for _ in range(2)]
     for s in streams:
-        assert isinstance(await anext(s), str)
+        assert isinstance(await anext(s), Tokens)
     pid = status(pool).pid
     assert pid is not None and status(pool).in_flight == 2
     os.kill(pid, signal.SIGKILL)
@@ -479,7 +480,7 @@ async def test_a_huge_prompt_never_stalls_a_running_stream(
 ) -> None:
     pool = make_pool(spec(n_ctx=2048))
     running = pool.generate("m", **counting(300))
-    assert isinstance(await anext(running), str)
+    assert isinstance(await anext(running), Tokens)
     async with asyncio.timeout(30):
         with pytest.raises(InvalidRequest, match="at most"):
             await collect(pool, **chat("a" * 4_000_000, max_tokens=3))
@@ -639,7 +640,7 @@ async def test_memory_budget_unloads_the_least_recently_used_model(
         pids[name] = status(pool, name).pid
     # a busy model is never unloaded to make room: the other is refused instead
     busy = pool.generate("a", **counting(200))
-    assert isinstance(await anext(busy), str)
+    assert isinstance(await anext(busy), Tokens)
     with pytest.raises(ModelUnavailable, match="busy"):
         await collect(pool, "b", **counting(3))
     await busy.aclose()
@@ -720,7 +721,7 @@ async def test_little_free_memory_unloads_an_idle_model_and_refuses_beside_a_bus
         assert pid_b is not None
         spare = memory.total + _rss(pid_b) // 2
         busy = pool.generate("b", **counting(200))
-        assert isinstance(await anext(busy), str)
+        assert isinstance(await anext(busy), Tokens)
         with pytest.raises(ModelUnavailable, match="memory floor"):
             await collect(pool, "a", **counting(3))
         assert status(pool, "b").pid == pid_b and status(pool, "a").last_error is None
@@ -747,7 +748,7 @@ async def test_status_reports_measured_speed(make_pool: Callable[..., ModelPool]
     assert s.load_s + s.ttft_s + 31 / s.decode_tps <= s.avg_duration_s + 1e-6
     # a generation closed early feeds the request duration only
     stream = pool.generate("m", **counting(400))
-    assert isinstance(await anext(stream), str)
+    assert isinstance(await anext(stream), Tokens)
     await stream.aclose()
     after = status(pool)
     assert (after.ttft_s, after.decode_tps, after.avg_completion_tokens) == (
@@ -905,7 +906,7 @@ async def test_unload_idle_spares_busy_models(make_pool: Callable[..., ModelPool
     pool = make_pool(spec("a"), spec("b"))
     await collect(pool, "a", **counting(2))
     busy = pool.generate("b", **counting(200))
-    assert isinstance(await anext(busy), str)
+    assert isinstance(await anext(busy), Tokens)
     pid_a = status(pool, "a").pid
     assert pid_a is not None
     assert await pool.unload_idle() == ["a"]  # what memory pressure asks for

@@ -34,24 +34,24 @@ H = '{"id":"c1","created":7,"model":"m",'
 @pytest.mark.parametrize(("built", "wire"), [
     (ChatCompletion("c1", 7, "m", [Choice(0, ResponseMessage(content="hi"), "stop")],
                     Usage(3, 2, 5)),
-     H + '"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},'
-     '"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,'
+     H + '"choices":[{"index":0,"message":{"role":"assistant","content":"hi","refusal":null},'
+     '"finish_reason":"stop","logprobs":null}],"usage":{"prompt_tokens":3,"completion_tokens":2,'
      '"total_tokens":5},"object":"chat.completion"}'),
     (ChatChunk("c1", 7, "m", [ChunkChoice(0, Delta(role="assistant", content=""))]),
      H + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-     '"finish_reason":null}],"object":"chat.completion.chunk"}'),
+     '"finish_reason":null,"logprobs":null}],"object":"chat.completion.chunk"}'),
     (ChatChunk("c1", 7, "m", [], Usage(3, 2, 5)),
      H + '"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},'
      '"object":"chat.completion.chunk"}'),
     (ChatChunk("c1", 7, "m", [ChunkChoice(0, Delta(tool_calls=[ToolCallDelta(
         index=0, id="t1", type="function", function=FunctionDelta(name="f", arguments=""))]))]),
      H + '"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t1","type":"function",'
-     '"function":{"name":"f","arguments":""}}]},"finish_reason":null}],'
+     '"function":{"name":"f","arguments":""}}]},"finish_reason":null,"logprobs":null}],'
      '"object":"chat.completion.chunk"}'),
     (ChatChunk("c1", 7, "m", [ChunkChoice(0, Delta(tool_calls=[ToolCallDelta(
         index=0, function=FunctionDelta(arguments='{"a"'))]))]),
      H + '"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
-     '{"arguments":"{\\"a\\""}}]},"finish_reason":null}],"object":"chat.completion.chunk"}'),
+     '{"arguments":"{\\"a\\""}}]},"finish_reason":null,"logprobs":null}],"object":"chat.completion.chunk"}'),
     (TextCompletion("c1", 7, "m", [TextChoice(0, "hi", None)]),
      H + '"choices":[{"index":0,"text":"hi","finish_reason":null,"logprobs":null}],'
      '"object":"text_completion"}'),

@@ -379,7 +379,8 @@ def test_text_message_translates_to_chat_completion():
         "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
         "created": 1700000000,
         "model": "claude-sonnet-4-5-20250929",
-        "choices": [{"index": 0, "message": {"content": "Hello!"}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"content": "Hello!", "refusal": None},
+                         "finish_reason": "stop", "logprobs": None}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
     }
 
@@ -577,7 +578,8 @@ def test_recorded_stream_translates_to_openai_chunks():
         assert chunk["model"] == "claude-sonnet-4-5-20250929"
 
     assert chunks[0]["choices"] == [
-        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+         "logprobs": None}
     ]
 
     deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
@@ -604,7 +606,8 @@ def test_recorded_stream_translates_to_openai_chunks():
     assert json.loads(calls[1]) == {}  # a call without parameters still gets parseable JSON
 
     finish = chunks[-2]["choices"][0]
-    assert finish == {"index": 0, "delta": {}, "finish_reason": "tool_calls"}
+    assert finish == {"index": 0, "delta": {}, "finish_reason": "tool_calls",
+                      "logprobs": None}
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-2]] == [None] * (len(chunks) - 2)
 
     assert chunks[-1]["choices"] == []

@@ -1,0 +1,166 @@
+"""One sequence's sampling: the llama.cpp sampler chain, an optional grammar, log-probabilities.
+
+Used by the engine on its one llama.cpp thread (:mod:`local_models.engine`). A
+:class:`SeqSampler` is made per sequence and freed with it.
+
+Contract:
+
+* The chain is llama.cpp's: logit bias, penalties, then greedy (temperature 0) or top-k,
+  top-p, min-p, temperature and a seeded draw. The same seed, prompt and settings give the
+  same tokens.
+* A grammar (GBNF, root rule ``root``) constrains every token. As llama.cpp's own server does,
+  the token is first drawn without it and then checked against the grammar alone (one
+  candidate, cheap); only when the grammar rejects it is the whole vocabulary filtered by
+  the grammar and the token drawn again. So a sequence that follows its grammar costs the
+  others in the batch almost nothing. A token the grammar rejected is never accepted into it
+  (llama.cpp aborts the process on that), and an end-of-generation token is never accepted
+  (it ends the sequence).
+* Log-probabilities are of the model's own distribution (softmax of the raw logits, before
+  penalties, bias, temperature or grammar), as OpenAI reports them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from local_models import protocol as p
+
+__all__ = ["GrammarError", "SeqSampler", "Vocab"]
+
+
+class GrammarError(Exception):
+    """The grammar does not compile in llama.cpp."""
+
+
+#: numpy's view of ``llama_token_data`` (id int32, logit float, p float).
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+@dataclass(eq=False)
+class Vocab:
+    """What every sampler of one model shares: the library, the vocabulary, a scratch
+    candidate array of the vocabulary's size, and the token ids in order."""
+
+    ll: Any
+    vocab: Any
+    n_vocab: int
+
+    def __post_init__(self) -> None:
+        self.ids = np.arange(self.n_vocab, dtype=np.int32)
+        self.scratch = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+        self.one = (self.ll.llama_token_data * 1)()
+
+    def logits(self, ctx: Any, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """The logits of batch row ``index`` (a view: valid until the next decode)."""
+        ptr = self.ll.llama_get_logits_ith(ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def candidates(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> Any:
+        """The whole vocabulary as a ``llama_token_data_array`` over the scratch array."""
+        ll, data = self.ll, self.scratch
+        data["id"] = self.ids
+        data["logit"] = logits
+        data["p"] = 0.0
+        ptr = data.ctypes.data_as(ctypes.POINTER(ll.llama_token_data))
+        return ll.llama_token_data_array(ptr, self.n_vocab, -1, False)
+
+
+class SeqSampler:
+    """The sampler chain (and grammar) of one sequence. Not thread-safe; free with
+    :meth:`free` exactly once."""
+
+    def __init__(self, v: Vocab, s: p.Sampling, grammar: str | None = None, *,
+                 seed_offset: int = 0) -> None:
+        """Build the chain for ``s``; ``seed_offset`` varies the seed of the n-th choice of
+        one request. Raises :class:`GrammarError` when ``grammar`` does not compile and
+        ``ValueError`` for a logit bias on a token the vocabulary lacks."""
+        ll = v.ll
+        self.v = v
+        for token, _ in s.logit_bias:
+            if not 0 <= token < v.n_vocab:
+                raise ValueError(f"logit_bias names token {token}; this model's vocabulary "
+                                 f"has tokens 0 to {v.n_vocab - 1}")
+        self.grammar: Any = None
+        if grammar is not None:
+            self.grammar = ll.llama_sampler_init_grammar(v.vocab, grammar.encode(), b"root")
+            if not self.grammar:
+                raise GrammarError("the grammar does not compile")
+        self.chain = chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = ll.llama_sampler_chain_add
+        if s.logit_bias:
+            biases = (ll.llama_logit_bias * len(s.logit_bias))(
+                *(ll.llama_logit_bias(t, b) for t, b in s.logit_bias))
+            add(chain, ll.llama_sampler_init_logit_bias(v.n_vocab, len(s.logit_bias), biases))
+        if s.presence_penalty or s.frequency_penalty:
+            add(chain, ll.llama_sampler_init_penalties(
+                v.n_vocab, 64, 1.0, s.frequency_penalty, s.presence_penalty))
+        if s.temperature <= 0:
+            add(chain, ll.llama_sampler_init_greedy())
+            return
+        if s.top_k > 0:
+            add(chain, ll.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
+        add(chain, ll.llama_sampler_init_temp(s.temperature))
+        seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little")
+        add(chain, ll.llama_sampler_init_dist((seed + seed_offset) & 0xFFFFFFFF))
+
+    def sample(self, ctx: Any, index: int) -> int | None:
+        """Draw the next token from batch row ``index`` and accept it into the chain (and
+        the grammar, unless it ends the generation). None: the grammar allows no token at
+        all (the sequence must end)."""
+        ll, v = self.v.ll, self.v
+        if self.grammar is None:
+            return int(ll.llama_sampler_sample(self.chain, ctx, index))
+        logits = v.logits(ctx, index)
+        cur = v.candidates(logits)
+        ll.llama_sampler_apply(self.chain, ctypes.byref(cur))
+        token = int(cur.data[cur.selected].id)
+        if not self._allows(token):
+            cur = v.candidates(logits)
+            ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+            ll.llama_sampler_apply(self.chain, ctypes.byref(cur))
+            token = int(cur.data[cur.selected].id)
+            if ll.llama_vocab_is_eog(v.vocab, token):
+                return token
+            if not self._allows(token):
+                return None
+        ll.llama_sampler_accept(self.chain, token)
+        if not ll.llama_vocab_is_eog(v.vocab, token):
+            ll.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _allows(self, token: int) -> bool:
+        one = self.v.one
+        one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0
+        cur = self.v.ll.llama_token_data_array(one, 1, -1, False)
+        self.v.ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        return bool(math.isfinite(one[0].logit))
+
+    def free(self) -> None:
+        self.v.ll.llama_sampler_free(self.chain)
+        if self.grammar:
+            self.v.ll.llama_sampler_free(self.grammar)
+
+
+def top_logprobs(v: Vocab, logits: np.ndarray[Any, np.dtype[np.float32]], token: int,
+                 k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` and the ``k`` most likely tokens with theirs, under
+    the softmax of ``logits``."""
+    x = logits.astype(np.float64)
+    top = float(x.max())
+    log_z = top + math.log(float(np.exp(x - top).sum()))
+    chosen = float(x[token]) - log_z
+    if k <= 0:
+        return chosen, []
+    best = np.argpartition(-x, k - 1)[:k]
+    best = best[np.argsort(-x[best], kind="stable")]
+    return chosen, [(int(t), float(x[t]) - log_z) for t in best]
