@@ -167,6 +167,8 @@ class Engine:
         self.vocab_info = Vocab(ll, self.vocab, self.n_vocab)
         self.requests: dict[int, _Request] = {}
         self.seqs: list[_Seq] = []
+        self.fed = 0
+        """Tokens given to llama_decode so far (prompts and generated), for tests and stats."""
         self.waiting: deque[p.Generate] = deque()
         # One input per decode, as long as a generation's context.
         self.embedder = Embedder(ll, self.model, n_ctx=self.n_ctx_seq, n_embd=self.n_embd,
@@ -481,6 +483,7 @@ class Engine:
         if n == 0:
             return
         batch.n_tokens = n
+        self.fed += n
         rc = ll.llama_decode(self.ctx, batch)
         if rc != 0:
             for r in list(self.requests.values()):

@@ -1,9 +1,11 @@
 """The ``local`` provider: OpenAI requests served by the local model pool.
 
-Requests are translated into pool calls (chat messages, a text prompt, or embedding inputs)
-and answers into OpenAI JSON bodies and SSE frames. What a local model cannot express
-(tools, images, several choices, token-array prompts, structured output) raises
-:class:`UpstreamUnsupported` before anything runs, so a route can fall over to a remote
+Requests are translated into pool calls by :mod:`sidecar.providers.local_requests`
+(messages or a prompt, sampling, the grammar of structured output or tools, ``n``,
+log-probabilities) and the pool's output into OpenAI bodies and SSE frames by
+:mod:`sidecar.providers.local_answers`. What a local model cannot express (images, audio,
+a schema keyword its grammar cannot enforce) raises :class:`UpstreamUnsupported` before
+anything runs, so a route can fall over to a remote
 target. Pool errors are translated here, once:
 
     InvalidRequest   -> UpstreamUnsupported (400 if no target is left: the prompt does not
@@ -37,14 +39,13 @@ from typing import Any
 import msgspec
 
 from local_models import (
-    ChatMessage,
     Done,
     InvalidRequest,
     ModelPool,
     ModelUnavailable,
     NoRoom,
     Overloaded,
-    Sampling,
+    Tokens,
     UnknownModel,
     WorkerCrashed,
     WorkerLost,
@@ -58,54 +59,31 @@ from sidecar.errors import (
 )
 from sidecar.host import LocalLoad
 from sidecar.providers.base import Reply
+from sidecar.providers.local_answers import (
+    Collected,
+    StreamFrames,
+    chat_body,
+    completion_body,
+    usage_of,
+)
+from sidecar.providers.local_requests import Job, translate
 from sidecar.types import (
     Call,
-    ChatChunk,
-    ChatCompletion,
-    ChatRequest,
-    Choice,
-    ChunkChoice,
-    CompletionRequest,
-    Delta,
     Embedding,
     EmbeddingList,
     EmbeddingRequest,
     Meter,
     Op,
-    ResponseMessage,
-    TextChoice,
-    TextCompletion,
     Usage,
 )
 
 NAME = "local"
 
-# Sampling defaults for fields the client leaves out (llama.cpp's own defaults; OpenAI's
-# temperature 1.0 without top-k makes small models ramble).
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
-DEFAULT_TOP_K = 40
-DEFAULT_MIN_P = 0.05
-
 #: Retry-After for a model that does not fit in memory now (the monitor samples every second,
 #: idle models unload after a while): a guess, not a promise.
 NO_ROOM_RETRY_S = 10.0
 
-_UNSUPPORTED_FIELDS = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias",
-                       "audio", "prediction")
-
 _encoder = msgspec.json.Encoder()
-
-
-class _Job(msgspec.Struct, frozen=True):
-    """What to ask the pool for one chat or completion call."""
-
-    messages: tuple[ChatMessage, ...] | None
-    prompt: str | None
-    max_tokens: int | None
-    stop: tuple[str, ...]
-    sampling: Sampling
-    include_usage: bool
 
 
 class LocalWorkerLost(UpstreamServerError):
@@ -141,8 +119,8 @@ class LocalProvider:
         target = f"{NAME}/{model}"
         if call.op is Op.EMBEDDINGS:
             return await self._embed(call, model, target)
-        job = _job(call, target)
-        parts: list[str] = []
+        job = self._translate(call, model, target)
+        got = Collected(job.n)
         done: Done | None = None
         try:
             with _translated(target):
@@ -152,74 +130,59 @@ class LocalProvider:
                         if isinstance(item, Done):
                             done = item
                         else:
-                            parts.append(item)
+                            got.add(item)
         except TimeoutError:
             raise UpstreamTimeout(f"{target} did not answer within {timeout_s:g} s",
                                   target=target) from None
         assert done is not None
-        usage = _usage(done)
-        text, reason, rid, created = "".join(parts), done.finish_reason, _id(call), int(time.time())
-        body: ChatCompletion | TextCompletion
-        if call.op is Op.CHAT:
-            body = ChatCompletion(rid, created, model,
-                                  [Choice(0, ResponseMessage(content=text), reason)], usage)
-        else:
-            body = TextCompletion(rid, created, model, [TextChoice(0, text, reason)], usage)
-        return Reply(_encoder.encode(body), usage)
+        rid, created = _id(call), int(time.time())
+        body = (chat_body(rid, created, model, job, got, done) if call.op is Op.CHAT
+                else completion_body(rid, created, model, job, got, done))
+        return Reply(_encoder.encode(body), usage_of(done))
 
     async def stream(self, call: Call, model: str, timeout_s: float,
                      meter: Meter | None = None) -> AsyncGenerator[bytes, None]:
         target = f"{NAME}/{model}"
         if call.op is Op.EMBEDDINGS:
             raise UpstreamUnsupported("embeddings cannot be streamed", target=target)
-        job = _job(call, target)
-        rid, created, chat = _id(call), int(time.time()), call.op is Op.CHAT
-        first = True
-
-        def frame(text: str | None, reason: str | None) -> bytes:
-            nonlocal first
-            body: ChatChunk | TextCompletion
-            if chat:
-                delta = Delta(role="assistant" if first else None, content=text)
-                body = ChatChunk(rid, created, model, [ChunkChoice(0, delta, reason)])
-            else:
-                body = TextCompletion(rid, created, model, [TextChoice(0, text or "", reason)])
-            first = False
-            return b"data: " + _encoder.encode(body) + b"\n\n"
-
+        job = self._translate(call, model, target)
+        frames = StreamFrames(_id(call), int(time.time()), model, job, call.op is Op.CHAT,
+                              meter)
         with _translated(target):
             async with contextlib.aclosing(self._generate(model, job)) as items:
                 async for item in items:
                     if not isinstance(item, Done):
-                        if meter is not None and item:
-                            meter.content_chunks += 1
-                            meter.content_chars += len(item)
-                        yield frame(item, None)
+                        out = frames.tokens(item)
+                        if out:
+                            yield out
                         continue
                     if meter is not None:
-                        meter.usage = _usage(item)
-                    out = frame(None if chat else "", item.finish_reason)
-                    if job.include_usage:
-                        usage = _usage(item)
-                        tail: ChatChunk | TextCompletion = (
-                            ChatChunk(rid, created, model, [], usage) if chat
-                            else TextCompletion(rid, created, model, [], usage))
-                        out += b"data: " + _encoder.encode(tail) + b"\n\n"
-                    yield out
+                        meter.usage = usage_of(item)
+                    yield frames.end(item)
 
-    def _generate(self, model: str, job: _Job) -> AsyncGenerator[str | Done, None]:
+    def _translate(self, call: Call, model: str, target: str) -> Job:
+        job = translate(call, target)
+        entry = self.pool.entry(model)
+        if entry is not None and job.n > entry.spec.n_parallel:
+            raise UpstreamUnsupported(
+                f"{target}: n = {job.n} is more than this model's {entry.spec.n_parallel} "
+                "parallel sequences", target=target, param="n")
+        return job
+
+    def _generate(self, model: str, job: Job) -> AsyncGenerator[Tokens | Done, None]:
         return self.pool.generate(model, messages=job.messages, prompt=job.prompt,
                                   max_tokens=job.max_tokens, stop=job.stop,
-                                  sampling=job.sampling)
+                                  sampling=job.sampling, grammar=job.grammar, n=job.n,
+                                  logprobs=job.logprobs)
 
     async def _embed(self, call: Call, model: str, target: str) -> Reply:
         req = call.request
         assert isinstance(req, EmbeddingRequest)
-        inputs = [req.input] if isinstance(req.input, str) else req.input
-        if not inputs or not all(isinstance(i, str) for i in inputs):
+        inputs = _embedding_inputs(req.input)
+        if not inputs:
             raise UpstreamUnsupported(
-                f"{target}: local embeddings take a string or a list of strings",
-                target=target, param="input",
+                f"{target}: 'input' is a string, a list of strings, a list of token ids, "
+                "or a list of lists of token ids (none empty)", target=target, param="input",
             )
         entry = self.pool.entry(model)
         if req.dimensions is not None and entry is not None and entry.info is not None \
@@ -229,7 +192,7 @@ class LocalProvider:
                 target=target, param="dimensions",
             )
         with _translated(target):
-            result = await self.pool.embed(model, [str(i) for i in inputs])
+            result = await self.pool.embed(model, inputs)
         b64 = req.encoding_format == "base64"
         data = [
             Embedding(i, base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
@@ -243,79 +206,27 @@ class LocalProvider:
         await self.pool.aclose()
 
 
+def _embedding_inputs(value: str | list[Any]) -> list[str | tuple[int, ...]] | None:
+    """The inputs of OpenAI's four forms (a text, texts, one token array, token arrays),
+    or None when ``value`` is none of them or holds an empty one."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [tuple(value)]
+    out: list[str | tuple[int, ...]] = []
+    for v in value:
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list) and v and all(isinstance(t, int) for t in v):
+            out.append(tuple(v))
+        else:
+            return None
+    return out or None
+
+
 def _id(call: Call) -> str:
     prefix = "chatcmpl" if call.op is Op.CHAT else "cmpl"
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _usage(done: Done) -> Usage:
-    return Usage(done.prompt_tokens, done.completion_tokens,
-                 done.prompt_tokens + done.completion_tokens)
-
-
-def _job(call: Call, target: str) -> _Job:
-    """Translate a chat or completion call; raise UpstreamUnsupported for what cannot be."""
-    req = call.request
-    assert not isinstance(req, EmbeddingRequest)
-    for name in _UNSUPPORTED_FIELDS:
-        if call.raw.get(name) not in (None, False, [], {}):
-            raise UpstreamUnsupported(f"{target}: '{name}' is not supported by local models",
-                                      target=target, param=name)
-    fmt = call.raw.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise UpstreamUnsupported(f"{target}: structured output is not supported by local "
-                                  "models", target=target, param="response_format")
-    raw_seed = call.raw.get("seed")
-    sampling = Sampling(
-        temperature=req.temperature if req.temperature is not None else DEFAULT_TEMPERATURE,
-        top_p=req.top_p if req.top_p is not None else DEFAULT_TOP_P,
-        top_k=DEFAULT_TOP_K,
-        min_p=DEFAULT_MIN_P,
-        seed=raw_seed if isinstance(raw_seed, int) and not isinstance(raw_seed, bool) else None,
-        presence_penalty=_number(call.raw.get("presence_penalty")),
-        frequency_penalty=_number(call.raw.get("frequency_penalty")),
-    )
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if isinstance(req, ChatRequest):
-        if (req.n or 1) > 1:
-            raise UpstreamUnsupported(f"{target}: local models return one choice (n=1)",
-                                      target=target, param="n")
-        messages = tuple(_message(m.role, m.content, target) for m in req.messages)
-        limit = req.token_limit or call.token_cap
-        return _Job(messages, None, limit, stop, sampling, include_usage)
-    assert isinstance(req, CompletionRequest)
-    prompt = req.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise UpstreamUnsupported(f"{target}: local completions take one text prompt",
-                                      target=target, param="prompt")
-        prompt = prompt[0]
-    return _Job(None, prompt, req.max_tokens or call.token_cap or 16, stop, sampling,
-                include_usage)
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def _message(role: str, content: Any, target: str) -> ChatMessage:
-    if role in ("tool", "function"):
-        raise UpstreamUnsupported(f"{target}: tool messages are not supported by local models",
-                                  target=target, param="messages")
-    if content is None or isinstance(content, str):
-        text = content or ""
-    else:
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise UpstreamUnsupported(
-                    f"{target}: only text content parts are supported by local models",
-                    target=target, param="messages",
-                )
-            texts.append(part["text"])
-        text = "\n".join(texts)
-    return ChatMessage("system" if role == "developer" else role, text)
 
 
 @contextlib.contextmanager

@@ -235,16 +235,19 @@ async def test_concurrent_requests_with_different_parameters(
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-         "tools"),
-        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "number", "minimum": 0}}}}}]},
+         "tools[0].function.parameters"),
+        ({"n": 9}, "n"),
         ({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "What is this?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
         ]}]}, "messages"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "format": "email"}}}},
+         "response_format.json_schema.schema"),
     ],
-    ids=["tools", "n", "image", "json"],
+    ids=["tool_schema_keyword", "n_over_parallel", "image", "schema_keyword"],
 )
 def test_unsupported_requests_get_400(
     default_sidecar: SidecarProcess, body: dict[str, Any], param: str
@@ -681,10 +684,13 @@ def test_remote_healthy_serves_first(hybrid: SidecarProcess, fp: FakeProvider) -
 def test_request_local_cannot_express_goes_to_the_remote(hybrid: SidecarProcess,
                                                          fp: FakeProvider) -> None:
     client = hybrid.sdk()
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    for extra in ({"tools": [tool]}, {"n": 2}):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    email = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "format": "email"}}}
+    for extra in ({"messages": [{"role": "user", "content": [image]}]},
+                  {"response_format": email}):
         raw = client.chat.completions.with_raw_response.create(
-            model="local-first", messages=HI, **extra  # type: ignore[arg-type]
+            **{"model": "local-first", "messages": HI, **extra}  # type: ignore[arg-type]
         )
         assert raw.headers["x-sidecar-target"] == "p/remote"
         assert raw.headers["x-sidecar-attempts"] == "2"

@@ -92,25 +92,27 @@ AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}
 @pytest.mark.parametrize(
     ("raw", "param"),
     [
-        ({"tools": [TOOL]}, "tools"),
         ({"functions": [TOOL["function"]]}, "functions"),
-        ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"logit_bias": {"x": 5}}, "logit_bias"),
+        ({"logit_bias": {"42": 101}}, "logit_bias"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-         "response_format"),
-        ({"n": 2}, "n"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+         "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "integer", "maximum": 3}}}},
+         "response_format.json_schema.schema"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+         "tool_choice"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, IMAGE]}]},
          "messages"),
         ({"messages": [{"role": "user", "content": [AUDIO]}]}, "messages"),
-        ({"messages": [*HI, {"role": "tool", "content": "42", "tool_call_id": "c1"}]},
-         "messages"),
     ],
-    ids=["tools", "functions", "logprobs", "top_logprobs", "logit_bias", "audio", "prediction",
-         "json_object", "json_schema", "n", "image", "input_audio", "tool_message"],
+    ids=["functions", "top_logprobs_alone", "logit_bias_key", "logit_bias_value", "audio",
+         "prediction", "format_type", "schema_name", "schema_keyword", "unknown_tool_choice",
+         "image", "input_audio"],
 )
 async def test_unsupported_chat_requests_are_refused_before_anything_runs(
     provider: LocalProvider, raw: dict[str, Any], param: str
@@ -137,7 +139,8 @@ async def test_unsupported_completion_prompts(provider: LocalProvider, prompt: A
 
 
 async def test_unsupported_embedding_requests(provider: LocalProvider) -> None:
-    for raw, param in [({"input": [1, 2, 3]}, "input"), ({"input": []}, "input"),
+    for raw, param in [({"input": [1, "x"]}, "input"), ({"input": []}, "input"),
+                       ({"input": [[]]}, "input"),
                        ({"input": "x", "dimensions": 100}, "dimensions")]:
         with pytest.raises(UpstreamUnsupported) as e:
             await provider.send(call(Op.EMBEDDINGS, **raw), "m", 30)
