@@ -9,6 +9,8 @@ process, and by :func:`gpu_offload_supported` when called).
     gguf.py           GGUF metadata -> ``GGUFInfo``, ``check_supported`` (never tensor data)
     gguf_reader.py    the byte level under it: header, metadata, tensor table, checked
     chat_template.py  the models' chat templates in a sandboxed Jinja environment
+    grammar.py        JSON Schema -> GBNF with llama-cpp-python's converter, checked first
+                      (``schema_grammar``, ``SchemaError``); llama_cpp imported on first use
     limits.py         pure bounds on one request's work, checked before a worker sees it
     eviction.py       ``plan_load``: pure choice of the idle models to unload for a load
     state.py          ``ModelState`` and ``next_state``: one model's life, a pure machine
@@ -48,6 +50,7 @@ from local_models.errors import (
     WorkerCrashed,
     WorkerLost,
 )
+from local_models.grammar import SchemaError, check_schema, schema_grammar
 from local_models.pool import ModelPool, ModelStatus, PoolSettings
 from local_models.protocol import ChatMessage, Done, Embeddings, Sampling, TokenLogprob, Tokens
 from local_models.state import ModelState
@@ -71,11 +74,14 @@ __all__ = [
     "Overloaded",
     "PoolSettings",
     "Sampling",
+    "SchemaError",
     "TokenLogprob",
     "Tokens",
     "UnknownModel",
     "WorkerCrashed",
     "WorkerLost",
     "build_catalog",
+    "check_schema",
     "gpu_offload_supported",
+    "schema_grammar",
 ]

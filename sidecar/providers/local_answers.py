@@ -51,7 +51,7 @@ def usage_of(done: Done) -> Usage:
 
 
 def _reasons(done: Done, n: int) -> list[str]:
-    reasons = list(done.finish_reasons) or [done.finish_reason]
+    reasons: list[str] = list(done.finish_reasons) or [done.finish_reason]
     return (reasons + [done.finish_reason] * n)[:n]
 
 
