@@ -11,7 +11,8 @@ with each call's ``arguments`` valid for that tool's ``parameters`` schema.
 * :func:`plan_tools` checks ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` and
   builds the prompt and the output schema: ``auto`` allows both forms, ``required`` only
   tool calls, a named function only a call of it (exactly one), ``parallel_tool_calls``
-  false at most one call, ``none`` (or no tools) no plan at all.
+  false at most one call (else at most one per tool offered, up to
+  :data:`MAX_PARALLEL_CALLS`), ``none`` (or no tools) no plan at all.
 * :func:`history` renders a conversation's messages for the chat template: text parts
   joined, an assistant's ``tool_calls`` as the JSON the model would have written, a tool
   result as a ``tool`` turn naming its call.
@@ -39,6 +40,10 @@ __all__ = ["ToolError", "ToolPlan", "ToolStream", "history", "parse_output", "pl
 #: OpenAI's rule for function names.
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TOOLS = 128
+#: Calls in one answer when parallel calls are allowed: one per tool offered, at most this
+#: many. Small models, once they have made a call, tend to repeat it until max_tokens; the
+#: bound ends the array (one tool: one call per turn).
+MAX_PARALLEL_CALLS = 4
 
 _NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -129,6 +134,8 @@ def plan_tools(tools: list[Any], tool_choice: object,
                              else {"anyOf": calls}, "minItems": 1}
     if parallel_tool_calls is False or choice not in ("auto", "required"):
         array["maxItems"] = 1
+    else:
+        array["maxItems"] = min(len(chosen), MAX_PARALLEL_CALLS)
     call_form = {"type": "object", "properties": {"tool_calls": array},
                  "required": ["tool_calls"], "additionalProperties": False}
     text_form = {"type": "object", "properties": {"response": {"type": "string"}},
