@@ -517,6 +517,33 @@ def test_local_model_unary_stream_and_fallback(stub: sidecar_pb2_grpc.SidecarStu
     assert (resp.target, resp.attempts) == ("local/smollm2", 2)
 
 
+def test_local_model_tool_calls_and_structured_output(
+        stub: sidecar_pb2_grpc.SidecarStub) -> None:
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 64}},
+              "required": ["city"]}
+    tool = pb.Tool(function=pb.FunctionDefinition(name="weather", description="Weather"))
+    tool.function.parameters.update(params)
+    request = chat("local/smollm2", max_tokens=80, temperature=0, tools=[tool],
+                   tool_choice=pb.ToolChoice(function="weather"),
+                   messages=[pb.Message(role=pb.ROLE_USER, content="Weather in Rome?")])
+    resp = stub.Chat(request, metadata=AUTH, timeout=60)
+    [call] = resp.choices[0].message.tool_calls
+    assert call.function.name == "weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    assert resp.choices[0].finish_reason == "tool_calls"
+    chunks = list(stub.ChatStream(request, metadata=AUTH, timeout=60))
+    pieces = [t for c in chunks for ch in c.choices for t in ch.delta.tool_calls]
+    assert pieces[0].name == "weather" and pieces[0].id.startswith("call_")
+    assert json.loads("".join(p.arguments for p in pieces)) == json.loads(call.function.arguments)
+
+    fmt = pb.ResponseFormat(type="json_schema")
+    fmt.json_schema.name = "city"
+    fmt.json_schema.schema.update(params)
+    resp = stub.Chat(chat("local/smollm2", max_tokens=80, temperature=0, response_format=fmt),
+                     metadata=AUTH, timeout=60)
+    assert isinstance(json.loads(resp.choices[0].message.content)["city"], str)
+
+
 def test_local_stream_cancel_frees_the_sequence(stub: sidecar_pb2_grpc.SidecarStub,
                                                 sidecar: SidecarProcess) -> None:
     stream = stub.ChatStream(chat("local/smollm2", max_tokens=400), metadata=AUTH, timeout=60)

@@ -10,13 +10,15 @@ it answers is no chat answer (tests check the API's shape and the prompt, not th
 what the sidecar must honour: the system message is folded into the first user turn, the
 assistant's role is ``model``, and roles must alternate (the template raises otherwise).
 
-Tools with Gemma: to be added here by the lead once tool calling lands (Gemma 3's template has
-no tool syntax, so they take the generic format).
+Tools with Gemma: its template has no tool syntax and allows only user and model turns, so
+tools take the generic format, tool results become user turns, and the grammar makes even
+the base model's calls valid.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -235,6 +237,49 @@ def test_gemma_template_refuses_roles_that_do_not_alternate(
     answer = client.chat.completions.create(model="gemma", messages=messages,  # type: ignore[arg-type]
                                             max_tokens=2)
     assert answer.usage is not None and answer.usage.completion_tokens > 0
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemma_tool_loop_in_the_generic_format(two_models: SidecarProcess, stream: bool) -> None:
+    client = two_models.sdk()
+    ask = [{"role": "system", "content": "You help with the weather."},
+           {"role": "user", "content": "Weather in Oslo?"}]
+    kw: dict[str, Any] = dict(model="gemma-it", messages=ask, tools=[WEATHER],
+                              tool_choice="required", temperature=0, max_tokens=60)
+    if stream:
+        calls: dict[int, dict[str, str]] = {}
+        reason = None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for c in chunk.choices:
+                reason = c.finish_reason or reason
+                for t in c.delta.tool_calls or []:
+                    call = calls.setdefault(t.index, {"id": "", "name": "", "arguments": ""})
+                    call["id"] += t.id or ""
+                    call["name"] += (t.function.name or "") if t.function else ""
+                    call["arguments"] += (t.function.arguments or "") if t.function else ""
+        assert reason == "tool_calls"
+        made = [(c["id"], c["name"], c["arguments"]) for c in calls.values()]
+    else:
+        answer = client.chat.completions.create(**kw)
+        assert answer.choices[0].finish_reason == "tool_calls"
+        made = [(c.id, c.function.name, c.function.arguments)
+                for c in answer.choices[0].message.tool_calls or []]
+    [(call_id, name, arguments)] = made
+    assert name == "get_weather" and isinstance(json.loads(arguments)["city"], str)
+    # step two: the assistant's call and the tool's result alternate as model and user turns
+    history = [*ask, {"role": "assistant", "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "Snow, -3 C"}]
+    second = client.chat.completions.create(model="gemma-it", messages=history,  # type: ignore[arg-type]
+                                            tools=[WEATHER], tool_choice="none", max_tokens=8)
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert second.usage is not None and second.usage.completion_tokens > 0
 
 
 # --- least recently used under a memory budget -------------------------------------------

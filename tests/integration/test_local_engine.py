@@ -48,7 +48,8 @@ facts = {}
 # two constrained and two free sequences in one batch
 out = run(p.Generate(1, ask, None, 80, grammar=grammar, sampling=hot),
           p.Generate(2, ask, None, 20, sampling=hot),
-          p.Generate(3, ask, None, 80, grammar=grammar, sampling=p.Sampling(temperature=1.0, seed=2)),
+          p.Generate(3, ask, None, 80, grammar=grammar,
+                     sampling=p.Sampling(temperature=1.0, seed=2)),
           p.Generate(4, ask, None, 20, sampling=hot))
 facts["constrained"] = [texts(out, 1)[0], texts(out, 3)[0]]
 facts["constrained_reasons"] = [done(out, 1).finish_reason, done(out, 3).finish_reason]
@@ -79,8 +80,8 @@ first = lps[0]
 out = run(p.Generate(9, ask, None, 1, sampling=p.Sampling(temperature=0,
                                                           logit_bias=((tok, -100.0),))))
 facts["banned_first"] = texts(out, 9)[0]
-out = run(p.Generate(10, ask, None, 1, sampling=p.Sampling(temperature=0,
-                                                           logit_bias=((tok, -100.0), (42, 100.0)))))
+force = p.Sampling(temperature=0, logit_bias=((tok, -100.0), (42, 100.0)))
+out = run(p.Generate(10, ask, None, 1, sampling=force))
 facts["forced"] = [texts(out, 10)[0], e._piece(42)]
 facts["bias_bad"] = done(run(p.Generate(11, ask, None, 1, sampling=p.Sampling(
     logit_bias=((10**6, 1.0),)))), 11).message

@@ -571,14 +571,16 @@ async def test_a_failing_template_fails_only_its_own_request(
     pool = make_pool(ModelSpec(name="m", path=str(path), n_ctx=512, n_parallel=2))
     alone = await collect(pool, **counting(40))
     running = pool.generate("m", **counting(40))
-    pieces = [await anext(running)]
+    first = await anext(running)
+    assert isinstance(first, Tokens)
+    pieces = [first.text]
     with pytest.raises(InvalidRequest, match="ZeroDivisionError"):
         await collect(pool, **chat("boom", max_tokens=3))
     with pytest.raises(InvalidRequest, match=r"^I refuse\.$"):
         await collect(pool, **chat("refuse", max_tokens=3))
     async for item in running:
         if not isinstance(item, Done):
-            pieces.append(item)
+            pieces.append(item.text)
     assert "".join(pieces) == alone.text  # the other request never noticed
     assert (await collect(pool, **chat("hello", max_tokens=3))).done.completion_tokens <= 3
 
@@ -881,12 +883,14 @@ async def test_embeddings_while_generating(make_pool: Callable[..., ModelPool]) 
     pool = make_pool()
     alone = await collect(pool, **counting(30))
     stream = pool.generate("m", **counting(30))
-    pieces = [await anext(stream)]
+    first = await anext(stream)
+    assert isinstance(first, Tokens)
+    pieces = [first.text]
     result = await pool.embed("m", ["in between"])
     assert len(result.vectors) == 1
     async for item in stream:
         if not isinstance(item, Done):
-            pieces.append(item)
+            pieces.append(item.text)
     assert pieces == alone.pieces
 
 
