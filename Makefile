@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # With no config the sidecar serves its embedded default: the local SmolLM2 model.
 CONFIG ?= $(SIDECAR_CONFIG)
 
-.PHONY: run test install install-dev gemma lint bench bench-local bench-grpc protos clean
+.PHONY: run test install install-dev gemma clients lint bench bench-local bench-grpc protos clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	scripts/install.sh --venv $(VENV)
@@ -21,10 +21,14 @@ install-dev: $(VENV)/.installed-dev
 gemma: install
 	scripts/install-gemma.sh --venv $(VENV)
 
+# LangChain and the Vercel AI SDK (Node), which tests/e2e/test_clients_e2e.py drives.
+clients: install-dev
+	scripts/client-deps.sh --venv $(VENV)
+
 run: install
 	$(VENV)/bin/sidecar serve $(if $(CONFIG),--config $(CONFIG))
 
-test: install-dev gemma
+test: install-dev gemma clients
 	$(PY) -m ruff check sidecar local_models tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q

@@ -23,6 +23,8 @@ import functools
 import json
 from typing import Any
 
+from local_models.integer_grammar import integer_bounds, integer_rule
+
 __all__ = ["MAX_GRAMMAR_CHARS", "SchemaError", "check_schema", "schema_grammar"]
 
 #: Bounds on one schema.
@@ -44,11 +46,14 @@ ANNOTATIONS = frozenset({
     "discriminator",
 })
 
+#: Numeric bounds: enforced on ``type: integer`` only (local_models.integer_grammar).
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
 #: Keywords the converter enforces, each with what may hold subschemas under it.
 ENFORCED = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "prefixItems",
     "minItems", "maxItems", "minLength", "maxLength", "enum", "const", "anyOf", "oneOf",
-    "allOf", "format", "$ref", "$defs", "definitions",
+    "allOf", "format", "$ref", "$defs", "definitions", *BOUNDS,
 })
 # Not "pattern": the converter's regular-expression translation mishandles escapes ("\\d",
 # "\\.") and quantifiers after them, giving grammars that do not compile or that allow
@@ -138,7 +143,7 @@ def _check_type(node: dict[str, Any], path: str) -> None:
                               f"{', '.join(sorted(TYPES))}", "type", path)
     if isinstance(kind, list) and (len(kinds) > 1) and any(
             key in node for key in ("properties", "items", "minLength", "maxLength",
-                                    "pattern", "format", "enum", "const")):
+                                    "pattern", "format", "enum", "const", *BOUNDS)):
         raise _unsupported("type", path, "a list of types together with constraints")
 
 
@@ -176,6 +181,8 @@ def _check_keywords(node: dict[str, Any], path: str) -> None:
     if "format" in node and node["format"] not in FORMATS:
         raise _unsupported("format", path, f"format {node['format']!r}; supported: "
                            f"{', '.join(sorted(FORMATS))}")
+    if any(key in node for key in BOUNDS):
+        _bounds(node, path)
     enum = node.get("enum")
     if enum is not None and (not isinstance(enum, list) or not enum or len(enum) > MAX_ENUM):
         raise SchemaError(f"'enum'{_where(path)} must be an array of 1 to {MAX_ENUM} values",
@@ -201,6 +208,21 @@ def _check_keywords(node: dict[str, Any], path: str) -> None:
                                f"only object parts; this one has {', '.join(extra_keys)}")
 
 
+def _bounds(node: dict[str, Any], path: str) -> tuple[int, int]:
+    """The closed range of an integer schema's bounds; raises :class:`SchemaError`."""
+    key = next(k for k in BOUNDS if k in node)
+    if node.get("type") != "integer" or "enum" in node or "const" in node:
+        raise _unsupported(key, path, "only on a plain type 'integer'")
+    values = [node.get(k) for k in BOUNDS]
+    for k, value in zip(BOUNDS, values, strict=True):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise SchemaError(f"'{k}'{_where(path)} must be a number", k, path)
+    try:
+        return integer_bounds(*values)
+    except ValueError as e:
+        raise SchemaError(f"'{key}'{_where(path)}: {e}", key, path) from None
+
+
 #: A character inside a JSON string: the converter's own rule lets raw control characters
 #: through, which JSON forbids (llama.cpp's C++ converter excludes them too).
 JSON_CHAR = (r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
@@ -209,11 +231,23 @@ JSON_CHAR = (r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-f
 
 @functools.cache
 def _converter_class() -> Any:
-    from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter  # the maintained one
+    from llama_cpp.llama_grammar import (  # the maintained one
+        RESERVED_NAMES,
+        BuiltinRule,
+        SchemaConverter,
+    )
 
     class Converter(SchemaConverter):
-        """The converter with two fixes: literals escaped for GBNF (backslash and quote
-        included), and no raw control characters inside strings."""
+        """The converter with three fixes: literals escaped for GBNF (backslash and quote
+        included), no raw control characters inside strings, integer bounds enforced."""
+
+        def visit(self, schema: Any, name: str) -> str:
+            if isinstance(schema, dict) and any(k in schema for k in BOUNDS):
+                low, high = _bounds(schema, "")
+                rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+                rule = f"({integer_rule(low, high)}) space"
+                return str(self._add_rule(rule_name, rule))  # type: ignore[no-untyped-call]
+            return str(super().visit(schema, name))  # type: ignore[no-untyped-call]
 
         def _format_literal(self, literal: str) -> str:
             escaped = (literal.replace("\\", "\\\\").replace('"', '\\"')

@@ -377,8 +377,12 @@ class ToolStream:
 
     def _value(self) -> str:
         """The arguments' JSON text from ``pos`` up to the end of the value, as far as it
-        has been generated."""
-        buf, start, i = self.buf, self.pos, self.pos
+        has been generated; whitespace before the value is dropped."""
+        buf, i = self.buf, self.pos
+        if self.depth == 0 and not self.in_string:
+            while i < len(buf) and buf[i] in " \t\r\n":
+                i += 1
+        start = i
         while i < len(buf):
             c = buf[i]
             i += 1

@@ -184,7 +184,8 @@ def test_several_choices_each_follow_the_schema(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize(("schema", "keyword"), [
-    ({"type": "integer", "minimum": 3}, "minimum"),
+    ({"type": "number", "minimum": 3}, "minimum"),
+    ({"type": "integer", "multipleOf": 3}, "multipleOf"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "email"}}}, "format"),
     ({"type": "object", "patternProperties": {"^a": {"type": "string"}}}, "patternProperties"),
     ({"$ref": "https://example.com/schema.json"}, "$ref"),

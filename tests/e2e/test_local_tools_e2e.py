@@ -168,7 +168,7 @@ def test_tool_results_in_history_without_tools_field(client: openai.OpenAI) -> N
      "'nope'"),
     ([WEATHER], "sometimes", "tool_choice", "tool_choice is"),
     ([{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}],
+        "type": "object", "properties": {"n": {"type": "number", "minimum": 1}}}}}],
      None, "tools[0].function.parameters", "'minimum'"),
 ])
 def test_bad_tool_requests_get_400_naming_the_field(

@@ -102,7 +102,7 @@ AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
          "response_format.json_schema"),
         ({"response_format": {"type": "json_schema", "json_schema": {
-            "name": "x", "schema": {"type": "integer", "maximum": 3}}}},
+            "name": "x", "schema": {"type": "number", "maximum": 3}}}},
          "response_format.json_schema.schema"),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
          "tool_choice"),
