@@ -249,12 +249,18 @@ class Call(msgspec.Struct, frozen=True):
     """One validated client request: the operation, its typed form, the original object.
 
     ``token_cap`` is set by the gateway when the client gave no token limit and a budget
-    can pay for at most that many completion tokens: providers must send it upstream."""
+    can pay for at most that many completion tokens: providers must send it upstream.
+
+    ``messages`` is the client's Anthropic Messages body when the call came in as one
+    (``request`` and ``raw`` are then its translation to OpenAI chat): a provider that
+    speaks that API sends it as it is (see ``Provider.native_messages``), every other
+    provider serves the translation."""
 
     op: Op
     request: Request
     raw: dict[str, Any]
     token_cap: int | None = None
+    messages: dict[str, Any] | None = None
 
     @property
     def stream(self) -> bool:

@@ -13,7 +13,8 @@ The surface front ends use (and nothing else of the :class:`Gateway`):
   loop-time deadline), then :meth:`~Gateway.complete` (-> :class:`Completed`) or
   :meth:`~Gateway.stream` (-> :class:`Streaming`, whose ``events`` the front end renders:
   HTTP as SSE, gRPC as chunk messages and the call's status);
-* documents: :meth:`~Gateway.models` (id, owned_by), :meth:`~Gateway.status`,
+* documents: :meth:`~Gateway.models` (id, owned_by), :meth:`~Gateway.count_tokens` (an
+  estimate of a call's prompt), :meth:`~Gateway.status`,
   :meth:`~Gateway.readiness`, :meth:`~Gateway.budgets` (JSON bytes, redacted);
 * lifecycle: :meth:`~Gateway.start`, :meth:`~Gateway.drain` / :attr:`~Gateway.draining`,
   :meth:`~Gateway.cut` / :attr:`~Gateway.is_cut` / :meth:`~Gateway.until_cut` (the end of

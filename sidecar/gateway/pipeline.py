@@ -102,9 +102,12 @@ class Streaming(Served):
     close it): :class:`~sidecar.gateway.events.Relayed` frames, then one
     :class:`~sidecar.gateway.events.Ended` (its cost recorded) or
     :class:`~sidecar.gateway.events.Failed`. ``cost`` is known now only for free targets
-    (0), else None (the cost comes with ``Ended``)."""
+    (0), else None (the cost comes with ``Ended``). ``native``: the frames are Anthropic's
+    own events (``Call.messages`` served by a provider that speaks the Messages API), not
+    OpenAI chunks."""
 
     events: AsyncGenerator[StreamEvent, None]
+    native: bool = False
 
 
 class _Attempt(msgspec.Struct):
@@ -242,6 +245,13 @@ class Gateway:
         ``provider/model`` target once."""
         return model_ids(self.router.routes)
 
+    def count_tokens(self, call: Call) -> int:
+        """An estimate of ``call``'s prompt tokens (a quarter of its input's JSON bytes, as
+        token limits guess them) once its model resolves. Raises
+        :class:`~sidecar.errors.ModelNotFound`."""
+        self.router.resolve(call.request.model)
+        return estimate(call).prompt_guess
+
     async def budgets(self, identity: str | None) -> bytes:
         """Every budget's current window as a JSON list (per-key ones of ``identity``
         only, when auth is on), redacted."""
@@ -344,8 +354,9 @@ class Gateway:
             redact=self.redact, settle=lambda: self._settle(ctx, route, est, done, None),
             upstream_failed=upstream_failed, finished=lambda ok: self._finished(done, ok))
         free = done.ticket.price == FREE
+        native = call.messages is not None and self.providers[done.target.provider].native_messages
         return Streaming(done.target.key, done.attempts, done.reason, 0 if free else None,
-                         events)
+                         events, native)
 
     # --- the pipeline ---------------------------------------------------------------------
 

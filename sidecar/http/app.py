@@ -29,34 +29,31 @@ from sidecar.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.gateway import Completed, Context, Gateway, error_body, shut_down
+from sidecar.gateway import Completed, Context, Gateway, shut_down
 from sidecar.http.openapi import openapi_document
-from sidecar.http.sse import sse
+from sidecar.http.wires import (
+    MessagesWire,
+    OpenAIWire,
+    ResponsesWire,
+    Wire,
+    decode_object,
+    error_envelope,
+)
+from sidecar.protocols.messages import count_body
 from sidecar.request_meta import api_key, request_id_of, retry_after, served_meta
-from sidecar.types import MAX_DEPTH, Call, Op, validate_call
+from sidecar.types import Call, Op
 
 log = logging.getLogger("sidecar.http")
 
 _JSON = "application/json"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-_object_decoder = msgspec.json.Decoder(dict[str, Any])
 _INLINE_DECODE_BYTES = 64 * 1024
 _encoder = msgspec.json.Encoder()
 
 
-def decode_call(op: Op, body: bytes) -> Call:
-    """Validate a client body for ``op``. Raises :class:`InvalidRequest` with the path."""
-    try:
-        raw = _object_decoder.decode(body)
-    except msgspec.ValidationError as e:
-        if str(e).startswith("Expected `object`"):
-            raise InvalidRequest("The request body must be a JSON object.") from None
-        raise InvalidRequest(f"The request body is not valid: {e}") from None  # 1e999
-    except msgspec.DecodeError as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
-    except RecursionError:  # thousands of nested brackets: never a real request
-        raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.") from None
-    return validate_call(op, raw)
+def decode_call(wire: Wire, body: bytes) -> Call:
+    """Validate a client body with ``wire``. Raises :class:`InvalidRequest` with the path."""
+    return wire.decode(decode_object(body))
 
 
 async def _unless_client_leaves(request: Request[Any, Any, Any],
@@ -104,27 +101,31 @@ def _timeout(request: Request[Any, Any, Any]) -> float | None:
         ) from None
 
 
-def _models_body(gateway: Gateway) -> bytes:
-    """``GET /v1/models``."""
-    data = [{"id": id, "object": "model", "created": 0, "owned_by": owner}
-            for id, owner in gateway.models()]
-    return _encoder.encode({"object": "list", "data": data})
+def _model_objects(gateway: Gateway) -> dict[str, dict[str, Any]]:
+    """``GET /v1/models`` entries by id, in order."""
+    return {id: {"id": id, "object": "model", "created": 0, "owned_by": owner}
+            for id, owner in gateway.models()}
 
 
-def error_response(err: SidecarError, request_id: str | None = None) -> Response[bytes]:
-    """The error envelope, with ``retry-after`` when known and ``x-should-retry`` (which
-    the OpenAI SDKs obey over their own status rules) always."""
-    headers = {"x-request-id": request_id or uuid.uuid4().hex,
+def error_response(err: SidecarError, request_id: str | None = None, path: str = ""
+                   ) -> Response[bytes]:
+    """The error envelope of the protocol at ``path`` (see :func:`error_envelope`), with
+    ``retry-after`` when known and ``x-should-retry`` (which the OpenAI and Anthropic SDKs
+    obey over their own status rules) always; ``request-id`` too (Anthropic's name)."""
+    rid = request_id or uuid.uuid4().hex
+    headers = {"x-request-id": rid, "request-id": rid,
                "x-should-retry": "true" if err.should_retry else "false"}
     if err.retry_after_s is not None:
         headers["retry-after"] = retry_after(err.retry_after_s)
-    return Response(error_body(err), status_code=err.status, media_type=_JSON, headers=headers)
+    return Response(error_envelope(path, err), status_code=err.status, media_type=_JSON,
+                    headers=headers)
 
 
 def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     """Build the HTTP application. ``gateway`` is owned by the caller."""
 
-    async def serve(op: Op, request: Request[Any, Any, Any]) -> Response[Any]:
+    async def accept(request: Request[Any, Any, Any], wire: Wire) -> tuple[Context, Call]:
+        """Authenticate, then read and validate the body."""
         request_id = request_id_of(request.headers)
         request.state.request_id = request_id
         # Authentication comes before anything else looks at the request.
@@ -133,46 +134,77 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         body = await request.body()
         # Checking a big body's every value takes a while (~0.1 s per MB of tiny arrays):
         # off the event loop, which the GIL then still lets run every few milliseconds.
-        call = (decode_call(op, body) if len(body) < _INLINE_DECODE_BYTES
-                else await asyncio.to_thread(decode_call, op, body))
+        call = (decode_call(wire, body) if len(body) < _INLINE_DECODE_BYTES
+                else await asyncio.to_thread(decode_call, wire, body))
+        return ctx, call
+
+    async def serve(wire: Wire, request: Request[Any, Any, Any]) -> Response[Any]:
+        ctx, call = await accept(request, wire)
+        request_id = ctx.request_id
         if call.stream:
             streaming = await gateway.stream(call, ctx)
             headers = served_meta(request_id, streaming)
             return Stream(
-                sse(streaming.events), media_type="text/event-stream",
+                wire.events(streaming), media_type="text/event-stream",
                 headers=headers | _SSE_HEADERS,
             )
         done = await _unless_client_leaves(request, gateway.complete(call, ctx), gateway)
         if done is None:  # nobody is left to answer; the call was cancelled upstream
             return Response(b"", status_code=499)
-        return Response(
-            done.reply.body,
-            media_type=_JSON,
-            headers=served_meta(request_id, done),
-        )
+        return Response(wire.body(done), media_type=_JSON, headers=served_meta(request_id, done))
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
         """Create a chat completion (OpenAI's, stream or not)."""
-        return await serve(Op.CHAT, request)
+        return await serve(OpenAIWire(Op.CHAT), request)
 
     @post("/v1/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
         """Create a text completion (legacy)."""
-        return await serve(Op.COMPLETIONS, request)
+        return await serve(OpenAIWire(Op.COMPLETIONS), request)
 
     @post("/v1/embeddings", status_code=200)
     async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
         """Create embeddings."""
-        return await serve(Op.EMBEDDINGS, request)
+        return await serve(OpenAIWire(Op.EMBEDDINGS), request)
 
-    models_body = _models_body(gateway)
+    @post("/v1/messages", status_code=200)
+    async def create_message(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a message (Anthropic's Messages API, stream or not), served by any target."""
+        return await serve(MessagesWire(), request)
+
+    @post("/v1/messages/count_tokens", status_code=200)
+    async def count_tokens(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Count a Messages request's input tokens (an estimate; see docs/protocols.md)."""
+        request.state.request_id = request_id_of(request.headers)
+        gateway.authenticate(api_key(request.headers))
+        raw = decode_object(await request.body())
+        call = MessagesWire().decode({"max_tokens": 1, **raw, "stream": False})
+        return Response(count_body(gateway.count_tokens(call)), media_type=_JSON)
+
+    @post("/v1/responses", status_code=200)
+    async def create_response(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Create a model response (OpenAI's Responses API, stateless)."""
+        return await serve(ResponsesWire(), request)
+
+    model_objects = _model_objects(gateway)
+    models_body = _encoder.encode({"object": "list", "data": list(model_objects.values())})
 
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
         """List the models clients may ask for: routes, then provider/model targets."""
         gateway.authenticate(api_key(request.headers))
         return Response(models_body, media_type=_JSON)
+
+    @get("/v1/models/{model_id:path}")
+    async def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+        """One model of the list (``provider/model`` ids included)."""
+        gateway.authenticate(api_key(request.headers))
+        found = model_objects.get(model_id.lstrip("/"))
+        if found is None:
+            raise ModelNotFound(f"The model '{model_id.lstrip('/')[:256]}' does not exist.",
+                                param="model")
+        return Response(_encoder.encode(found), media_type=_JSON)
 
     @get("/v1/sidecar/budgets")
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -198,7 +230,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         return Response(body, status_code=200 if ready else 503, media_type=_JSON)
 
     def on_sidecar_error(request: Request[Any, Any, Any], exc: SidecarError) -> Response[bytes]:
-        return error_response(exc, getattr(request.state, "request_id", None))
+        return error_response(exc, getattr(request.state, "request_id", None), request.url.path)
 
     def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
         err: SidecarError
@@ -214,12 +246,12 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
             err = Unavailable("The sidecar could not handle the request.")
         else:
             err = InvalidRequest(str(exc.detail))
-        return error_response(err, getattr(request.state, "request_id", None))
+        return error_response(err, getattr(request.state, "request_id", None), request.url.path)
 
     def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         err = SidecarError("The sidecar hit an internal error.")
-        return error_response(err, getattr(request.state, "request_id", None))
+        return error_response(err, getattr(request.state, "request_id", None), request.url.path)
 
     document: list[bytes] = []  # built on first use, from the finished app's routes
 
@@ -232,8 +264,9 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         return Response(document[0], media_type=_JSON)
 
     return Litestar(
-        route_handlers=[chat, completions, embeddings, models, budgets, status, healthz,
-                        readyz, openapi],
+        route_handlers=[chat, completions, embeddings, create_message, count_tokens,
+                        create_response, models, model, budgets, status, healthz, readyz,
+                        openapi],
         exception_handlers={
             SidecarError: on_sidecar_error,
             HTTPException: on_http_error,

@@ -22,11 +22,17 @@ def error_frame(err: SidecarError) -> bytes:
     return b"data: " + error_body(err) + b"\n\n"
 
 
+def cost_comment(end: Ended) -> bytes:
+    """``: x-sidecar-cost-usd ...`` (an SSE comment, which every client skips) when the
+    cost is known, else nothing."""
+    if end.cost is None:
+        return b""
+    return COST_COMMENT + format_usd(end.cost).encode() + b"\n\n"
+
+
 def end_frames(end: Ended) -> bytes:
     """What closes a stream that ended well: the cost comment when known, then ``[DONE]``."""
-    if end.cost is None:
-        return DONE_FRAME
-    return COST_COMMENT + format_usd(end.cost).encode() + b"\n\n" + DONE_FRAME
+    return cost_comment(end) + DONE_FRAME
 
 
 async def sse(events: AsyncGenerator[StreamEvent, None]) -> AsyncGenerator[bytes, None]:

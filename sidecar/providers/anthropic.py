@@ -232,7 +232,14 @@ def _stop_sequences(stop: Stop) -> list[str]:
 
 
 class AnthropicMessages:
-    """Provider for Anthropic's Messages API (chat only). Safe for concurrent use."""
+    """Provider for Anthropic's Messages API (chat only). Safe for concurrent use.
+
+    A call that came in as a Messages body (``Call.messages``) is sent as that body (model,
+    stream and a budget's token cap set) and answered in Anthropic's format, so what only
+    Anthropic knows (thinking blocks, cache control, ``top_k``, ...) is neither lost nor
+    translated twice; its answer is still read for usage and validity."""
+
+    native_messages = True
 
     def __init__(self, config: AnthropicProvider) -> None:
         self.name = config.name
@@ -246,10 +253,16 @@ class AnthropicMessages:
         return op is Op.CHAT
 
     def _body(self, call: Call, model: str, target: str, *, stream: bool) -> bytes:
-        body = build_request(_chat(call, target), model,
-                             default_max_tokens=self._config.default_max_tokens, target=target)
-        if call.token_cap is not None:
-            body["max_tokens"] = call.token_cap
+        if call.messages is not None:
+            body = {**call.messages, "model": model}
+            if call.token_cap is not None:
+                body["max_tokens"] = min(call.token_cap, body.get("max_tokens", call.token_cap))
+        else:
+            body = build_request(_chat(call, target), model,
+                                 default_max_tokens=self._config.default_max_tokens,
+                                 target=target)
+            if call.token_cap is not None:
+                body["max_tokens"] = call.token_cap
         if stream:
             body["stream"] = True
         else:
@@ -263,6 +276,8 @@ class AnthropicMessages:
         body = await self._http.post(_PATH, content, timeout_s, target, meter)
         completion = translate_message(body, target=target)
         check_usage(completion.usage, target, meter)
+        if call.messages is not None:
+            return Reply(body, completion.usage, native=True)
         return Reply(_encoder.encode(completion), completion.usage)
 
     async def stream(self, call: Call, model: str, timeout_s: float,
@@ -270,7 +285,8 @@ class AnthropicMessages:
         target = f"{self.name}/{model}"
         content = self._body(call, model, target, stream=True)
         options = _chat(call, target).stream_options
-        translator = StreamTranslator(target, include_usage=bool(options and options.include_usage))
+        translator = StreamTranslator(target, include_usage=bool(options and options.include_usage),
+                                      native=call.messages is not None)
         meter = meter or Meter()
         async with self._http.open_stream(_PATH, content, timeout_s, target, meter) as pieces:
             held = b""

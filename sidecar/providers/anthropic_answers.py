@@ -202,10 +202,16 @@ class StreamTranslator:
     with ``include_usage`` a last frame has ``choices: []`` and ``usage``. :attr:`finished`
     turns true at ``message_stop``, after which input is ignored. Event types this module
     does not know are skipped, as Anthropic's versioning policy asks.
+
+    ``native``: :meth:`feed` returns Anthropic's own events, whole and unchanged (the
+    client speaks the Messages API), and translates them only to keep the same state, usage
+    and errors; :attr:`started` then turns true at the first event after ``message_start``
+    other than ``ping`` (a thinking block counts).
     """
 
     def __init__(self, target: str, *, include_usage: bool = False,
-                 created: int | None = None) -> None:
+                 created: int | None = None, native: bool = False) -> None:
+        self.native = native
         self.finished = False
         self.started = False
         """Whether a frame with a token (text, tool call or finish) has been produced."""
@@ -235,10 +241,17 @@ class StreamTranslator:
         """
         out: list[bytes] = []
         for event in self._sse.feed(piece):
-            if not self.finished:
-                before = len(out)
-                if self._translate(event, out) and len(out) > before:
-                    self.started = True
+            if self.finished:
+                continue
+            frames: list[bytes] = []
+            token = self._translate(event, frames)
+            if self.native:
+                out.append(_event_bytes(event))
+                token = token and event.name not in (b"ping", b"message_start")
+            else:
+                token = token and bool(frames)
+                out.extend(frames)
+            self.started = self.started or token
         return b"".join(out)
 
     def _translate(self, event: Event, out: list[bytes]) -> bool:
@@ -313,6 +326,12 @@ class StreamTranslator:
     def _arguments(self, block: int, fragment: str) -> bytes:
         return self._tool_delta(ToolCallDelta(index=self._tools[block],
                                               function=FunctionDelta(arguments=fragment)))
+
+
+def _event_bytes(event: Event) -> bytes:
+    """``event`` as one whole SSE event again."""
+    data = b"data: " + event.data.replace(b"\n", b"\ndata: ") + b"\n\n"
+    return b"event: " + event.name + b"\n" + data if event.name else data
 
 
 def _frame(chunk: ChatChunk) -> bytes:

@@ -42,16 +42,23 @@ from sidecar.types import Call, ErrorDetail, ErrorEnvelope, Meter, Op, Usage
 
 
 class Reply(msgspec.Struct, frozen=True):
-    """A complete non-stream answer: OpenAI-format JSON bytes and the usage they report."""
+    """A complete non-stream answer: OpenAI-format JSON bytes and the usage they report
+    (``native``: an Anthropic message instead, see ``Provider.native_messages``)."""
 
     body: bytes
     usage: Usage | None = None
+    native: bool = False
 
 
 class Provider(Protocol):
     """What the gateway needs from a place that runs models."""
 
     name: str
+    native_messages: bool
+    """Whether a call carrying ``Call.messages`` (a client's Anthropic Messages body) is
+    sent upstream as that body and answered in Anthropic's format: :meth:`send` returns a
+    ``native`` reply holding the message, :meth:`stream` yields Anthropic's SSE events
+    (whole ``event: ...\ndata: ...\n\n`` events) instead of OpenAI chunks."""
 
     def supports(self, op: Op) -> bool:
         """Whether this provider can serve ``op`` at all (checked when routes are planned)."""

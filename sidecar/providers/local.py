@@ -97,6 +97,7 @@ class LocalProvider:
     """Serves ``local/<model>`` targets from a :class:`~local_models.ModelPool`."""
 
     name = NAME
+    native_messages = False
 
     def __init__(self, pool: ModelPool) -> None:
         self.pool = pool

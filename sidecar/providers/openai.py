@@ -40,6 +40,8 @@ _encoder = msgspec.json.Encoder()
 class OpenAICompatible:
     """Provider for any OpenAI-compatible ``/v1`` API. Safe for concurrent use."""
 
+    native_messages = False
+
     def __init__(self, config: OpenAIConfig) -> None:
         self.name = config.name
         auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}

@@ -96,6 +96,8 @@ class Record:
 class ScriptedProvider:
     """A Provider named ``name`` serving ``ops`` (default: all), answering from scripts."""
 
+    native_messages = False
+
     def __init__(self, name: str, ops: Iterable[Op] = tuple(Op)) -> None:
         self.name = name
         self._ops = frozenset(ops)
