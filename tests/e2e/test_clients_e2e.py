@@ -1,7 +1,8 @@
 """Agent and structured-output traffic through the client libraries people use, against a
 real ``sidecar serve`` on the real default model: LangChain (``ChatOpenAI.bind_tools`` and
-``with_structured_output``) and the Vercel AI SDK (``@ai-sdk/openai-compatible``:
-``generateText`` with a two-step tool loop, ``streamText``, ``generateObject``), directly and
+``with_structured_output``) and the Vercel AI SDK (``@ai-sdk/openai-compatible`` and the
+default ``@ai-sdk/openai`` provider, which speaks the Responses API: ``generateText`` with a
+two-step tool loop, ``streamText``, ``generateObject``), directly and
 through a ``[failing remote, local]`` fallback route (the fake provider on loopback).
 
 ``make test`` installs both (scripts/client-deps.sh); run alone, the tests skip naming what
@@ -137,11 +138,17 @@ def vercel(sc: SidecarProcess, case: str, model: str = "local") -> dict[str, Any
     return result
 
 
+API = pytest.mark.parametrize("api", ["", "responses-"], ids=["chat", "responses"])
+"""``@ai-sdk/openai-compatible`` (chat completions) or the default ``@ai-sdk/openai``
+provider (the Responses API)."""
+
+
+@API
 @pytest.mark.parametrize("model", ["local", "fallback"])
 def test_vercel_generate_text_two_step_tool_loop(sc: SidecarProcess, fp: FakeProvider,
-                                                 model: str) -> None:
+                                                 model: str, api: str) -> None:
     down(fp)
-    out = vercel(sc, "tool-loop", model)
+    out = vercel(sc, api + "tool-loop", model)
     first, second = out["steps"]
     assert first["finishReason"] == "tool-calls"
     assert first["toolCalls"] and len(first["toolResults"]) == len(first["toolCalls"])
@@ -153,8 +160,9 @@ def test_vercel_generate_text_two_step_tool_loop(sc: SidecarProcess, fp: FakePro
     assert out["usage"]["inputTokens"] > 0 and out["usage"]["outputTokens"] > 0
 
 
-def test_vercel_stream_text_with_a_tool(sc: SidecarProcess) -> None:
-    out = vercel(sc, "stream-tool")
+@API
+def test_vercel_stream_text_with_a_tool(sc: SidecarProcess, api: str) -> None:
+    out = vercel(sc, api + "stream-tool")
     parts = out["parts"]
     for kind in ("tool-input-start", "tool-input-delta", "tool-call", "tool-result",
                  "text-delta", "finish"):
@@ -165,7 +173,7 @@ def test_vercel_stream_text_with_a_tool(sc: SidecarProcess) -> None:
     assert out["text"].strip()
 
 
-@pytest.mark.parametrize("case", ["object", "output-object"])
+@pytest.mark.parametrize("case", ["object", "output-object", "responses-object"])
 def test_vercel_generate_object_with_a_zod_schema(sc: SidecarProcess, case: str) -> None:
     out = vercel(sc, case)
     person = out["object"]

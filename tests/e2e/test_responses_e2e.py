@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tests.support.fake_provider import FakeProvider, ok, status
 from tests.support.process import SidecarProcess
@@ -62,6 +62,13 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
 class Person(BaseModel):
     name: str
     age: int
+
+
+class ShortPerson(BaseModel):
+    """Bounded, so a 135M model cannot run a name on until ``max_output_tokens``."""
+
+    name: str = Field(max_length=24)
+    age: int = Field(ge=0, le=150)
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +165,8 @@ def test_an_anthropic_target_serves_responses(client: openai.OpenAI, fp: FakePro
 def test_fallback_to_local_parses(client: openai.OpenAI, fp: FakeProvider) -> None:
     fp.script("down", *[status(500)] * 4)
     parsed = client.responses.parse(model="fallback", input="Invent a person.",
-                                    text_format=Person, max_output_tokens=100)
-    assert isinstance(parsed.output_parsed, Person)
+                                    text_format=ShortPerson, max_output_tokens=100)
+    assert isinstance(parsed.output_parsed, ShortPerson)
 
 
 @pytest.mark.parametrize("stream", [False, True])

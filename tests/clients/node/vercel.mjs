@@ -1,10 +1,13 @@
-// The Vercel AI SDK (@ai-sdk/openai-compatible) against a running sidecar, as an app would use
-// it. Run by tests/e2e/test_clients_e2e.py:
+// The Vercel AI SDK against a running sidecar, as an app would use it: @ai-sdk/openai-compatible
+// (chat completions), and @ai-sdk/openai's default provider, which speaks the Responses API
+// (the responses-* cases). Run by tests/e2e/test_clients_e2e.py:
 //
 //   node vercel.mjs BASE_URL MODEL CASE
 //
-// CASE is one of tool-loop, stream-tool, object, output-object. Prints one JSON object with
-// what the SDK returned; the test asserts on it. Errors print {"error": ...} and exit 1.
+// CASE is one of tool-loop, stream-tool, object, output-object, responses-tool-loop,
+// responses-stream-tool, responses-object. Prints one JSON object with what the SDK returned;
+// the test asserts on it. Errors print {"error": ...} and exit 1.
+import { createOpenAI } from "@ai-sdk/openai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 import { generateObject, generateText, Output, stepCountIs, streamText, tool } from "ai";
 import { z } from "zod";
@@ -16,7 +19,11 @@ const sidecar = createOpenAICompatible({
   apiKey: "unused",
   supportsStructuredOutputs: true,
 });
-const model = sidecar.chatModel(modelName);
+const responses = which.startsWith("responses-");
+// createOpenAI(...)(name) is the default provider: it calls POST /v1/responses.
+const model = responses
+  ? createOpenAI({ baseURL: `${baseURL}/v1`, apiKey: "unused" })(modelName)
+  : sidecar.chatModel(modelName);
 const settings = { model, temperature: 0, maxOutputTokens: 120, maxRetries: 0 };
 
 const getWeather = tool({
@@ -77,6 +84,9 @@ const cases = {
     return { object: result.output, finishReason: result.finishReason };
   },
 };
+cases["responses-tool-loop"] = cases["tool-loop"];
+cases["responses-stream-tool"] = cases["stream-tool"];
+cases["responses-object"] = cases.object;
 
 try {
   if (!(which in cases)) throw new Error(`unknown case ${which}`);
