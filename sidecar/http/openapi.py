@@ -17,6 +17,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from sidecar import __version__
+from sidecar.protocols.messages import MessagesRequest
 from sidecar.types import REQUEST_TYPES, ChatCompletion, Op
 
 
@@ -61,7 +62,9 @@ def _ref(name: str) -> dict[str, str]:
 def openapi_document(app: Litestar, *, auth: bool) -> dict[str, Any]:
     """The document for ``app``'s routes. ``auth``: client keys are configured, so every
     path but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <key>``."""
-    bodies = {f"/v1/{op.value}": t for op, t in REQUEST_TYPES.items()}
+    bodies: dict[str, type[msgspec.Struct]] = {
+        f"/v1/{op.value}": t for op, t in REQUEST_TYPES.items()}
+    bodies["/v1/messages"] = MessagesRequest
     answers: dict[str, type[msgspec.Struct]] = {f"/v1/{Op.CHAT.value}": ChatCompletion}
     _, components = msgspec.json.schema_components(
         [*bodies.values(), *answers.values(), ErrorEnvelope],

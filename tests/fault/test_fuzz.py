@@ -214,6 +214,53 @@ EMBED_INPUT = st.one_of(
     st.integers(1000, 20000).map(lambda n: ["a"] * n),
     JSON_ANY,
 )
+BLOCK_TYPES = st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking",
+                               "document", "x"])
+BLOCK = st.one_of(
+    st.fixed_dictionaries({"type": BLOCK_TYPES}, optional={
+        "text": TEXT, "id": TEXT, "name": TEXT, "input": JSON_ANY, "tool_use_id": TEXT,
+        "content": st.one_of(TEXT, JSON_ANY), "source": JSON_ANY, "is_error": JSON_ANY}),
+    JSON_ANY,
+)
+ANTHROPIC_MESSAGES = st.one_of(
+    st.lists(st.fixed_dictionaries({
+        "role": st.one_of(st.sampled_from(["user", "assistant"]), ROLE),
+        "content": st.one_of(TEXT, st.lists(BLOCK, max_size=3), JSON_ANY)}),
+        min_size=1, max_size=4),
+    JSON_ANY,
+)
+MESSAGES_API = st.fixed_dictionaries(
+    {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": ANTHROPIC_MESSAGES},
+    optional={"system": st.one_of(TEXT, st.lists(BLOCK, max_size=2), JSON_ANY),
+              "stream": st.one_of(st.booleans(), JSON_ANY),
+              "stop_sequences": st.one_of(st.lists(TEXT, max_size=3), JSON_ANY),
+              "temperature": st.one_of(FLOATS, JSON_ANY), "top_k": st.one_of(INTS, JSON_ANY),
+              "tools": st.one_of(st.lists(st.fixed_dictionaries(
+                  {"name": TEXT, "input_schema": JSON_ANY}, optional={"type": TEXT}),
+                  max_size=2), JSON_ANY),
+              "tool_choice": JSON_ANY, "metadata": JSON_ANY, "output_config": JSON_ANY,
+              "thinking": JSON_ANY},
+)
+ITEM = st.one_of(
+    st.fixed_dictionaries({"role": ROLE, "content": st.one_of(TEXT, st.lists(
+        st.fixed_dictionaries({"type": st.sampled_from(["input_text", "input_image",
+                                                        "output_text", "x"]),
+                               "text": TEXT}, optional={"image_url": TEXT}), max_size=2),
+        JSON_ANY)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output",
+                                                    "reasoning", "item_reference", "x"])},
+                          optional={"call_id": TEXT, "name": TEXT, "arguments": TEXT,
+                                    "output": st.one_of(TEXT, JSON_ANY)}),
+    JSON_ANY,
+)
+RESPONSES_API = st.fixed_dictionaries(
+    {"model": MODEL, "input": st.one_of(TEXT, st.lists(ITEM, max_size=4), JSON_ANY)},
+    optional={"instructions": st.one_of(TEXT, JSON_ANY), "stream": st.one_of(st.booleans(),
+                                                                              JSON_ANY),
+              "max_output_tokens": MAX_TOKENS, "tools": JSON_ANY, "tool_choice": JSON_ANY,
+              "text": JSON_ANY, "previous_response_id": JSON_ANY, "store": JSON_ANY,
+              "temperature": st.one_of(FLOATS, JSON_ANY), "include": JSON_ANY},
+)
 EMBED = st.fixed_dictionaries(
     {"model": MODEL, "input": EMBED_INPUT},
     optional={"dimensions": st.one_of(INTS, JSON_ANY),
@@ -257,12 +304,18 @@ def bodies(near_valid: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[b
 # --- the properties -------------------------------------------------------------------------
 
 
-def check(r: RawResponse, case: object, timeout_s: float | None = None) -> None:
-    """The properties every answer must have."""
+def check(r: RawResponse, case: object, timeout_s: float | None = None,
+          path: str = "") -> None:
+    """The properties every answer must have (errors in Anthropic's envelope under
+    ``/v1/messages``, OpenAI's elsewhere)."""
     if timeout_s is not None and r.status == 504 and timeout_s < 2.0:
         return  # the case itself asked for a deadline this short
     assert r.status < 500, f"{r} for {case!r:.600}"
-    if r.status >= 400:
+    if r.status >= 400 and path == "/v1/messages":
+        obj = r.json()
+        assert obj["type"] == "error" and set(obj["error"]) == {"type", "message"}, r
+        assert isinstance(obj["error"]["message"], str) and obj["error"]["message"], r
+    elif r.status >= 400:
         assert_envelope(r)
     if r.status == 200 and r.headers.get("content-type", "").startswith("application/json"):
         json.loads(r.body)
@@ -282,8 +335,9 @@ def _no_tracebacks(sc: SidecarProcess, since: int = 0) -> None:
 @pytest.mark.parametrize(
     ("path", "near_valid"),
     [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION),
-     ("/v1/embeddings", EMBED)],
-    ids=["chat", "completions", "embeddings"],
+     ("/v1/embeddings", EMBED), ("/v1/messages", MESSAGES_API),
+     ("/v1/responses", RESPONSES_API)],
+    ids=["chat", "completions", "embeddings", "messages", "responses"],
 )
 def test_post_bodies(sidecar: SidecarProcess, fp: FakeProvider, path: str,
                      near_valid: st.SearchStrategy[dict[str, Any]]) -> None:
@@ -295,13 +349,14 @@ def test_post_bodies(sidecar: SidecarProcess, fp: FakeProvider, path: str,
         # Within the body limit: past it the sidecar answers 413 and closes while the rest
         # is still being sent, so the client may see a reset instead (TCP, not the sidecar).
         assume(len(body) <= MAX_BODY)
-        check(_post(sidecar, path, body), body)
+        check(_post(sidecar, path, body), body, path=path)
 
     case()
     # Sanity: the fuzzed sidecar still serves, and the cases did reach the upstream.
     ok = _post(sidecar, path, encode(
-        {"model": "fz", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi",
-         "input": "hi"} if path != "/v1/embeddings" else {"model": "fz", "input": "hi"}))
+        {"model": "fz", "input": "hi"} if path in ("/v1/embeddings", "/v1/responses")
+        else {"model": "fz", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi",
+              "max_tokens": 5}))
     assert ok.status == 200, ok
     assert fp.requests(), "no fuzzed case reached the fake provider"
     _no_tracebacks(sidecar, since)
