@@ -1,4 +1,4 @@
-"""``sidecar serve | check | models | chat``.
+"""``sidecar serve | check | models | chat``, and ``sidecar --version``.
 
 Exit codes: 0 success, 1 invalid config or failed request, 2 usage error.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import msgspec
 
+from sidecar import __version__
 from sidecar.config import Config, ConfigError, default_config, load_config
 from sidecar.money import LedgerUnavailable
 from sidecar.providers.sse import SSEDecoder
@@ -22,6 +24,23 @@ from sidecar.redact import MIN_SECRET_LEN, redact_url, short_secrets
 from sidecar.types import ChatChunk, ErrorDetail
 
 DEFAULT_URL = "http://127.0.0.1:8088"
+DISTRIBUTION = "sidecar-gateway"  # [project] name in pyproject.toml
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own ``__version__`` when it is
+    not installed (run from a source tree on ``PYTHONPATH``)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
+def base_url(url: str) -> str:
+    """The root URL of a sidecar from what a user gives: ``http://host:port`` or, as copied
+    from an OpenAI client's ``base_url``, ``http://host:port/v1``; trailing slashes and one
+    trailing ``/v1`` are dropped (a path before it, as behind a proxy, is kept)."""
+    return url.rstrip("/").removesuffix("/v1").rstrip("/")
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -132,12 +151,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     start one for this request (``$SIDECAR_CONFIG`` or the embedded default) and stop it."""
     import httpx
 
-    url = args.url or os.environ.get("SIDECAR_URL")
+    given = args.url or os.environ.get("SIDECAR_URL")
+    url = base_url(given) if given else None
     try:
         return _chat(url or DEFAULT_URL, args)
     except httpx.ConnectError:
         if url:
-            print(f"error: cannot reach the sidecar at {url}", file=sys.stderr)
+            print(f"error: cannot reach the sidecar at {redact_url(url)}", file=sys.stderr)
             return 1
     print(f"sidecar: nothing listens at {DEFAULT_URL}; starting one for this request",
           file=sys.stderr)
@@ -159,7 +179,7 @@ def _chat(url: str, args: argparse.Namespace) -> int:
     body = {"model": args.model, "stream": True,
             "messages": [{"role": "user", "content": args.text}]}
     try:
-        with httpx.stream("POST", f"{url.rstrip('/')}/v1/chat/completions", json=body,
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
                           headers=headers, timeout=args.timeout) as resp:
             if resp.status_code != 200:
                 resp.read()
@@ -176,7 +196,7 @@ def _chat(url: str, args: argparse.Namespace) -> int:
     except httpx.ConnectError:
         raise
     except httpx.HTTPError as e:
-        print(f"error: request to the sidecar at {url} failed: {type(e).__name__}",
+        print(f"error: request to the sidecar at {redact_url(url)} failed: {type(e).__name__}",
               file=sys.stderr)
         return 1
     return 0
@@ -223,6 +243,7 @@ def _temporary_sidecar() -> Iterator[str | None]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="An AI gateway for one host.")
+    p.add_argument("--version", action="version", version=f"sidecar {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway")
@@ -245,8 +266,9 @@ def parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="one-shot chat against a running sidecar")
     ch.add_argument("text")
     ch.add_argument("--model", default=os.environ.get("SIDECAR_MODEL", "smollm2"))
-    ch.add_argument("--url", help=f"a running sidecar (default: $SIDECAR_URL, else {DEFAULT_URL}, "
-                    "else one started for this request)")
+    ch.add_argument("--url", help="a running sidecar, with or without the /v1 of an OpenAI "
+                    f"base_url (default: $SIDECAR_URL, else {DEFAULT_URL}, else one started "
+                    "for this request)")
     ch.add_argument("--api-key", default=os.environ.get("SIDECAR_API_KEY"))
     ch.add_argument("--timeout", type=float, default=120.0)
     ch.set_defaults(func=cmd_chat)
