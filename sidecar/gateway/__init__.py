@@ -3,6 +3,7 @@
     pipeline.py  Gateway: authenticate -> route -> limits -> attempts with failover/retries
     relay.py     relay(): a committed stream's frames -> typed events; Cut (shutdown grace)
     events.py    Relayed / Ended / Failed: what Streaming.events yields, in that order
+    outcome.py   Outcome: what one request came to, for observers (metrics, request logs)
     status.py    the model list, the status and readiness documents (pure)
     verdict.py   the final error of a call that no target answered (pure)
 
@@ -27,6 +28,7 @@ a stream's failure after it committed comes as :class:`Failed` instead.
 """
 
 from sidecar.gateway.events import Ended, Failed, Relayed, StreamEvent
+from sidecar.gateway.outcome import Observer, Outcome
 from sidecar.gateway.pipeline import (
     Completed,
     Context,
@@ -43,6 +45,8 @@ __all__ = [
     "Ended",
     "Failed",
     "Gateway",
+    "Observer",
+    "Outcome",
     "Relayed",
     "Served",
     "StreamEvent",

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import logging
 import random
 from collections.abc import (
     AsyncGenerator,
@@ -54,7 +55,8 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamMalformed,
 )
-from sidecar.gateway.events import StreamEvent
+from sidecar.gateway.events import Ended, Failed, StreamEvent
+from sidecar.gateway.outcome import Observer, Outcome, Trace
 from sidecar.gateway.relay import Cut, relay
 from sidecar.gateway.status import model_ids, readiness_document, status_document
 from sidecar.gateway.verdict import deadline_passed, exhausted
@@ -67,9 +69,10 @@ from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
 from sidecar.routing import CALM, Plan, Route, Router, Target, TargetTracker, plan
-from sidecar.types import Call, Meter
+from sidecar.types import Call, Meter, Usage
 
 T = TypeVar("T")
+log = logging.getLogger("sidecar.gateway")
 
 
 class Context(msgspec.Struct):
@@ -146,6 +149,7 @@ class Gateway:
         local_load: Callable[[str], LocalLoad | None] | None = None,
         host: HostWatch | None = None,
         redactor: Redactor | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         """``providers`` by name (``local`` included when there are local models, whose
         names are ``local_models`` and whose queues ``local_load`` reports); ``accountant``
@@ -153,12 +157,14 @@ class Gateway:
         budgets are configured); ``host`` says whether the host is under pressure (none:
         never); ``redactor`` takes configured secrets out of every error, body and frame
         that :meth:`complete` and :meth:`stream` return or raise (by default one built from
-        ``config``)."""
+        ``config``); ``observers`` hear of every request's :class:`Outcome` when it ends."""
         self._config = config
+        self._observers = tuple(observers)
         self.redact = redactor if redactor is not None else Redactor.from_config(config)
         self._routing = config.routing
         self.providers = dict(providers)
         self.router = Router(config, self.providers, local_models)
+        self._configured = frozenset(r.model for r in self.router.routes)
         self._clock = clock or asyncio.get_running_loop().time
         self.health = Health(
             config.routing.circuit_failures, config.routing.circuit_cooldown_s, self._clock
@@ -218,27 +224,80 @@ class Gateway:
 
     async def complete(self, call: Call, ctx: Context) -> Completed:
         """Serve a non-stream call. Its cost is recorded before this returns. Raises
-        :class:`SidecarError`. Secrets are redacted from the error or the reply body."""
+        :class:`SidecarError`. Secrets are redacted from the error or the reply body.
+        Observers hear of it once it ends, however it ends."""
+        trace, started = Trace(), self._clock()
         try:
-            done = await self._complete(call, ctx)
+            done = await self._complete(call, ctx, trace)
         except SidecarError as e:
             self.redact.error(e)  # in place: the same exception goes on, redacted
+            self._observe(call, ctx, trace, started, e.status, e)
+            raise
+        except asyncio.CancelledError:
+            self._observe(call, ctx, trace, started, 499)
             raise
         body = self.redact.data(done.reply.body)
         if body is not done.reply.body:
             done.reply = msgspec.structs.replace(done.reply, body=body)
+        self._observe(call, ctx, trace, started, 200, usage=done.reply.usage, cost=done.cost)
         return done
 
     async def stream(self, call: Call, ctx: Context) -> Streaming:
         """Serve a stream call; returns once the first frame has arrived, so a target that
         fails before its first token is replaced without the client seeing it. Secrets
-        are redacted from the error or from each frame."""
+        are redacted from the error or from each frame. Observers hear of it when its
+        events end (or here, when it fails before it commits)."""
+        trace, started = Trace(), self._clock()
         try:
-            streaming = await self._stream(call, ctx)
+            streaming = await self._stream(call, ctx, trace)
         except SidecarError as e:
             self.redact.error(e)  # in place: the same exception goes on, redacted
+            self._observe(call, ctx, trace, started, e.status, e)
             raise
+        except asyncio.CancelledError:
+            self._observe(call, ctx, trace, started, 499)
+            raise
+        ttft = self._clock() - started
+        streaming.events = self._observed(streaming.events, call, ctx, trace, started, ttft)
         return streaming
+
+    async def _observed(self, events: AsyncGenerator[StreamEvent, None], call: Call,
+                        ctx: Context, trace: Trace, started: float, ttft: float
+                        ) -> AsyncGenerator[StreamEvent, None]:
+        """``events`` as they are; the outcome is observed when they end or are closed."""
+        status, error, ended = 499, None, None
+        try:
+            async for event in events:
+                if isinstance(event, Ended):
+                    status, ended = 200, event
+                elif isinstance(event, Failed):
+                    status, error = event.error.status, event.error
+                yield event
+        finally:
+            await events.aclose()
+            self._observe(call, ctx, trace, started, status, error,
+                          usage=ended.usage if ended is not None else None,
+                          cost=ended.cost if ended is not None else None, ttft=ttft)
+
+    def _observe(self, call: Call, ctx: Context, trace: Trace, started: float, status: int,
+                 error: SidecarError | None = None, *, usage: Usage | None = None,
+                 cost: int | None = None, ttft: float | None = None) -> None:
+        if not self._observers:
+            return
+        outcome = Outcome(
+            request_id=ctx.request_id, op=call.op.value, model=call.request.model,
+            route=trace.route, direct=trace.direct, target=trace.target,
+            attempts=trace.attempts, retries=trace.retries, reasons=trace.reasons,
+            stream=call.stream, status=status,
+            error=None if error is None else (error.code or error.type),
+            prompt_tokens=None if usage is None else usage.prompt_tokens,
+            completion_tokens=None if usage is None else usage.completion_tokens,
+            cost=cost, duration_s=self._clock() - started, ttft_s=ttft)
+        for observer in self._observers:
+            try:
+                observer(outcome)
+            except Exception:  # an observer's bug must not fail the request
+                log.exception("request observer %r failed", observer)
 
     def models(self) -> list[tuple[str, str]]:
         """(id, owned_by) of every model clients may ask for: routes, then every
@@ -311,21 +370,21 @@ class Gateway:
         if self.host is not None:
             await self.host.start()
 
-    async def _complete(self, call: Call, ctx: Context) -> Completed:
-        route, est = await self._admit(call, ctx)
+    async def _complete(self, call: Call, ctx: Context, trace: Trace) -> Completed:
+        route, est = await self._admit(call, ctx, trace)
 
         async def attempt(provider: Provider, target: Target, timeout_s: float, call: Call,
                           meter: Meter) -> Reply:
             return await provider.send(call, target.model, timeout_s, meter)
 
-        reply, done = await self._run(call, route, ctx, est, attempt)
+        reply, done = await self._run(call, route, ctx, est, attempt, trace)
         self._finished(done, completed=True)
         # Shielded: the provider has billed this; a client leaving now must not lose it.
         cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
         return Completed(done.target.key, done.attempts, done.reason, cost, reply)
 
-    async def _stream(self, call: Call, ctx: Context) -> Streaming:
-        route, est = await self._admit(call, ctx)
+    async def _stream(self, call: Call, ctx: Context, trace: Trace) -> Streaming:
+        route, est = await self._admit(call, ctx, trace)
 
         async def attempt(
             provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter
@@ -342,7 +401,7 @@ class Gateway:
                 raise
             return first, frames
 
-        (first, frames), done = await self._run(call, route, ctx, est, attempt)
+        (first, frames), done = await self._run(call, route, ctx, est, attempt, trace)
         circuit = self.health.circuit(done.target.key)
 
         async def upstream_failed(e: UpstreamError) -> None:
@@ -360,10 +419,12 @@ class Gateway:
 
     # --- the pipeline ---------------------------------------------------------------------
 
-    async def _admit(self, call: Call, ctx: Context) -> tuple[Route, Estimate]:
+    async def _admit(self, call: Call, ctx: Context, trace: Trace) -> tuple[Route, Estimate]:
         if self.draining:
             raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
         route = self.router.resolve(call.request.model)
+        trace.route = route.model
+        trace.direct = route.model not in self._configured
         est = estimate(call)
         await self.accountant.admit(ctx.identity, route, est)
         self._retry_budget.record_request()
@@ -376,6 +437,7 @@ class Gateway:
         ctx: Context,
         est: Estimate,
         attempt: Callable[[Provider, Target, float, Call, Meter], Awaitable[T]],
+        trace: Trace,
     ) -> tuple[T, _Attempt]:
         attempts = 0
         failures: list[UpstreamError] = []
@@ -417,6 +479,7 @@ class Gateway:
                         ticket = await self.accountant.reserve(call, target, ctx.identity, est)
                         await self.accountant.outbound(target, est)
                         attempts += 1
+                        trace.attempts = attempts
                         this_call = (call if ticket.cap is None
                                      else msgspec.structs.replace(call, token_cap=ticket.cap))
                         started = self._clock()
@@ -452,6 +515,7 @@ class Gateway:
                     if delay is None:
                         break
                     tries += 1
+                    trace.retries += 1
                     await asyncio.sleep(delay)
                     continue
                 except BaseException:
@@ -464,7 +528,9 @@ class Gateway:
                     self.tracker.first_byte(target.key, self._clock() - started)
                 reason = ",".join(reasons) or "primary"
                 self.reasons.update(reasons or ["primary"])
+                trace.target, trace.reasons = target.key, tuple(reasons or ["primary"])
                 return result, _Attempt(target, attempts, ticket, meter, reason, started)
+        trace.reasons = tuple(reasons)
         raise exhausted(call, route, failures, next_open, self._clock())
 
     async def _failed(self, target: Target, circuit: Circuit, e: UpstreamError) -> None:
