@@ -18,6 +18,7 @@ import msgspec
 
 from sidecar import __version__
 from sidecar.config import Config, ConfigError, default_config, load_config
+from sidecar.logs import LEVELS
 from sidecar.money import LedgerUnavailable
 from sidecar.providers.sse import SSEDecoder
 from sidecar.redact import MIN_SECRET_LEN, redact_url, short_secrets
@@ -66,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = msgspec.structs.replace(config, server=server)
     from sidecar.runtime import serve
 
-    serve(config)
+    serve(config, log_format=args.log_format, log_level=args.log_level)
     return 0
 
 
@@ -252,6 +253,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--grpc-port", type=int)
     s.add_argument("--uds")
+    s.add_argument("--log-format", choices=("text", "json"),
+                   default=os.environ.get("SIDECAR_LOG_FORMAT", "text"),
+                   help="stderr lines as text or one JSON object each (default: "
+                   "$SIDECAR_LOG_FORMAT, else text)")
+    s.add_argument("--log-level", choices=LEVELS,
+                   default=os.environ.get("SIDECAR_LOG_LEVEL", "info"),
+                   help="the least severe records logged; info includes one line per "
+                   "request (default: $SIDECAR_LOG_LEVEL, else info)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a config and print its routes")

@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import psutil
@@ -38,6 +37,8 @@ from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.http.protocol import CappedHttpToolsProtocol
 from sidecar.limits import MemoryRateLimiter, RateLimiter
+from sidecar.logs import LogFormat, RequestLog, fields
+from sidecar.logs import configure as configure_logs
 from sidecar.money import (
     Accountant,
     BudgetStore,
@@ -118,9 +119,10 @@ def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
         return MemoryBudgetStore(), MemoryRateLimiter()
     ledger = SQLiteBudgetStore(Path(state.path).expanduser())
     if ledger.recovered.reservations:
-        print(f"sidecar: charged {ledger.recovered.reservations} reservations of a previous "
-              f"run at their reserved amount ({format_usd(ledger.recovered.micro_usd)} USD): "
-              "their calls were in flight when it stopped", file=sys.stderr, flush=True)
+        log.warning("charged %d reservations of a previous run at their reserved amount "
+                    "(%s USD): their calls were in flight when it stopped",
+                    ledger.recovered.reservations, format_usd(ledger.recovered.micro_usd),
+                    extra=fields(event="ledger_recovered"))
     return ledger, MemoryRateLimiter()
 
 
@@ -134,17 +136,17 @@ def build_gateway(config: Config, redactor: Redactor | None = None) -> Gateway:
     if config.local_models or config.local.model_dirs:
         catalog = build_catalog(config)
         for warning in catalog.warnings:
-            print(f"sidecar: warning: {warning}", file=sys.stderr, flush=True)
+            log.warning("%s", warning, extra=fields(event="catalog"))
         for entry in catalog.entries:
             if entry.error is not None:
-                print(f"sidecar: local model '{entry.name}' is unavailable: {entry.error}",
-                      file=sys.stderr, flush=True)
+                log.warning("local model '%s' is unavailable: %s", entry.name, entry.error,
+                            extra=fields(event="local_model_unavailable"))
         names = [e.name for e in catalog.entries]
         for route in config.routes:
             for t in route.targets:
                 if t.provider == LOCAL_PROVIDER and t.model not in names:
-                    print(f"sidecar: warning: route '{route.model}' names local model "
-                          f"'{t.model}', which was not found", file=sys.stderr, flush=True)
+                    log.warning("route '%s' names local model '%s', which was not found",
+                                route.model, t.model, extra=fields(event="config"))
         pool = build_pool(config, catalog)
         pool.start()
         providers[LOCAL_PROVIDER] = local = LocalProvider(pool)
@@ -158,7 +160,7 @@ def build_gateway(config: Config, redactor: Redactor | None = None) -> Gateway:
     return Gateway(config, providers, local_models=names,
                    accountant=Accountant(config, store, limiter),
                    local_load=None if local is None else local.load, host=host,
-                   redactor=redactor)
+                   redactor=redactor, observers=[RequestLog()])
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -171,7 +173,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, *, log_format: LogFormat = "text", log_level: str = "info"
+              ) -> None:
     """Serve until a stop signal. Prints ``sidecar: http listening on HOST:PORT`` once
     both front ends accept connections (tests and scripts wait for that line), then
     ``sidecar: grpc listening on ADDRESS`` for each gRPC listener (``HOST:PORT``,
@@ -182,6 +185,7 @@ async def run(config: Config) -> None:
     gateway returns."""
     redactor = Redactor.from_config(config)
     install_redaction(redactor)
+    configure_logs(log_format, log_level)  # after: its lines go to the redacted stderr
     gateway = build_gateway(config, redactor)
     await gateway.start()
     server_cfg = config.server
@@ -226,12 +230,14 @@ async def run(config: Config) -> None:
     print(f"sidecar: http listening on {host}:{port}", flush=True)
     for address in grpc_addresses:
         print(f"sidecar: grpc listening on {address}", flush=True)
+    log.debug("serving", extra=fields(event="serving", http=f"{host}:{port}",
+                                      grpc=grpc_addresses))
     try:
         await asyncio.wait(
             [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
         )
     finally:
-        print("sidecar: draining", file=sys.stderr, flush=True)
+        log.info("draining", extra=fields(event="draining"))
         gateway.drain()
         forced = asyncio.Event()
 
@@ -259,14 +265,15 @@ async def run(config: Config) -> None:
             await task
         cutter.cancel()
         await gateway.aclose()
-        print("sidecar: stopped", file=sys.stderr, flush=True)
+        log.info("stopped", extra=fields(event="stopped"))
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, *, log_format: LogFormat = "text", log_level: str = "info") -> None:
     """Blocking entry point for ``sidecar serve``."""
+    main = run(config, log_format=log_format, log_level=log_level)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        asyncio.run(run(config))
+        asyncio.run(main)
     else:
-        uvloop.run(run(config))
+        uvloop.run(main)

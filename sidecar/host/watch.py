@@ -13,7 +13,7 @@ path only reads :attr:`HostWatch.pressure` and :attr:`HostWatch.snapshot`.
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import psutil
@@ -21,6 +21,9 @@ import psutil
 from sidecar.config import ResourcesConfig
 from sidecar.host.pressure import Pressure, PressureSettings, next_pressure
 from sidecar.host.sampler import Monitor, ResourceSnapshot, Sampler
+from sidecar.logs import fields
+
+log = logging.getLogger("sidecar.host")
 
 #: Applies a priority to every local worker: niceness, CPU set and decode threads, each None
 #: to restore the worker's own.
@@ -88,8 +91,9 @@ class HostWatch:
         if after.cpu != before.cpu:
             self._yield(after.cpu)
         if (after.cpu, after.memory) != (before.cpu, before.memory):
-            print(f"sidecar: host pressure: {self._describe(snap)}", file=sys.stderr,
-                  flush=True)
+            level = logging.WARNING if after.cpu or after.memory else logging.INFO
+            log.log(level, "host pressure: %s", self._describe(snap),
+                    extra=fields(event="host_pressure", cpu=after.cpu, memory=after.memory))
         if after.memory and not before.memory and self._unload_idle is not None:
             self._unloading = asyncio.create_task(self._give_memory_back(self._unload_idle))
 
@@ -98,12 +102,12 @@ class HostWatch:
         try:
             names = await unload_idle()
         except Exception as e:  # nobody awaits this task: say it here
-            print(f"sidecar: host pressure: unloading idle local models failed: {e!r}",
-                  file=sys.stderr, flush=True)
+            log.error("host pressure: unloading idle local models failed: %r", e,
+                      extra=fields(event="unload_failed"))
             return
         if names:
-            print(f"sidecar: host pressure: unloaded idle local models: {', '.join(names)}",
-                  file=sys.stderr, flush=True)
+            log.info("host pressure: unloaded idle local models: %s", ", ".join(names),
+                     extra=fields(event="unloaded", models=names))
 
     def _yield(self, on: bool) -> None:
         if self._set_priority is not None:

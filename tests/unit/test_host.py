@@ -36,7 +36,8 @@ def watch(config: ResourcesConfig) -> tuple[HostWatch, list[Call]]:
     return HostWatch(config, set_priority=set_priority), calls
 
 
-def test_workers_yield_while_cpu_pressure_lasts(capsys: pytest.CaptureFixture[str]) -> None:
+def test_workers_yield_while_cpu_pressure_lasts(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="sidecar.host")
     w, calls = watch(ResourcesConfig(pressure_after_s=2, calm_after_s=3, cpus=(1,)))
     for t in range(2):
         w.on_sample(snap(t, 95))
@@ -48,11 +49,10 @@ def test_workers_yield_while_cpu_pressure_lasts(capsys: pytest.CaptureFixture[st
     assert w.pressure.cpu and len(calls) == 1  # calm for 2 s of 3: still yielding
     w.on_sample(snap(6, 10))
     assert calls[1:] == [(None, None, None)] and not w.yielding and not w.pressure.cpu
-    err = capsys.readouterr().err.splitlines()
-    assert err == [
-        "sidecar: host pressure: cpu (others use 95% of the CPU); local targets offloaded "
-        "where a route has remote ones, local workers yield the CPU",
-        "sidecar: host pressure: none; local targets serve first again",
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "host pressure: cpu (others use 95% of the CPU); local targets offloaded "
+        "where a route has remote ones, local workers yield the CPU"),
+        ("INFO", "host pressure: none; local targets serve first again"),
     ]
 
 
@@ -80,7 +80,8 @@ def test_memory_floor_default(floor_mb: int | None, total: int, expected: int) -
 
 
 async def test_memory_pressure_unloads_idle_models_once(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="sidecar.host")
     unloaded = asyncio.Event()
     calls = 0
 
@@ -97,4 +98,4 @@ async def test_memory_pressure_unloads_idle_models_once(
         await unloaded.wait()
     await w.aclose()
     assert calls == 1
-    assert "unloaded idle local models: big" in capsys.readouterr().err
+    assert "unloaded idle local models: big" in caplog.text

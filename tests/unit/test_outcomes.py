@@ -10,6 +10,7 @@ import pytest
 
 from sidecar.errors import AllTargetsFailed, ModelNotFound, UpstreamServerError
 from sidecar.gateway import Context, Gateway, Outcome
+from tests.support.process import wait_until
 from tests.support.scripted import Answer, Fail, FailAfter, Hang, ScriptedProvider
 from tests.unit.test_pipeline import chat, config, drain
 
@@ -88,8 +89,7 @@ async def test_a_stream_that_breaks_or_is_left(rig: Rig) -> None:
 async def test_a_client_that_leaves_a_call(rig: Rig) -> None:
     rig.a.script("x", Hang())
     task = asyncio.ensure_future(rig.gateway.complete(chat(), rig.ctx()))
-    while not rig.a.calls:
-        await asyncio.sleep(0)
+    await wait_until(lambda: bool(rig.a.calls))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
