@@ -26,7 +26,7 @@ def test_text_lines() -> None:
 
 def test_json_lines() -> None:
     fmt = JSONFormatter()
-    doc = json.loads(fmt.format(record("request", status=200, level="not replaced")))
+    doc = json.loads(fmt.format(record("request", status=200, logger="not replaced")))
     assert (doc["msg"], doc["status"], doc["level"], doc["logger"]) == (
         "request", 200, "info", "sidecar.x")
     try:
