@@ -36,7 +36,8 @@ Contract:
   EWMAs (weight 0.2, the first sample sets them) of time to first token, per-sequence decode
   speed and completion length over generations that ended normally (not cancelled, not
   failed), of request duration over every request, and the duration of the last successful
-  load.
+  load; and counters since the pool started (loads, failed loads, unloads, crashes of ready
+  workers) for metrics.
 * :meth:`ModelPool.set_priority` sets the niceness and CPU set of every thread of every
   worker and the niceness of its scheduler autogroup (:mod:`local_models.priority`), and
   the number of llama.cpp decode threads, now and for workers started later. Failures are
@@ -56,7 +57,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -126,6 +127,16 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds the last successful load took."""
     nice: int | None = None
     """Niceness requested for the worker's threads; None: the gateway's own (baseline)."""
+    loads: int = 0
+    """Successful loads since the pool started (a new worker after a crash counts)."""
+    load_failures: int = 0
+    """Loads that failed (a bad GGUF, a worker that died or timed out loading); refusals
+    for lack of room and abandoned loads are not counted."""
+    unloads: int = 0
+    """Workers the pool stopped (idle, making room, host memory pressure, shutdown)."""
+    crashes: int = 0
+    """Ready workers that exited on their own (crash, SIGKILL, out of memory); the next
+    request starts a new one."""
 
 
 @dataclass(eq=False)
@@ -147,6 +158,10 @@ class _Model:
     decode_tps: float | None = None
     avg_completion_tokens: float | None = None
     load_s: float | None = None
+    loads: int = 0
+    load_failures: int = 0
+    unloads: int = 0
+    crashes: int = 0
     slots: asyncio.Semaphore = field(init=False)
     several: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while a request for several choices takes its slots one by one (two such
@@ -194,6 +209,7 @@ class ModelPool:
         self._ids = itertools.count(1)
         self._load_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self._preloads: set[asyncio.Task[None]] = set()
         self._threads = (settings.n_threads or psutil.cpu_count(logical=False)
                          or os.cpu_count() or 1)
         self._available_memory = available_memory or _available_memory
@@ -230,6 +246,8 @@ class ModelPool:
             ttft_s=m.ttft_s, decode_tps=m.decode_tps,
             avg_completion_tokens=m.avg_completion_tokens,
             avg_duration_s=m.avg_duration_s, load_s=m.load_s, nice=self._priority.nice,
+            loads=m.loads, load_failures=m.load_failures, unloads=m.unloads,
+            crashes=m.crashes,
         )
 
     def set_priority(self, nice: int | None, cpus: Sequence[int] | None,
@@ -253,7 +271,29 @@ class ModelPool:
         if self.settings.idle_unload_s > 0 and self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle(), name="local-reaper")
 
+    def preload(self, names: Iterable[str]) -> None:
+        """Start loading the models ``names`` now, in the background (call from the running
+        loop), so that no first request pays the load; one that comes while it loads waits
+        for that load. A model that cannot load is logged and loads on a request as usual;
+        unknown names and unusable models are skipped. :meth:`aclose` cancels what still
+        loads."""
+        for name in names:
+            model = self._models.get(name)
+            if model is None or model.entry.error is not None:
+                continue
+            task = asyncio.create_task(self._preload(model), name=f"local-preload-{name}")
+            self._preloads.add(task)
+            task.add_done_callback(self._preloads.discard)
+
+    async def _preload(self, model: _Model) -> None:
+        try:
+            await self._ensure_loaded(model)
+        except Exception as e:  # nobody awaits this task: say it here
+            log.warning("preloading local model '%s' failed: %s", model.entry.name, e)
+
     async def aclose(self) -> None:
+        for task in list(self._preloads):
+            task.cancel()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -432,6 +472,7 @@ class ModelPool:
                     worker = await self._spawn(model)
                 except LocalError as e:
                     model.error, model.failed_at = str(e), time.monotonic()
+                    model.load_failures += 1
                     model.advance(Event.LOAD_FAILED)
                     raise
             except BaseException:
@@ -441,8 +482,10 @@ class ModelPool:
             model.error = None
             model.worker = worker
             model.last_used = time.monotonic()
+            model.loads += 1
             model.advance(Event.LOADED)
             if not worker.alive:  # it died between its answer and now
+                model.crashes += 1
                 model.advance(Event.WORKER_EXITED)
             return worker
 
@@ -511,6 +554,7 @@ class ModelPool:
             return
         stopping = model.state is ModelState.READY
         if stopping:
+            model.unloads += 1
             model.advance(Event.UNLOAD)
         self._workers.discard(worker)
         try:
@@ -566,6 +610,7 @@ def _worker_exited(model: _Model, worker: Worker) -> None:
     """A worker's death: the model's ready worker dying on its own stops the model (the
     pool's own stops and loading workers are the unload's and the load's business)."""
     if model.worker is worker:
+        model.crashes += 1
         model.advance(Event.WORKER_EXITED)
 
 

@@ -4,7 +4,9 @@
 #
 #   scripts/install.sh [--dev] [--venv DIR]
 #
-# --dev also installs the test and lint tools (and redis-server, which the tests start).
+# --dev also installs the test and lint tools (and redis-server, which the tests start, and
+# chromium with chromium-driver, which the status page's browser test drives, and prometheus,
+# which scrapes a sidecar in the metrics test).
 # Needs only Python 3.11+; a C/C++ compiler is installed with apt when missing
 # (llama-cpp-python is compiled from source).
 #
@@ -44,6 +46,17 @@ apt_install() {
 # The tests start their own redis-server (shared budgets and rate limits of a fleet).
 if [ -n "$EXTRAS" ] && ! command -v redis-server >/dev/null; then
   apt_install redis-server
+fi
+# The metrics test scrapes a real sidecar with Debian's prometheus server.
+if [ -n "$EXTRAS" ] && ! command -v prometheus >/dev/null; then
+  apt_install prometheus \
+    || echo "install.sh: without it the Prometheus scrape test is skipped" >&2
+fi
+# The status page's browser test drives Debian's headless chromium through its chromedriver
+# (Selenium is pointed at both; it never downloads a browser or driver of its own).
+if [ -n "$EXTRAS" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+  apt_install chromium chromium-driver \
+    || echo "install.sh: without them the status page's browser test is skipped" >&2
 fi
 
 PYTHON="${PYTHON:-python3}"

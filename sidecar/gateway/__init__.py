@@ -4,7 +4,7 @@
     relay.py     relay(): a committed stream's frames -> typed events; Cut (shutdown grace)
     events.py    Relayed / Ended / Failed: what Streaming.events yields, in that order
     outcome.py   Outcome: what one request came to, for observers (metrics, request logs)
-    status.py    the model list, the status and readiness documents (pure)
+    status.py    the model list, the status and readiness documents (pure); GatewayState
     verdict.py   the final error of a call that no target answered (pure)
 
 The surface front ends use (and nothing else of the :class:`Gateway`):
@@ -17,6 +17,9 @@ The surface front ends use (and nothing else of the :class:`Gateway`):
 * documents: :meth:`~Gateway.models` (id, owned_by), :meth:`~Gateway.count_tokens` (an
   estimate of a call's prompt), :meth:`~Gateway.status`,
   :meth:`~Gateway.readiness`, :meth:`~Gateway.budgets` (JSON bytes, redacted);
+* scrape-time state: :meth:`~Gateway.state` (a :class:`GatewayState`: circuits, local
+  models, host pressure and snapshot, configured targets; not redacted) and
+  :attr:`~Gateway.redact` (the redactor, for what a collector renders of it);
 * lifecycle: :meth:`~Gateway.start`, :meth:`~Gateway.drain` / :attr:`~Gateway.draining`,
   :meth:`~Gateway.cut` / :attr:`~Gateway.is_cut` / :meth:`~Gateway.until_cut` (the end of
   the shutdown grace: non-stream calls still running answer :func:`shut_down`),
@@ -38,6 +41,7 @@ from sidecar.gateway.pipeline import (
     error_body,
 )
 from sidecar.gateway.relay import shut_down
+from sidecar.gateway.status import GatewayState
 
 __all__ = [
     "Completed",
@@ -45,6 +49,7 @@ __all__ = [
     "Ended",
     "Failed",
     "Gateway",
+    "GatewayState",
     "Observer",
     "Outcome",
     "Relayed",

@@ -58,7 +58,12 @@ from sidecar.errors import (
 from sidecar.gateway.events import Ended, Failed, StreamEvent
 from sidecar.gateway.outcome import Observer, Outcome, Trace
 from sidecar.gateway.relay import Cut, relay
-from sidecar.gateway.status import model_ids, readiness_document, status_document
+from sidecar.gateway.status import (
+    GatewayState,
+    model_ids,
+    readiness_document,
+    status_document,
+)
 from sidecar.gateway.verdict import deadline_passed, exhausted
 from sidecar.health import Circuit, Health, RetryBudget
 from sidecar.host import HostWatch, LocalLoad
@@ -332,6 +337,23 @@ class Gateway:
         doc = readiness_document(draining=self._draining, circuits=self.health.views(),
                                  local_models=self._local_models())
         return not self._draining, self.redact.data(_encoder.encode(doc))
+
+    def state(self) -> GatewayState:
+        """What the gateway is now, for collectors that read it at scrape time (metrics):
+        circuits, local models, the host's pressure and latest snapshot, and which targets
+        are configured. Cheap and synchronous (no I/O). Not redacted: whoever turns it into
+        text redacts that text."""
+        host = self.host
+        snapshot = None
+        if host is not None:
+            with contextlib.suppress(RuntimeError):  # not started: no sample yet
+                snapshot = host.snapshot
+        return GatewayState(
+            draining=self._draining,
+            targets=frozenset(t.key for r in self.router.routes for t in r.targets),
+            circuits=self.health.views(), local_models=self._local_models(),
+            pressure=None if host is None else host.pressure, host=snapshot,
+            yielding=host is not None and host.yielding)
 
     def _local_models(self) -> list[ModelStatus] | None:
         local = self.providers.get(LOCAL_PROVIDER)

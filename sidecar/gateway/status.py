@@ -1,4 +1,5 @@
-"""What the gateway shows about itself: the model list, the status page, readiness.
+"""What the gateway shows about itself: the model list, the status page, readiness, and
+:class:`GatewayState` for collectors that read it at scrape time (metrics).
 
 Pure: each function builds a plain, JSON-encodable value from snapshots the
 :class:`~sidecar.gateway.Gateway` passes in (it encodes and redacts them).
@@ -13,10 +14,31 @@ import msgspec
 
 from local_models import ModelStatus
 from sidecar.health import CircuitView
-from sidecar.host import HostWatch
+from sidecar.host import HostWatch, Pressure, ResourceSnapshot
 from sidecar.routing import Route, TargetTracker
 
 _CLOSED = CircuitView("closed", 0, None)
+
+
+class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`~sidecar.gateway.Gateway.state` returns: copies taken now, which the
+    gateway never changes afterwards."""
+
+    draining: bool
+    targets: frozenset[str]
+    """Every configured ``provider/model`` target (of routes and local models); a circuit
+    of any other key is a direct target the client named."""
+    circuits: dict[str, CircuitView]
+    """Every target's circuit that has been used, by ``provider/model`` (direct ones
+    included)."""
+    local_models: list[ModelStatus] | None
+    """None: no local models are configured."""
+    pressure: Pressure | None
+    """None: no host watch."""
+    host: ResourceSnapshot | None
+    """The latest resource snapshot (None: no host watch, or it has not sampled yet)."""
+    yielding: bool
+    """Local workers run reniced/pinned now (host CPU pressure)."""
 
 
 def model_ids(routes: Iterable[Route]) -> list[tuple[str, str]]:
@@ -42,9 +64,11 @@ def status_document(
     reasons: Mapping[str, int],
     local_models: list[ModelStatus] | None,
 ) -> dict[str, Any]:
-    """``GET /v1/sidecar/status``: the host, its pressure, every target's health and load
+    """``GET /v1/sidecar/status``: the host, its pressure, every route (its strategy,
+    ``prefer`` and targets, in the configured order), every target's health and load
     (configured ones and any seen since), the local models (when there are any), and how
     many requests each route reason served."""
+    routes = tuple(routes)
     stats = tracker.stats()
     configured = {t.key for r in routes for t in r.targets}
     targets = {
@@ -62,6 +86,11 @@ def status_document(
             "settings": host.settings,
         },
         "host": None if host is None else host.snapshot,
+        "routes": [
+            {"model": r.model, "strategy": r.strategy, "prefer": r.prefer,
+             "targets": [{"target": t.key, "weight": t.weight} for t in r.targets]}
+            for r in routes
+        ],
         "targets": targets,
         "route_reasons": dict(reasons),
     }

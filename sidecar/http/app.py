@@ -27,10 +27,12 @@ from sidecar.errors import (
     ModelNotFound,
     PayloadTooLarge,
     SidecarError,
+    Unauthenticated,
     Unavailable,
 )
 from sidecar.gateway import Completed, Context, Gateway, shut_down
 from sidecar.http.openapi import openapi_document
+from sidecar.http.status_page import CHALLENGE, CHALLENGE_BODY, load_status_page
 from sidecar.http.wires import (
     MessagesWire,
     OpenAIWire,
@@ -39,6 +41,8 @@ from sidecar.http.wires import (
     decode_object,
     error_envelope,
 )
+from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sidecar.metrics import Metrics
 from sidecar.protocols.messages import count_body
 from sidecar.request_meta import api_key, request_id_of, retry_after, served_meta
 from sidecar.types import Call, Op
@@ -121,8 +125,11 @@ def error_response(err: SidecarError, request_id: str | None = None, path: str =
                     headers=headers)
 
 
-def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
-    """Build the HTTP application. ``gateway`` is owned by the caller."""
+def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None = None
+               ) -> Litestar:
+    """Build the HTTP application. ``gateway`` is owned by the caller; ``metrics`` (the
+    gateway's, see :mod:`sidecar.metrics`) is served at ``GET /metrics`` (none: no such
+    route)."""
 
     async def accept(request: Request[Any, Any, Any], wire: Wire) -> tuple[Context, Call]:
         """Authenticate, then read and validate the body."""
@@ -218,6 +225,19 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         gateway.authenticate(api_key(request.headers))
         return Response(gateway.status(), media_type=_JSON)
 
+    page = load_status_page()
+
+    @get("/", include_in_schema=False)
+    async def status_page(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """The status page (HTML, see :mod:`sidecar.http.status_page`); with keys configured,
+        401 and a Basic challenge unless the request carries a valid one."""
+        try:
+            gateway.authenticate(api_key(request.headers))
+        except Unauthenticated:
+            return Response(CHALLENGE_BODY, status_code=401, media_type="text/plain",
+                            headers=page.headers | CHALLENGE)
+        return Response(page.body, media_type="text/html", headers=page.headers)
+
     @get("/healthz")
     async def healthz() -> Response[bytes]:
         """Liveness: 200 while the process serves."""
@@ -228,6 +248,13 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
         """Readiness: 200, or 503 while draining; targets' circuits."""
         ready, body = gateway.readiness()
         return Response(body, status_code=200 if ready else 503, media_type=_JSON)
+
+    @get("/metrics")
+    async def prometheus(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Prometheus metrics (text format); needs a client key like ``/v1/models``."""
+        identity = gateway.authenticate(api_key(request.headers))
+        assert metrics is not None  # registered only with metrics
+        return Response(await metrics.exposition(identity), media_type=METRICS_CONTENT_TYPE)
 
     def on_sidecar_error(request: Request[Any, Any, Any], exc: SidecarError) -> Response[bytes]:
         return error_response(exc, getattr(request.state, "request_id", None), request.url.path)
@@ -266,7 +293,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int) -> Litestar:
     return Litestar(
         route_handlers=[chat, completions, embeddings, create_message, count_tokens,
                         create_response, models, model, budgets, status, healthz, readyz,
-                        openapi],
+                        openapi, status_page, *([] if metrics is None else [prometheus])],
         exception_handlers={
             SidecarError: on_sidecar_error,
             HTTPException: on_http_error,

@@ -55,6 +55,10 @@ _PARAMETERS = [
 ]
 
 
+_TEXT_ANSWERS = {"/metrics": {"text/plain": {"schema": {"type": "string"}}}}
+"""The answers that are not JSON, by path."""
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -78,6 +82,8 @@ def openapi_document(app: Litestar, *, auth: bool) -> dict[str, Any]:
         if not isinstance(route, HTTPRoute):
             continue
         for handler in route.route_handlers:
+            if not handler.include_in_schema:  # the status page at /: HTML, not the API
+                continue
             methods = sorted(m for m in getattr(handler, "http_methods", ()) if m != "OPTIONS")
             for method in methods:
                 summary = (handler.fn.__doc__ or "").strip().split("\n\n")[0]
@@ -98,8 +104,8 @@ def openapi_document(app: Litestar, *, auth: bool) -> dict[str, Any]:
                                                "content": content}, **errors}
                 else:
                     op["responses"] = {
-                        "200": {"description": "OK",
-                                "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "200": {"description": "OK", "content": _TEXT_ANSWERS.get(
+                            route.path, {"application/json": {"schema": {"type": "object"}}})},
                         **({"503": errors["503"]} if route.path == "/readyz" else {}),
                         **({} if public else {"401": errors["401"]}),
                     }

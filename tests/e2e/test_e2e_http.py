@@ -3,6 +3,7 @@ talks to a real fake provider on loopback whose faults are scripted per request.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -590,7 +591,9 @@ def test_api_keys(start_sidecar, fake: FakeProvider) -> None:  # type: ignore[no
         base_url = "{fake.openai_base_url}"
     """)
     body = {"model": "p/m", "messages": [{"role": "user", "content": "x"}]}
-    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic abc"}):
+    wrong_basic = "Basic " + base64.b64encode(b"sk-client-1:wrong").decode()  # key as user
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic abc"},
+                    {"authorization": wrong_basic}, {"authorization": "Digest sk-client-1"}):
         r = httpx.post(sc.base_url + "/chat/completions", json=body, headers=headers)
         assert _assert_envelope(r, 401)["type"] == "authentication_error"
     assert httpx.get(sc.base_url + "/models").status_code == 401
@@ -600,6 +603,10 @@ def test_api_keys(start_sidecar, fake: FakeProvider) -> None:  # type: ignore[no
     r = httpx.post(
         sc.base_url + "/chat/completions", json=body, headers={"x-api-key": "sk-client-1"}
     )
+    assert r.status_code == 200
+    # HTTP Basic (what a browser sends to the status page): the password is the key, the
+    # user name is ignored.
+    r = httpx.post(sc.base_url + "/chat/completions", json=body, auth=("anyone", "sk-client-1"))
     assert r.status_code == 200
     assert "sk-client" not in "".join(sc.output)
 

@@ -240,6 +240,43 @@ async def test_concurrent_first_requests_share_one_load(
     assert worker.pid == status(pool).pid
 
 
+async def test_preload_loads_before_any_request(
+    make_pool: Callable[..., ModelPool], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unloadable = write_model(tmp_path / "tiny.gguf")  # header fine, tensors absent
+    not_gguf = write_not_gguf(tmp_path / "zip.gguf")
+    pool = make_pool(spec("m"), spec("idle"), ModelSpec(name="tiny", path=str(unloadable)),
+                     ModelSpec(name="zip", path=str(not_gguf)))
+    pool.preload(["m", "tiny", "zip", "unknown"])
+    await wait_until(lambda: status(pool).state is ModelState.READY)
+    await wait_until(lambda: status(pool, "tiny").state is ModelState.FAILED)
+    assert "preloading local model 'tiny' failed" in caplog.text
+    assert "preloading local model 'zip'" not in caplog.text  # unusable: not tried
+    assert status(pool, "idle").state is ModelState.STOPPED  # not asked for
+    started = time.monotonic()
+    r = await collect(pool, **counting(3))
+    assert r.done.completion_tokens == 3 and time.monotonic() - started < 5
+    assert len(local_workers(os.getpid())) == 1
+
+
+async def test_a_request_during_the_preload_waits_for_it(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool()
+    pool.preload(["m"])
+    r = await collect(pool, **counting(3))  # admitted while it loads: the same load
+    assert r.done.completion_tokens == 3
+    assert len(local_workers(os.getpid())) == 1
+
+
+async def test_closing_cancels_a_preload(make_pool: Callable[..., ModelPool]) -> None:
+    pool = make_pool()
+    pool.preload(["m"])
+    await pool.aclose()
+    assert status(pool).state is ModelState.STOPPED
+    await wait_until(lambda: not local_workers(os.getpid()))
+
+
 # --- cancellation ---------------------------------------------------------------------------
 
 
