@@ -54,21 +54,54 @@ def _load(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(_config_path(args.config))
-    server = config.server
+    path = _config_path(args.config)
     overrides = {
         k: v
         for k, v in {"host": args.host, "port": args.port, "grpc_port": args.grpc_port,
                      "uds": args.uds}.items()
         if v is not None
     }
-    if overrides:
-        server = msgspec.structs.replace(server, **overrides)
-        config = msgspec.structs.replace(config, server=server)
+
+    def load() -> Config:
+        """The config file (again, on a reload) with the command line's overrides."""
+        config = _load(path)
+        if overrides:
+            server = msgspec.structs.replace(config.server, **overrides)
+            config = msgspec.structs.replace(config, server=server)
+        return config
+
+    config = load()
     from sidecar.runtime import serve
 
-    serve(config, log_format=args.log_format, log_level=args.log_level)
+    serve(config, log_format=args.log_format, log_level=args.log_level,
+          reload=load if path is not None else None)
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask a running sidecar to re-read its config (as SIGHUP does) and say how it went."""
+    import httpx
+
+    url = base_url(args.url or os.environ.get("SIDECAR_URL") or DEFAULT_URL)
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        r = httpx.post(f"{url}/v1/sidecar/reload", headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach the sidecar at {redact_url(url)} ({type(e).__name__})",
+              file=sys.stderr)
+        return 1
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code == 200:
+        print(f"reloaded: {body.get('routes', '?')} routes, {body.get('providers', '?')} "
+              "providers")
+        return 0
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else r.text[:500]
+    print(f"error: reload refused (HTTP {r.status_code}): {message}", file=sys.stderr)
+    return 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -262,6 +295,13 @@ def parser() -> argparse.ArgumentParser:
                    help="the least severe records logged; info includes one line per "
                    "request (default: $SIDECAR_LOG_LEVEL, else info)")
     s.set_defaults(func=cmd_serve)
+
+    rl = sub.add_parser("reload", help="make a running sidecar re-read its config (as "
+                        "SIGHUP does); an invalid one is refused and the old one serves on")
+    rl.add_argument("--url", help=f"the sidecar (default: $SIDECAR_URL, else {DEFAULT_URL})")
+    rl.add_argument("--api-key", default=os.environ.get("SIDECAR_API_KEY"))
+    rl.add_argument("--timeout", type=float, default=60.0)
+    rl.set_defaults(func=cmd_reload)
 
     c = sub.add_parser("check", help="validate a config and print its routes")
     c.add_argument("--config", help="TOML config (default: $SIDECAR_CONFIG)")

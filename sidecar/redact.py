@@ -260,14 +260,25 @@ def _redact_arg(arg: object, redactor: Redactor) -> object:
 def install(redactor: Redactor) -> None:
     """Redact the process's log records (their text message and arguments, traceback and
     stack, whatever handler emits them) and everything written to ``sys.stdout`` /
-    ``sys.stderr`` (prints, and handlers that write there). Called once by the composition
-    root, before any logging is configured; a no-op when there is nothing to redact."""
+    ``sys.stderr`` (prints, and handlers that write there). Called by the composition root
+    before any logging is configured, and again after a config reload with a redactor of
+    the old and the new secrets: the hooks are installed once, then only their redactor is
+    replaced. A no-op when there is nothing to redact and nothing installed yet."""
+    installed = getattr(logging.getLogRecordFactory(), "sidecar_redaction", None)
+    if isinstance(installed, _Hooks):
+        installed.redactor = redactor
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, _RedactingStream):
+                stream._redactor = redactor
+        return
     if not redactor:
         return
+    hooks = _Hooks(redactor)
     factory = logging.getLogRecordFactory()
 
     def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
+        redactor = hooks.redactor
         # Arguments keep their shape (formatters such as uvicorn's read them); text ones
         # are redacted, and the streams below catch what other objects render to.
         if isinstance(record.msg, str):
@@ -282,8 +293,16 @@ def install(redactor: Redactor) -> None:
             record.stack_info = redactor.text(record.stack_info)
         return record
 
+    make_record.sidecar_redaction = hooks  # type: ignore[attr-defined]
     logging.setLogRecordFactory(make_record)
     if not isinstance(sys.stdout, _RedactingStream):
         sys.stdout = cast(TextIO, _RedactingStream(sys.stdout, redactor))
     if not isinstance(sys.stderr, _RedactingStream):
         sys.stderr = cast(TextIO, _RedactingStream(sys.stderr, redactor))
+
+
+class _Hooks:
+    """The redactor the installed hooks use (replaced by a reload's :func:`install`)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.redactor = redactor

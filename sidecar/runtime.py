@@ -18,8 +18,10 @@ import math
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import psutil
 import uvicorn
 
@@ -29,10 +31,11 @@ from sidecar.config import (
     LOCAL_PROVIDER,
     AnthropicProvider,
     Config,
+    ConfigError,
     OpenAIProvider,
     ProviderConfig,
 )
-from sidecar.gateway import Gateway, Observer
+from sidecar.gateway import Current, Gateway, Observer
 from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.http.protocol import CappedHttpToolsProtocol
@@ -51,7 +54,7 @@ from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider
 from sidecar.providers.local import LocalProvider
 from sidecar.providers.openai import OpenAICompatible
-from sidecar.redact import Redactor
+from sidecar.redact import Redactor, secrets_of
 from sidecar.redact import install as install_redaction
 
 log = logging.getLogger("sidecar")
@@ -127,51 +130,179 @@ def build_state(config: Config) -> tuple[BudgetStore | None, RateLimiter]:
     return ledger, MemoryRateLimiter()
 
 
+class Built:
+    """One config's gateway and the parts a reload may keep for the next one."""
+
+    def __init__(self, config: Config, gateway: Gateway, providers: dict[str, Provider],
+                 local: LocalProvider | None, store: BudgetStore | None, limiter: RateLimiter,
+                 host: HostWatch) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.providers = providers
+        """Remote providers by name (not ``local``)."""
+        self.local = local
+        self.store = store
+        self.limiter = limiter
+        self.host = host
+
+
+def _local_provider(config: Config, previous: Built | None) -> tuple[LocalProvider | None,
+                                                                      list[str]]:
+    """The local provider (the previous one when the local settings are unchanged, so its
+    loaded workers serve on) and the local models' names."""
+    if not (config.local_models or config.local.model_dirs):
+        return None, []
+    if (previous is not None and previous.local is not None
+            and (previous.config.local_models, previous.config.local)
+            == (config.local_models, config.local)):
+        return previous.local, previous.local.pool.names()
+    catalog = build_catalog(config)
+    for warning in catalog.warnings:
+        log.warning("%s", warning, extra=fields(event="catalog"))
+    for entry in catalog.entries:
+        if entry.error is not None:
+            log.warning("local model '%s' is unavailable: %s", entry.name, entry.error,
+                        extra=fields(event="local_model_unavailable"))
+    names = [e.name for e in catalog.entries]
+    for route in config.routes:
+        for t in route.targets:
+            if t.provider == LOCAL_PROVIDER and t.model not in names:
+                log.warning("route '%s' names local model '%s', which was not found",
+                            route.model, t.model, extra=fields(event="config"))
+    pool = build_pool(config, catalog)
+    pool.start()
+    pool.preload(m.name for m in config.local_models if m.preload)
+    return LocalProvider(pool), names
+
+
 def build_gateway(config: Config, redactor: Redactor | None = None,
-                  metrics: Metrics | None = None) -> Gateway:
+                  metrics: Metrics | None = None, previous: Built | None = None) -> Built:
     """Must run inside the event loop that will serve requests. Reports local models that
     cannot be used on stderr; the rest of the sidecar serves regardless. ``redactor``
     (default: one built from ``config``) takes secrets out of what the gateway returns;
     ``metrics`` (none: no metrics) observes its requests and reads its state at scrape
-    time."""
-    providers = {p.name: build_provider(p) for p in config.providers}
-    names: list[str] = []
-    local: LocalProvider | None = None
-    if config.local_models or config.local.model_dirs:
-        catalog = build_catalog(config)
-        for warning in catalog.warnings:
-            log.warning("%s", warning, extra=fields(event="catalog"))
-        for entry in catalog.entries:
-            if entry.error is not None:
-                log.warning("local model '%s' is unavailable: %s", entry.name, entry.error,
-                            extra=fields(event="local_model_unavailable"))
-        names = [e.name for e in catalog.entries]
-        for route in config.routes:
-            for t in route.targets:
-                if t.provider == LOCAL_PROVIDER and t.model not in names:
-                    log.warning("route '%s' names local model '%s', which was not found",
-                                route.model, t.model, extra=fields(event="config"))
-        pool = build_pool(config, catalog)
-        pool.start()
-        pool.preload(m.name for m in config.local_models if m.preload)
-        providers[LOCAL_PROVIDER] = local = LocalProvider(pool)
-    store, limiter = build_state(config)
-    host = HostWatch(config.resources) if local is None else HostWatch(
-        config.resources,
-        workers=local.pool.worker_pids,
-        set_priority=local.pool.set_priority,
-        unload_idle=local.pool.unload_idle,
-    )
+    time. ``previous`` (a reload): what did not change is kept from it (providers whose
+    settings are the same, the local models when theirs are, the ledger and rate limiter
+    when ``[state]`` is, the host watch when that and the local models are), and the
+    gateway takes over its circuits and figures. Raises what :func:`build_state` raises."""
+    old = previous.providers if previous is not None else {}
+    old_configs = {p.name: p for p in previous.config.providers} if previous else {}
+    providers = {p.name: old[p.name] if old_configs.get(p.name) == p else build_provider(p)
+                 for p in config.providers}
+    local, names = _local_provider(config, previous)
+    if (previous is not None and previous.config.state == config.state
+            and bool(previous.config.budgets) == bool(config.budgets)):
+        store, limiter = previous.store, previous.limiter
+    else:
+        store, limiter = build_state(config)
+    if (previous is not None and previous.local is local
+            and previous.config.resources == config.resources):
+        host = previous.host
+    else:
+        host = HostWatch(config.resources) if local is None else HostWatch(
+            config.resources, workers=local.pool.worker_pids,
+            set_priority=local.pool.set_priority, unload_idle=local.pool.unload_idle)
     observers: list[Observer] = [RequestLog()]
     if metrics is not None:
         observers.append(metrics.observe)
-    gateway = Gateway(config, providers, local_models=names,
+    everything: dict[str, Provider] = dict(providers)
+    if local is not None:
+        everything[LOCAL_PROVIDER] = local
+    gateway = Gateway(config, everything, local_models=names,
                       accountant=Accountant(config, store, limiter),
                       local_load=None if local is None else local.load, host=host,
-                      redactor=redactor, observers=observers)
+                      redactor=redactor, observers=observers,
+                      previous=previous.gateway if previous is not None else None)
     if metrics is not None:
         metrics.watch(gateway)
-    return gateway
+    return Built(config, gateway, providers, local, store, limiter, host)
+
+
+async def retire(old: Built, new: Built) -> None:
+    """Close what ``old`` has that ``new`` does not keep, once ``old``'s gateway has
+    finished every call and stream it had (they ran on its config to their end)."""
+    await old.gateway.until_idle()
+    kept = {id(p) for p in new.providers.values()}
+    closing: list[Awaitable[None]] = [
+        p.aclose() for p in old.providers.values() if id(p) not in kept]
+    if old.local is not None and old.local is not new.local:
+        closing.append(old.local.aclose())
+    if old.host is not new.host:
+        closing.append(old.host.aclose())
+    if old.store is not None and old.store is not new.store:
+        closing.append(old.store.aclose())
+    if old.limiter is not new.limiter:
+        closing.append(old.limiter.aclose())
+    await asyncio.gather(*closing)
+
+
+class Reloader:
+    """Re-reads the config on SIGHUP or ``POST /v1/sidecar/reload`` and swaps the gateway
+    new requests go to; one reload at a time. An invalid config (or one whose parts cannot
+    be built, such as an unopenable ledger) is refused with its error, and the old one
+    serves on. Settings of the listeners (``[server]`` host, ports, socket, body limit)
+    need a restart: a reload keeps them and says so."""
+
+    def __init__(self, load: Callable[[], Config] | None, built: Built, current: Current,
+                 metrics: Metrics) -> None:
+        self._load = load
+        self.built = built
+        self._current = current
+        self._metrics = metrics
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def reload(self) -> Built:
+        """Swap in the config as it is now. Raises :class:`ConfigError` (or the error that
+        kept its parts from being built), and changes nothing then."""
+        if self._load is None:
+            raise ConfigError("there is no config file to reload: the sidecar serves the "
+                              "embedded default (start it with --config or $SIDECAR_CONFIG)")
+        async with self._lock:
+            config = self._load()
+            before = self.built.config.server
+            listen = ("host", "port", "grpc_port", "uds", "max_body_bytes")
+            changed = [k for k in listen if getattr(config.server, k) != getattr(before, k)]
+            if changed:
+                log.warning("reload: server.%s changed; the listeners keep the old values "
+                            "until a restart", ", server.".join(changed),
+                            extra=fields(event="reload_needs_restart", fields=changed))
+                kept = {k: getattr(before, k) for k in listen}
+                config = msgspec.structs.replace(
+                    config, server=msgspec.structs.replace(config.server, **kept))
+            redactor = Redactor(v for c in (self.built.config, config)
+                                for _, v in secrets_of(c))
+            install_redaction(redactor)  # old and new secrets: both may still be printed
+            new = build_gateway(config, Redactor.from_config(config), self._metrics,
+                                previous=self.built)
+            if new.host is not self.built.host:
+                await new.gateway.start()
+            old, self.built = self.built, new
+            self._current.gateway = new.gateway
+            task = asyncio.create_task(retire(old, new), name="retire-gateway")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            log.info("reloaded", extra=fields(
+                event="reloaded", routes=len(config.routes), providers=len(config.providers),
+                in_flight_on_old=old.gateway.in_flight))
+            return new
+
+    def on_signal(self) -> None:
+        """SIGHUP: reload in the background; a refusal is logged."""
+        async def run() -> None:
+            try:
+                await self.reload()
+            except Exception as e:
+                log.error("reload refused: %s", e, extra=fields(event="reload_refused"))
+
+        task = asyncio.create_task(run(), name="reload")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def aclose(self) -> None:
+        """Wait for the gateways being retired (after the shutdown cut they end at once)."""
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -184,8 +315,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run(config: Config, *, log_format: LogFormat = "text", log_level: str = "info"
-              ) -> None:
+async def run(config: Config, *, log_format: LogFormat = "text", log_level: str = "info",
+              reload: Callable[[], Config] | None = None) -> None:
     """Serve until a stop signal. Prints ``sidecar: http listening on HOST:PORT`` once
     both front ends accept connections (tests and scripts wait for that line), then
     ``sidecar: grpc listening on ADDRESS`` for each gRPC listener (``HOST:PORT``,
@@ -193,15 +324,20 @@ async def run(config: Config, *, log_format: LogFormat = "text", log_level: str 
 
     Configured secrets are redacted from everything that leaves the process (see
     :mod:`sidecar.redact`): log records and stdout/stderr from here on, and what the
-    gateway returns."""
+    gateway returns. SIGHUP (or ``POST /v1/sidecar/reload``) reloads the config with
+    ``reload`` (see :class:`Reloader`)."""
     redactor = Redactor.from_config(config)
     install_redaction(redactor)
     configure_logs(log_format, log_level)  # after: its lines go to the redacted stderr
     metrics = Metrics()
-    gateway = build_gateway(config, redactor, metrics)
+    built = build_gateway(config, redactor, metrics)
+    gateway = built.gateway
     await gateway.start()
+    current = Current(gateway)
+    reloader = Reloader(reload, built, current, metrics)
     server_cfg = config.server
-    app = create_app(gateway, max_body_bytes=server_cfg.max_body_bytes, metrics=metrics)
+    app = create_app(current, max_body_bytes=server_cfg.max_body_bytes, metrics=metrics,
+                     reload=reloader.reload)
     sock = _bind(server_cfg.host, server_cfg.port)
     host, port = sock.getsockname()[:2]
     grpc_server = None
@@ -212,7 +348,7 @@ async def run(config: Config, *, log_format: LogFormat = "text", log_level: str 
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         from sidecar.grpc.server import GrpcServer  # grpc is imported only when enabled
 
-        grpc_server = GrpcServer(gateway, server_cfg)
+        grpc_server = GrpcServer(current, server_cfg)
         grpc_addresses = await grpc_server.start()
     uv = uvicorn.Server(
         uvicorn.Config(
@@ -236,6 +372,7 @@ async def run(config: Config, *, log_format: LogFormat = "text", log_level: str 
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
     # Signals are ours (the gRPC server and the gateway drain with HTTP), so uvicorn's
     # serve() that captures and re-raises them is bypassed.
     task = asyncio.create_task(uv._serve(sockets=[sock]))
@@ -250,12 +387,14 @@ async def run(config: Config, *, log_format: LogFormat = "text", log_level: str 
         )
     finally:
         log.info("draining", extra=fields(event="draining"))
+        loop.remove_signal_handler(signal.SIGHUP)
+        gateway = current.gateway
         gateway.drain()
         forced = asyncio.Event()
 
         def force() -> None:  # a second signal: no more waiting
             forced.set()
-            gateway.cut()
+            gateway.cut()  # every gateway's: a reloaded one shares its cut
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, force)
@@ -276,13 +415,17 @@ async def run(config: Config, *, log_format: LogFormat = "text", log_level: str 
         else:
             await task
         cutter.cancel()
+        gateway.cut()  # what older gateways still run ends now
+        await reloader.aclose()
         await gateway.aclose()
         log.info("stopped", extra=fields(event="stopped"))
 
 
-def serve(config: Config, *, log_format: LogFormat = "text", log_level: str = "info") -> None:
-    """Blocking entry point for ``sidecar serve``."""
-    main = run(config, log_format=log_format, log_level=log_level)
+def serve(config: Config, *, log_format: LogFormat = "text", log_level: str = "info",
+          reload: Callable[[], Config] | None = None) -> None:
+    """Blocking entry point for ``sidecar serve``; ``reload`` reads the config again (None:
+    the embedded default, which cannot be reloaded)."""
+    main = run(config, log_format=log_format, log_level=log_level, reload=reload)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows

@@ -20,7 +20,10 @@ The surface front ends use (and nothing else of the :class:`Gateway`):
 * scrape-time state: :meth:`~Gateway.state` (a :class:`GatewayState`: circuits, local
   models, host pressure and snapshot, configured targets; not redacted) and
   :attr:`~Gateway.redact` (the redactor, for what a collector renders of it);
-* lifecycle: :meth:`~Gateway.start`, :meth:`~Gateway.drain` / :attr:`~Gateway.draining`,
+* lifecycle: :class:`Current` (the gateway new requests go to; a config reload swaps it:
+  front ends read it once per request), :attr:`~Gateway.config`,
+  :attr:`~Gateway.in_flight` / :meth:`~Gateway.until_idle`, :meth:`~Gateway.start`,
+  :meth:`~Gateway.drain` / :attr:`~Gateway.draining`,
   :meth:`~Gateway.cut` / :attr:`~Gateway.is_cut` / :meth:`~Gateway.until_cut` (the end of
   the shutdown grace: non-stream calls still running answer :func:`shut_down`),
   :meth:`~Gateway.aclose`;
@@ -35,6 +38,7 @@ from sidecar.gateway.outcome import Observer, Outcome
 from sidecar.gateway.pipeline import (
     Completed,
     Context,
+    Current,
     Gateway,
     Served,
     Streaming,
@@ -46,6 +50,7 @@ from sidecar.gateway.status import GatewayState
 __all__ = [
     "Completed",
     "Context",
+    "Current",
     "Ended",
     "Failed",
     "Gateway",

@@ -155,6 +155,7 @@ class Gateway:
         host: HostWatch | None = None,
         redactor: Redactor | None = None,
         observers: Iterable[Observer] = (),
+        previous: Gateway | None = None,
     ) -> None:
         """``providers`` by name (``local`` included when there are local models, whose
         names are ``local_models`` and whose queues ``local_load`` reports); ``accountant``
@@ -162,7 +163,10 @@ class Gateway:
         budgets are configured); ``host`` says whether the host is under pressure (none:
         never); ``redactor`` takes configured secrets out of every error, body and frame
         that :meth:`complete` and :meth:`stream` return or raise (by default one built from
-        ``config``); ``observers`` hear of every request's :class:`Outcome` when it ends."""
+        ``config``); ``observers`` hear of every request's :class:`Outcome` when it ends.
+        ``previous``: the gateway this one replaces after a config reload; this one takes
+        over its shutdown cut, its targets' latency figures and route reasons, and its
+        circuits when the circuit settings are the same."""
         self._config = config
         self._observers = tuple(observers)
         self.redact = redactor if redactor is not None else Redactor.from_config(config)
@@ -171,7 +175,10 @@ class Gateway:
         self.router = Router(config, self.providers, local_models)
         self._configured = frozenset(r.model for r in self.router.routes)
         self._clock = clock or asyncio.get_running_loop().time
-        self.health = Health(
+        same_circuits = previous is not None and (
+            (previous._routing.circuit_failures, previous._routing.circuit_cooldown_s)
+            == (config.routing.circuit_failures, config.routing.circuit_cooldown_s))
+        self.health: Health = previous.health if previous is not None and same_circuits else Health(
             config.routing.circuit_failures, config.routing.circuit_cooldown_s, self._clock
         )
         self._retry_budget = RetryBudget(
@@ -184,14 +191,23 @@ class Gateway:
         self._keys = [(name, key.encode()) for name, key in keys]
         self.accountant = accountant or Accountant(config, None, MemoryRateLimiter())
         self._draining = False
-        self._cut = Cut()
+        self._cut: Cut = previous._cut if previous is not None else Cut()
         self.host = host
         self._local_load = local_load
-        self.tracker = TargetTracker()
-        self.reasons: collections.Counter[str] = collections.Counter()
+        self.tracker: TargetTracker = previous.tracker if previous is not None else TargetTracker()
+        self.reasons: collections.Counter[str] = (
+            previous.reasons if previous is not None else collections.Counter())
         """Served requests per route reason (a request with several counts in each)."""
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # --- front-end facing -----------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The config this gateway serves."""
+        return self._config
 
     @property
     def auth(self) -> bool:
@@ -232,6 +248,7 @@ class Gateway:
         :class:`SidecarError`. Secrets are redacted from the error or the reply body.
         Observers hear of it once it ends, however it ends."""
         trace, started = Trace(), self._clock()
+        self._enter()
         try:
             done = await self._complete(call, ctx, trace)
         except SidecarError as e:
@@ -241,6 +258,8 @@ class Gateway:
         except asyncio.CancelledError:
             self._observe(call, ctx, trace, started, 499)
             raise
+        finally:
+            self._leave()
         body = self.redact.data(done.reply.body)
         if body is not done.reply.body:
             done.reply = msgspec.structs.replace(done.reply, body=body)
@@ -253,13 +272,16 @@ class Gateway:
         are redacted from the error or from each frame. Observers hear of it when its
         events end (or here, when it fails before it commits)."""
         trace, started = Trace(), self._clock()
+        self._enter()
         try:
             streaming = await self._stream(call, ctx, trace)
         except SidecarError as e:
+            self._leave()
             self.redact.error(e)  # in place: the same exception goes on, redacted
             self._observe(call, ctx, trace, started, e.status, e)
             raise
         except asyncio.CancelledError:
+            self._leave()
             self._observe(call, ctx, trace, started, 499)
             raise
         ttft = self._clock() - started
@@ -280,9 +302,29 @@ class Gateway:
                 yield event
         finally:
             await events.aclose()
+            self._leave()
             self._observe(call, ctx, trace, started, status, error,
                           usage=ended.usage if ended is not None else None,
                           cost=ended.cost if ended is not None else None, ttft=ttft)
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls and streams running now (a stream until its events end or are closed)."""
+        return self._in_flight
+
+    async def until_idle(self) -> None:
+        """Return once no call or stream runs (at once when none does): a gateway replaced
+        by a reload is closed after this."""
+        await self._idle.wait()
 
     def _observe(self, call: Call, ctx: Context, trace: Trace, started: float, status: int,
                  error: SidecarError | None = None, *, usage: Usage | None = None,
@@ -662,6 +704,16 @@ class Gateway:
             await self.host.aclose()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()),
                              self.accountant.aclose())
+
+
+class Current:
+    """The gateway new requests go to, for the front ends, which read :attr:`gateway` once
+    per request; a config reload replaces it (the one before finishes what it runs)."""
+
+    __slots__ = ("gateway",)
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
 
 
 def _note(reasons: list[str], reason: str) -> None:

@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sidecar.config import ServerConfig
-from sidecar.gateway import Gateway
+from sidecar.gateway import Current
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 from sidecar.request_meta import MAX_HEAD_BYTES
 
@@ -47,7 +47,7 @@ class GrpcServer:
     """Not started by construction; one :meth:`start`, then :meth:`drain` and
     :meth:`stop`. Must be built and used inside the serving event loop."""
 
-    def __init__(self, gateway: Gateway, config: ServerConfig) -> None:
+    def __init__(self, current: Current, config: ServerConfig) -> None:
         self._config = config
         host = f"[{config.host}]" if ":" in config.host else config.host
         self._tcp = f"{host}:{config.grpc_port}" if config.grpc_port else None
@@ -61,7 +61,7 @@ class GrpcServer:
             ("grpc.max_metadata_size", MAX_HEAD_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_HEAD_BYTES),
         ])
-        servicer = SidecarServicer(gateway, max_timeout_s=config.max_request_timeout_s)
+        servicer = SidecarServicer(current, max_timeout_s=config.max_request_timeout_s)
         self._add(SERVICE_NAME, servicer.handlers())
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -50,7 +50,16 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from sidecar.errors import SidecarError
-from sidecar.gateway import Completed, Context, Ended, Failed, Gateway, Relayed, StreamEvent
+from sidecar.gateway import (
+    Completed,
+    Context,
+    Current,
+    Ended,
+    Failed,
+    Gateway,
+    Relayed,
+    StreamEvent,
+)
 from sidecar.grpc.translation import (
     ChunkReader,
     chat_call,
@@ -75,13 +84,12 @@ ServicerContext = grpc.aio.ServicerContext[Any, Any]
 class SidecarServicer:
     """Implements ``sidecar.v1.Sidecar``; :meth:`handlers` registers it on a server."""
 
-    def __init__(self, gateway: Gateway, *, max_timeout_s: float) -> None:
-        """``max_timeout_s``: the longest deadline a call may have (longer ones are cut
-        to it), ``[server].max_request_timeout_s``."""
-        self._gateway = gateway
+    def __init__(self, current: Current, *, max_timeout_s: float) -> None:
+        """Calls go to ``current.gateway``, read once per call (a reload replaces it);
+        ``max_timeout_s``: the longest deadline a call may have (longer ones are cut to it),
+        ``[server].max_request_timeout_s``."""
+        self._current = current
         self._max_timeout_s = max_timeout_s
-        self._models = pb.ListModelsResponse(
-            models=[pb.Model(id=id, owned_by=owner) for id, owner in gateway.models()])
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The service's method handlers by method name."""
@@ -114,8 +122,8 @@ class SidecarServicer:
         meta = _metadata(context)
         request_id = request_id_of(meta)
         try:
-            ctx = self._context(context, meta, request_id)
-            done = await self._gateway.complete(chat_call(request, stream=False), ctx)
+            gateway, ctx = self._context(context, meta, request_id)
+            done = await gateway.complete(chat_call(request, stream=False), ctx)
             return _stamped(chat_response(done.reply.body, done.target), done, request_id, context)
         except Exception as e:
             await _fail(context, e, request_id)
@@ -128,8 +136,8 @@ class SidecarServicer:
         request_id = request_id_of(meta)
         events: AsyncGenerator[StreamEvent, None] | None = None
         try:
-            ctx = self._context(context, meta, request_id)
-            streaming = await self._gateway.stream(chat_call(request, stream=True), ctx)
+            gateway, ctx = self._context(context, meta, request_id)
+            streaming = await gateway.stream(chat_call(request, stream=True), ctx)
             events = streaming.events
             await context.send_initial_metadata(
                 tuple(served_meta(request_id, streaming).items()))
@@ -163,8 +171,8 @@ class SidecarServicer:
         meta = _metadata(context)
         request_id = request_id_of(meta)
         try:
-            ctx = self._context(context, meta, request_id)
-            done = await self._gateway.complete(embed_call(request), ctx)
+            gateway, ctx = self._context(context, meta, request_id)
+            done = await gateway.complete(embed_call(request), ctx)
             return _stamped(embed_response(done.reply.body, done.target), done, request_id, context)
         except Exception as e:
             await _fail(context, e, request_id)
@@ -174,23 +182,28 @@ class SidecarServicer:
         meta = _metadata(context)
         request_id = request_id_of(meta)
         try:
-            self._gateway.authenticate(api_key(meta))
+            gateway = self._current.gateway
+            gateway.authenticate(api_key(meta))
             context.set_trailing_metadata((("x-request-id", request_id),))
-            return self._models
+            return pb.ListModelsResponse(
+                models=[pb.Model(id=id, owned_by=owner) for id, owner in gateway.models()])
         except Exception as e:
             await _fail(context, e, request_id)
 
     # --- helpers --------------------------------------------------------------------------
 
     def _context(self, context: ServicerContext, meta: dict[str, str], request_id: str
-                 ) -> Context:
-        identity = self._gateway.authenticate(api_key(meta))
+                 ) -> tuple[Gateway, Context]:
+        """The gateway this call goes to, and its context (authenticated, with its
+        deadline)."""
+        gateway = self._current.gateway
+        identity = gateway.authenticate(api_key(meta))
         remaining = context.time_remaining()
         if remaining is None or remaining >= _NO_DEADLINE_S:
-            deadline = self._gateway.deadline(None)
+            deadline = gateway.deadline(None)
         else:
-            deadline = self._gateway.deadline(min(max(remaining, 1e-3), self._max_timeout_s))
-        return Context(request_id, deadline, identity)
+            deadline = gateway.deadline(min(max(remaining, 1e-3), self._max_timeout_s))
+        return gateway, Context(request_id, deadline, identity)
 
 
 def _metadata(context: ServicerContext) -> dict[str, str]:

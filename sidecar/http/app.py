@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -22,6 +22,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
+from sidecar.config import ConfigError
 from sidecar.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -30,7 +31,7 @@ from sidecar.errors import (
     Unauthenticated,
     Unavailable,
 )
-from sidecar.gateway import Completed, Context, Gateway, shut_down
+from sidecar.gateway import Completed, Context, Current, Gateway, shut_down
 from sidecar.http.openapi import openapi_document
 from sidecar.http.status_page import CHALLENGE, CHALLENGE_BODY, load_status_page
 from sidecar.http.wires import (
@@ -125,13 +126,17 @@ def error_response(err: SidecarError, request_id: str | None = None, path: str =
                     headers=headers)
 
 
-def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None = None
-               ) -> Litestar:
-    """Build the HTTP application. ``gateway`` is owned by the caller; ``metrics`` (the
-    gateway's, see :mod:`sidecar.metrics`) is served at ``GET /metrics`` (none: no such
-    route)."""
+def create_app(current: Current, *, max_body_bytes: int, metrics: Metrics | None = None,
+               reload: Callable[[], Awaitable[object]] | None = None) -> Litestar:
+    """Build the HTTP application over ``current.gateway`` (owned by the caller, and read
+    once per request: a reload that replaces it sends new requests to the new one while
+    those in flight finish on theirs); ``metrics`` (see :mod:`sidecar.metrics`) is served at
+    ``GET /metrics`` (none: no such route); ``reload`` (re-read the config, raising
+    :class:`~sidecar.config.ConfigError` or another exception when it is refused) at
+    ``POST /v1/sidecar/reload`` (none: that answers 400)."""
 
-    async def accept(request: Request[Any, Any, Any], wire: Wire) -> tuple[Context, Call]:
+    async def accept(request: Request[Any, Any, Any], wire: Wire, gateway: Gateway
+                     ) -> tuple[Context, Call]:
         """Authenticate, then read and validate the body."""
         request_id = request_id_of(request.headers)
         request.state.request_id = request_id
@@ -146,7 +151,8 @@ def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None
         return ctx, call
 
     async def serve(wire: Wire, request: Request[Any, Any, Any]) -> Response[Any]:
-        ctx, call = await accept(request, wire)
+        gateway = current.gateway
+        ctx, call = await accept(request, wire, gateway)
         request_id = ctx.request_id
         if call.stream:
             streaming = await gateway.stream(call, ctx)
@@ -184,6 +190,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None
     async def count_tokens(request: Request[Any, Any, Any]) -> Response[bytes]:
         """Count a Messages request's input tokens (an estimate; see docs/protocols.md)."""
         request.state.request_id = request_id_of(request.headers)
+        gateway = current.gateway
         gateway.authenticate(api_key(request.headers))
         raw = decode_object(await request.body())
         call = MessagesWire().decode({"max_tokens": 1, **raw, "stream": False})
@@ -194,20 +201,20 @@ def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None
         """Create a model response (OpenAI's Responses API, stateless)."""
         return await serve(ResponsesWire(), request)
 
-    model_objects = _model_objects(gateway)
-    models_body = _encoder.encode({"object": "list", "data": list(model_objects.values())})
-
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
         """List the models clients may ask for: routes, then provider/model targets."""
+        gateway = current.gateway
         gateway.authenticate(api_key(request.headers))
-        return Response(models_body, media_type=_JSON)
+        objects = list(_model_objects(gateway).values())
+        return Response(_encoder.encode({"object": "list", "data": objects}), media_type=_JSON)
 
     @get("/v1/models/{model_id:path}")
     async def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
         """One model of the list (``provider/model`` ids included)."""
+        gateway = current.gateway
         gateway.authenticate(api_key(request.headers))
-        found = model_objects.get(model_id.lstrip("/"))
+        found = _model_objects(gateway).get(model_id.lstrip("/"))
         if found is None:
             raise ModelNotFound(f"The model '{model_id.lstrip('/')[:256]}' does not exist.",
                                 param="model")
@@ -216,14 +223,36 @@ def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None
     @get("/v1/sidecar/budgets")
     async def budgets(request: Request[Any, Any, Any]) -> Response[bytes]:
         """Every budget's current window (per-key ones of the caller only)."""
+        gateway = current.gateway
         identity = gateway.authenticate(api_key(request.headers))
         return Response(await gateway.budgets(identity), media_type=_JSON)
 
     @get("/v1/sidecar/status")
     async def status(request: Request[Any, Any, Any]) -> Response[bytes]:
         """Host pressure, targets' health and load, local models, route reasons."""
+        gateway = current.gateway
         gateway.authenticate(api_key(request.headers))
         return Response(gateway.status(), media_type=_JSON)
+
+    @post("/v1/sidecar/reload", status_code=200)
+    async def reload_config(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Re-read the config file and swap it in (as SIGHUP does); an invalid one is
+        refused with 400 naming the error, and the config in use serves on."""
+        current.gateway.authenticate(api_key(request.headers))
+        if reload is None:
+            raise InvalidRequest("This sidecar cannot reload its config.")
+        try:
+            await reload()
+        except ConfigError as e:
+            raise InvalidRequest(f"The config was not reloaded: {e}") from None
+        except Exception as e:  # e.g. a ledger that cannot be opened
+            log.exception("reload refused")
+            raise InvalidRequest(f"The config was not reloaded: {type(e).__name__}: {e}"
+                                 ) from None
+        config = current.gateway.config
+        return Response(_encoder.encode({"reloaded": True, "routes": len(config.routes),
+                                         "providers": len(config.providers)}),
+                        media_type=_JSON)
 
     page = load_status_page()
 
@@ -232,7 +261,7 @@ def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None
         """The status page (HTML, see :mod:`sidecar.http.status_page`); with keys configured,
         401 and a Basic challenge unless the request carries a valid one."""
         try:
-            gateway.authenticate(api_key(request.headers))
+            current.gateway.authenticate(api_key(request.headers))
         except Unauthenticated:
             return Response(CHALLENGE_BODY, status_code=401, media_type="text/plain",
                             headers=page.headers | CHALLENGE)
@@ -246,13 +275,13 @@ def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None
     @get("/readyz")
     async def readyz() -> Response[bytes]:
         """Readiness: 200, or 503 while draining; targets' circuits."""
-        ready, body = gateway.readiness()
+        ready, body = current.gateway.readiness()
         return Response(body, status_code=200 if ready else 503, media_type=_JSON)
 
     @get("/metrics")
     async def prometheus(request: Request[Any, Any, Any]) -> Response[bytes]:
         """Prometheus metrics (text format); needs a client key like ``/v1/models``."""
-        identity = gateway.authenticate(api_key(request.headers))
+        identity = current.gateway.authenticate(api_key(request.headers))
         assert metrics is not None  # registered only with metrics
         return Response(await metrics.exposition(identity), media_type=METRICS_CONTENT_TYPE)
 
@@ -280,19 +309,18 @@ def create_app(gateway: Gateway, *, max_body_bytes: int, metrics: Metrics | None
         err = SidecarError("The sidecar hit an internal error.")
         return error_response(err, getattr(request.state, "request_id", None), request.url.path)
 
-    document: list[bytes] = []  # built on first use, from the finished app's routes
-
     @get("/openapi.json")
     async def openapi(request: Request[Any, Any, Any]) -> Response[bytes]:
         """The OpenAPI document of this API; needs a client key like ``/v1/models``."""
+        gateway = current.gateway
         gateway.authenticate(api_key(request.headers))
-        if not document:
-            document.append(_encoder.encode(openapi_document(request.app, auth=gateway.auth)))
-        return Response(document[0], media_type=_JSON)
+        return Response(_encoder.encode(openapi_document(request.app, auth=gateway.auth)),
+                        media_type=_JSON)
 
     return Litestar(
         route_handlers=[chat, completions, embeddings, create_message, count_tokens,
-                        create_response, models, model, budgets, status, healthz, readyz,
+                        create_response, models, model, budgets, status, reload_config,
+                        healthz, readyz,
                         openapi, status_page, *([] if metrics is None else [prometheus])],
         exception_handlers={
             SidecarError: on_sidecar_error,

@@ -37,7 +37,7 @@ from sidecar.errors import (
     UpstreamServerError,
     UpstreamTimeout,
 )
-from sidecar.gateway import Context, Ended, Failed, Relayed, StreamEvent, Streaming
+from sidecar.gateway import Context, Current, Ended, Failed, Relayed, StreamEvent, Streaming
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
@@ -667,7 +667,7 @@ class RecordingGateway:
 async def test_deadlines_and_unexpected_errors(caplog: pytest.LogCaptureFixture) -> None:
     gateway = RecordingGateway()
     server = grpc.aio.server()
-    handlers = SidecarServicer(gateway, max_timeout_s=50).handlers()  # type: ignore[arg-type]
+    handlers = SidecarServicer(Current(gateway), max_timeout_s=50).handlers()  # type: ignore[arg-type]
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -720,7 +720,7 @@ async def in_process_stream(gateway: StreamingGateway
                             ) -> tuple[list[pb.ChatChunk], grpc.aio.AioRpcError | None]:
     """What a client of a servicer over ``gateway`` gets from one ChatStream call."""
     server = grpc.aio.server()
-    handlers = SidecarServicer(gateway, max_timeout_s=50).handlers()  # type: ignore[arg-type]
+    handlers = SidecarServicer(Current(gateway), max_timeout_s=50).handlers()  # type: ignore[arg-type]
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))
     port = server.add_insecure_port("127.0.0.1:0")

@@ -4,6 +4,7 @@ the CLI, worker processes, local model specs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import os
 import selectors
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,7 +85,13 @@ class SidecarProcess:
             cwd=ROOT if cwd is None else cwd,
         )
         self.output: list[str] = []
+        """What it printed (stdout and stderr), read as it comes: after the ready line a
+        thread keeps reading, so a sidecar that logs a line per request never blocks on a
+        full pipe. Complete once :meth:`stop` returned."""
         self.port = self._wait_ready(timeout=30)
+        self._reader = threading.Thread(target=self._read_rest, daemon=True,
+                                        name=f"sidecar-output-{self.proc.pid}")
+        self._reader.start()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
 
@@ -119,6 +127,12 @@ class SidecarProcess:
         except ValueError:
             return ""
 
+    def _read_rest(self) -> None:
+        assert self.proc.stdout is not None
+        with contextlib.suppress(ValueError, OSError):
+            for line in iter(self.proc.stdout.readline, b""):
+                self.output.append(line.decode(errors="replace"))
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -127,7 +141,7 @@ class SidecarProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.output.append(self._rest())
+        self._reader.join(timeout=10)
         return self.proc.returncode
 
 
