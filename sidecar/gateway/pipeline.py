@@ -70,6 +70,7 @@ from sidecar.host import HostWatch, LocalLoad
 from sidecar.limits import MemoryRateLimiter
 from sidecar.money import FREE, Accountant, Estimate, Ticket, estimate
 from sidecar.money import cost as cost_of
+from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
@@ -351,11 +352,23 @@ class Gateway:
         ``provider/model`` target once."""
         return model_ids(self.router.routes)
 
-    def count_tokens(self, call: Call) -> int:
-        """An estimate of ``call``'s prompt tokens (a quarter of its input's JSON bytes, as
-        token limits guess them) once its model resolves. Raises
-        :class:`~sidecar.errors.ModelNotFound`."""
-        self.router.resolve(call.request.model)
+    async def count_tokens(self, call: Call, ctx: Context) -> int:
+        """``call``'s prompt tokens once its model resolves: Anthropic's own count when the
+        call is a Messages body and its route's first target is an Anthropic one, else (or
+        when that fails, or its circuit is open) an estimate: a quarter of the input's JSON
+        bytes, as token limits guess them. Raises :class:`~sidecar.errors.ModelNotFound`;
+        nothing is billed."""
+        route = self.router.resolve(call.request.model)
+        first = route.targets[0]
+        provider = self.providers.get(first.provider)
+        now = self._clock()
+        if (call.messages is not None and isinstance(provider, AnthropicMessages)
+                and self.health.circuit(first.key).available_at(now) <= now):
+            try:
+                return await provider.count_tokens(call.messages, first.model,
+                                                   max(0.001, ctx.deadline - now))
+            except UpstreamError as e:
+                log.info("count_tokens: %s; answering with an estimate", e.message)
         return estimate(call).prompt_guess
 
     async def budgets(self, identity: str | None) -> bytes:

@@ -188,13 +188,15 @@ def create_app(current: Current, *, max_body_bytes: int, metrics: Metrics | None
 
     @post("/v1/messages/count_tokens", status_code=200)
     async def count_tokens(request: Request[Any, Any, Any]) -> Response[bytes]:
-        """Count a Messages request's input tokens (an estimate; see docs/protocols.md)."""
-        request.state.request_id = request_id_of(request.headers)
+        """Count a Messages request's input tokens (Anthropic's count for Anthropic targets,
+        else an estimate; see docs/protocols.md)."""
+        request_id = request.state.request_id = request_id_of(request.headers)
         gateway = current.gateway
-        gateway.authenticate(api_key(request.headers))
+        identity = gateway.authenticate(api_key(request.headers))
+        ctx = Context(request_id, gateway.deadline(_timeout(request)), identity)
         raw = decode_object(await request.body())
         call = MessagesWire().decode({"max_tokens": 1, **raw, "stream": False})
-        return Response(count_body(gateway.count_tokens(call)), media_type=_JSON)
+        return Response(count_body(await gateway.count_tokens(call, ctx)), media_type=_JSON)
 
     @post("/v1/responses", status_code=200)
     async def create_response(request: Request[Any, Any, Any]) -> Response[Any]:

