@@ -21,7 +21,7 @@ import msgspec
 from sidecar.errors import InvalidRequest, SidecarError
 from sidecar.gateway import Completed, Ended, Failed, Relayed, Streaming, error_body
 from sidecar.http.sse import cost_comment, sse
-from sidecar.protocols import messages, responses
+from sidecar.protocols import messages, responses, responses_answers
 from sidecar.types import MAX_DEPTH, Call, Op, validate_call
 
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -120,10 +120,10 @@ class ResponsesWire:
         return call
 
     def body(self, done: Completed) -> bytes:
-        return responses.response_body(done.reply.body, self._raw, self._id)
+        return responses_answers.response_body(done.reply.body, self._raw, self._id)
 
     async def events(self, streaming: Streaming) -> AsyncGenerator[bytes, None]:
-        stream = responses.ResponseStream(self._raw, self._id)
+        stream = responses_answers.ResponseStream(self._raw, self._id)
         try:
             yield stream.start(self._model)
             async for event in streaming.events:

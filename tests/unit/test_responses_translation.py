@@ -18,7 +18,8 @@ from openai.types.responses import response_create_params as responses_params
 from pydantic import TypeAdapter
 
 from sidecar.errors import InvalidRequest, RateLimited, UpstreamMalformed, UpstreamServerError
-from sidecar.protocols.responses import ResponseStream, chat_call, response_body
+from sidecar.protocols.responses import chat_call
+from sidecar.protocols.responses_answers import ResponseStream, response_body
 from sidecar.types import ChatRequest, Op, PromptTokensDetails, Usage
 
 _REQUEST = TypeAdapter(responses_params.ResponseCreateParamsNonStreaming)
