@@ -203,13 +203,23 @@ def create_app(current: Current, *, max_body_bytes: int, metrics: Metrics | None
         """Create a model response (OpenAI's Responses API, stateless)."""
         return await serve(ResponsesWire(), request)
 
+    documents: dict[str, tuple[Gateway, bytes]] = {}
+
+    def document(name: str, gateway: Gateway, build: Callable[[], bytes]) -> bytes:
+        """``build()`` once per gateway (again after a reload replaced it)."""
+        found = documents.get(name)
+        if found is None or found[0] is not gateway:
+            documents[name] = found = (gateway, build())
+        return found[1]
+
     @get("/v1/models")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
         """List the models clients may ask for: routes, then provider/model targets."""
         gateway = current.gateway
         gateway.authenticate(api_key(request.headers))
-        objects = list(_model_objects(gateway).values())
-        return Response(_encoder.encode({"object": "list", "data": objects}), media_type=_JSON)
+        body = document("models", gateway, lambda: _encoder.encode(
+            {"object": "list", "data": list(_model_objects(gateway).values())}))
+        return Response(body, media_type=_JSON)
 
     @get("/v1/models/{model_id:path}")
     async def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
@@ -316,8 +326,9 @@ def create_app(current: Current, *, max_body_bytes: int, metrics: Metrics | None
         """The OpenAPI document of this API; needs a client key like ``/v1/models``."""
         gateway = current.gateway
         gateway.authenticate(api_key(request.headers))
-        return Response(_encoder.encode(openapi_document(request.app, auth=gateway.auth)),
-                        media_type=_JSON)
+        body = document("openapi", gateway, lambda: _encoder.encode(
+            openapi_document(request.app, auth=gateway.auth)))
+        return Response(body, media_type=_JSON)
 
     return Litestar(
         route_handlers=[chat, completions, embeddings, create_message, count_tokens,

@@ -34,21 +34,13 @@ from __future__ import annotations
 import re
 from typing import Any, TypeVar
 
-import msgspec
-
 from sidecar.errors import InvalidRequest
 from sidecar.types import (
     Call,
-    ChatChunk,
-    ChatCompletion,
     Op,
     check_bounds,
     validate_call,
 )
-
-_encode = msgspec.json.Encoder().encode
-_decode_chat = msgspec.json.Decoder(ChatCompletion).decode
-_decode_chunk = msgspec.json.Decoder(ChatChunk).decode
 
 T = TypeVar("T")
 

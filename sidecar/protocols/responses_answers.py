@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import msgspec
 
@@ -27,8 +27,6 @@ from sidecar.types import (
 _encode = msgspec.json.Encoder().encode
 _decode_chat = msgspec.json.Decoder(ChatCompletion).decode
 _decode_chunk = msgspec.json.Decoder(ChatChunk).decode
-
-T = TypeVar("T")
 
 # --- answer: chat -> Responses --------------------------------------------------------------
 
