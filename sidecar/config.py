@@ -170,6 +170,14 @@ class RouteConfig(_Base, frozen=True):
     within the deadline. Unset: the strategy's order."""
     retries: NonNegativeInt | None = None
     """Overrides ``[routing].retries`` for this route."""
+    cache: bool = False
+    """Answer repeated requests from the response cache (``[cache]``): exact matches of
+    deterministic requests (temperature 0, a seed, or embeddings) per client key."""
+    cache_ttl_s: PositiveFloat | None = None
+    """How long this route's answers are kept; unset: ``[cache].ttl_s``."""
+    cache_nondeterministic: bool = False
+    """Cache this route's sampled requests too (any temperature, no seed): a repeated
+    question gets the first answer again instead of a new sample."""
 
 
 class LocalModelConfig(_Base, frozen=True):
@@ -303,6 +311,30 @@ class StateConfig(_Base, frozen=True):
     """When shared rate-limit state cannot be reached: open admits, closed answers 503."""
 
 
+#: Where the SQLite response cache lives when ``[cache].path`` is not set.
+DEFAULT_CACHE_PATH = "${XDG_CACHE_HOME:-~/.cache}/sidecar/responses.sqlite3"
+
+
+class CacheConfig(_Base, frozen=True):
+    """Where the response cache keeps answers (used by routes with ``cache = true``)."""
+
+    backend: Literal["memory", "sqlite", "redis"] = "memory"
+    """memory: this process, lost on restart; sqlite: this host, kept across restarts;
+    redis: shared by a fleet (``redis_url``, else ``[state].redis_url``)."""
+    path: str = DEFAULT_CACHE_PATH
+    """The SQLite file (backend = "sqlite"); a leading ``~`` is the home directory."""
+    redis_url: str | None = None
+    redis_prefix: str = "sidecar:cache:"
+    redis_timeout_s: PositiveFloat = 0.25
+    ttl_s: PositiveFloat = 3600.0
+    """How long an answer is kept (a route's ``cache_ttl_s`` overrides it)."""
+    max_bytes: Annotated[int, Meta(ge=1024, le=2**40)] = 64 * 2**20
+    """All answers together; the least recently used (SQLite, memory) or the soonest to
+    expire (Redis) go first."""
+    max_entry_bytes: Annotated[int, Meta(ge=256, le=2**30)] = 2**20
+    """A larger answer (body, or a stream's frames together) is served but not kept."""
+
+
 class Config(_Base, frozen=True):
     server: ServerConfig = ServerConfig()
     routing: RoutingConfig = RoutingConfig()
@@ -315,6 +347,7 @@ class Config(_Base, frozen=True):
     prices: dict[str, PriceConfig] = {}
     budgets: tuple[BudgetConfig, ...] = ()
     state: StateConfig = StateConfig()
+    cache: CacheConfig = CacheConfig()
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -367,24 +400,31 @@ def _validation_message(err: msgspec.ValidationError) -> str:
     return f"{path}: {m.group('msg')}" if path else m.group("msg")
 
 
+_DEFAULT_PATHS = {"state": DEFAULT_LEDGER_PATH, "cache": DEFAULT_CACHE_PATH}
+"""Tables whose ``path`` defaults hold ``${...}`` and a leading ``~``."""
+
+
 def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with the defaults that hold ``${...}`` filled in where the file has none."""
-    state = data.get("state", {})
-    if not isinstance(state, dict) or "path" in state:
-        return data  # a state that is not a table is reported by the decoding
-    return {**data, "state": {**state, "path": DEFAULT_LEDGER_PATH}}
+    for section, default in _DEFAULT_PATHS.items():
+        table = data.get(section, {})
+        if isinstance(table, dict) and "path" not in table:  # not a table: decoding says so
+            data = {**data, section: {**table, "path": default}}
+    return data
 
 
 def _expand_home(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """``data`` with a leading ``~`` of the ledger path replaced by the home directory."""
-    state = data.get("state")
-    if not isinstance(state, dict):
-        return data
-    path = state.get("path")
-    if not isinstance(path, str) or not (path == "~" or path.startswith("~/")):
-        return data
-    home = env.get("HOME") or os.path.expanduser("~")
-    return {**data, "state": {**state, "path": home.rstrip("/") + path[1:]}}
+    """``data`` with a leading ``~`` of the ledger's and the cache's paths replaced by the
+    home directory."""
+    for section in _DEFAULT_PATHS:
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        path = table.get("path")
+        if isinstance(path, str) and (path == "~" or path.startswith("~/")):
+            home = env.get("HOME") or os.path.expanduser("~")
+            data = {**data, section: {**table, "path": home.rstrip("/") + path[1:]}}
+    return data
 
 
 def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
@@ -492,3 +532,9 @@ def _check_money(config: Config, providers: set[str]) -> None:
         raise ConfigError('state.redis_url: required when backend = "redis"')
     if state.redis_url is not None and not re.match(r"^(rediss?|unix)://", state.redis_url):
         raise ConfigError("state.redis_url: must be a redis://, rediss:// or unix:// URL")
+    cache = config.cache
+    if cache.redis_url is not None and not re.match(r"^(rediss?|unix)://", cache.redis_url):
+        raise ConfigError("cache.redis_url: must be a redis://, rediss:// or unix:// URL")
+    if cache.backend == "redis" and not (cache.redis_url or state.redis_url):
+        raise ConfigError('cache.redis_url: required when backend = "redis" (or set '
+                          "state.redis_url)")

@@ -202,6 +202,12 @@ class Metrics:
             "Cost recorded for answered requests, in micro-dollars (1e-6 US dollars); free "
             "targets add 0, targets of unknown price nothing.",
             ("route", "target"))
+        self._cache = _Counter(
+            "sidecar_cache_requests_total",
+            "Requests on routes with the response cache, by result: hit (answered from it, "
+            "no provider call, no cost), miss (answered and kept, or kept once its stream "
+            "ends well) or bypass (not cacheable, or the client opted out).",
+            ("route", "result"))
         self._budget_failures = _Counter(
             "sidecar_budget_read_failures_total",
             "Scrapes whose budget figures could not be read from the ledger (left out).", ())
@@ -225,7 +231,7 @@ class Metrics:
             "(gen_ai.server.time_per_output_token).", _GEN_AI, TPOT_BUCKETS)
         self._families: tuple[_Counter | _Histogram, ...] = (
             self._requests, self._reasons, self._attempts, self._retries, self._limited,
-            self._cost, self._budget_failures, self._tokens, self._duration, self._ttft,
+            self._cost, self._cache, self._budget_failures, self._tokens, self._duration, self._ttft,
             self._tpot)
         self.registry.register(_Collector(self))
 
@@ -257,6 +263,8 @@ class Metrics:
             self._limited.inc((route, error))
         if o.cost is not None and target:
             self._cost.inc((route, target), o.cost)
+        if o.cache is not None:
+            self._cache.inc((route, o.cache))
         gen_ai = (op, provider, route)
         if o.prompt_tokens is not None:
             self._tokens.observe((*gen_ai, "input"), o.prompt_tokens)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from sidecar.cache import Result
+
 
 class Trace(msgspec.Struct):
     """Filled in as one request goes through the pipeline (mutable, one per request)."""
@@ -24,6 +26,7 @@ class Trace(msgspec.Struct):
     retries: int = 0
     target: str | None = None
     reasons: tuple[str, ...] = ()
+    cache: Result | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,6 +60,8 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float
     ttft_s: float | None
     """Streams: seconds until the first frame was relayed."""
+    cache: Result | None = None
+    """``hit`` | ``miss`` | ``bypass`` on a route with the response cache (None: none)."""
 
 
 Observer = Callable[[Outcome], None]

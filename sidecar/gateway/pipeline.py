@@ -44,6 +44,8 @@ from typing import TypeVar
 import msgspec
 
 from local_models import ModelStatus
+from sidecar.cache import CachePlan, Directive, Entry, MemoryCacheStore, Result
+from sidecar.cache import plan as cache_plan
 from sidecar.config import LOCAL_PROVIDER, Config
 from sidecar.errors import (
     CutAttempt,
@@ -55,6 +57,7 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamMalformed,
 )
+from sidecar.gateway.cached import ResponseCache, replay
 from sidecar.gateway.events import Ended, Failed, StreamEvent
 from sidecar.gateway.outcome import Observer, Outcome, Trace
 from sidecar.gateway.relay import Cut, relay
@@ -80,6 +83,9 @@ from sidecar.types import Call, Meter, Usage
 T = TypeVar("T")
 log = logging.getLogger("sidecar.gateway")
 
+CACHE_HIT = "cache:hit"
+"""The route reason of an answer from the response cache."""
+
 
 class Context(msgspec.Struct):
     """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds;
@@ -88,6 +94,8 @@ class Context(msgspec.Struct):
     request_id: str
     deadline: float
     identity: str | None = None
+    cache: Directive = "default"
+    """The client's word on the response cache (:func:`sidecar.cache.directive_of`)."""
 
 
 class Served(msgspec.Struct):
@@ -104,6 +112,9 @@ class Served(msgspec.Struct):
 
 class Completed(Served):
     reply: Reply
+    cache: Result | None = None
+    """``x-sidecar-cache``: hit (answered from the response cache: ``attempts`` 0, cost 0,
+    reason ``cache:hit``), miss or bypass, on a route with the cache; None without one."""
 
 
 class Streaming(Served):
@@ -117,6 +128,8 @@ class Streaming(Served):
 
     events: AsyncGenerator[StreamEvent, None]
     native: bool = False
+    cache: Result | None = None
+    """As :attr:`Completed.cache`."""
 
 
 class _Attempt(msgspec.Struct):
@@ -157,6 +170,7 @@ class Gateway:
         redactor: Redactor | None = None,
         observers: Iterable[Observer] = (),
         previous: Gateway | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         """``providers`` by name (``local`` included when there are local models, whose
         names are ``local_models`` and whose queues ``local_load`` reports); ``accountant``
@@ -167,7 +181,9 @@ class Gateway:
         ``config``); ``observers`` hear of every request's :class:`Outcome` when it ends.
         ``previous``: the gateway this one replaces after a config reload; this one takes
         over its shutdown cut, its targets' latency figures and route reasons, and its
-        circuits when the circuit settings are the same."""
+        circuits when the circuit settings are the same. ``cache``: the response cache of
+        the routes with ``cache = true`` (by default an in-memory one of ``[cache]``'s
+        size, when a route has the cache), closed by :meth:`aclose`."""
         self._config = config
         self._observers = tuple(observers)
         self.redact = redactor if redactor is not None else Redactor.from_config(config)
@@ -175,6 +191,10 @@ class Gateway:
         self.providers = dict(providers)
         self.router = Router(config, self.providers, local_models)
         self._configured = frozenset(r.model for r in self.router.routes)
+        if cache is None and any(r.cache for r in config.routes):
+            cache = ResponseCache(MemoryCacheStore(max_bytes=config.cache.max_bytes,
+                                                   max_entry_bytes=config.cache.max_entry_bytes))
+        self.cache = cache
         self._clock = clock or asyncio.get_running_loop().time
         same_circuits = previous is not None and (
             (previous._routing.circuit_failures, previous._routing.circuit_cooldown_s)
@@ -247,11 +267,26 @@ class Gateway:
     async def complete(self, call: Call, ctx: Context) -> Completed:
         """Serve a non-stream call. Its cost is recorded before this returns. Raises
         :class:`SidecarError`. Secrets are redacted from the error or the reply body.
-        Observers hear of it once it ends, however it ends."""
+        Observers hear of it once it ends, however it ends. On a route with the response
+        cache, a hit is answered without a provider call or a charge."""
         trace, started = Trace(), self._clock()
         self._enter()
         try:
-            done = await self._complete(call, ctx, trace)
+            route = self._route(call, trace)
+            cache = self._cache_plan(call, route, ctx, trace)
+            entry = await self._cached(cache, call, trace)
+            if entry is not None:
+                assert entry.body is not None
+                reply = Reply(entry.body, entry.usage, entry.native)
+                done = Completed(entry.target, 0, CACHE_HIT, 0, reply, trace.cache)
+            else:
+                done = await self._complete(call, ctx, trace, route)
+                body = self.redact.data(done.reply.body)
+                if body is not done.reply.body:
+                    done.reply = msgspec.structs.replace(done.reply, body=body)
+                if cache is not None and self.cache is not None:
+                    await self.cache.keep_reply(cache, done.target, done.reply)
+                done.cache = trace.cache
         except SidecarError as e:
             self.redact.error(e)  # in place: the same exception goes on, redacted
             self._observe(call, ctx, trace, started, e.status, e)
@@ -261,21 +296,31 @@ class Gateway:
             raise
         finally:
             self._leave()
-        body = self.redact.data(done.reply.body)
-        if body is not done.reply.body:
-            done.reply = msgspec.structs.replace(done.reply, body=body)
-        self._observe(call, ctx, trace, started, 200, usage=done.reply.usage, cost=done.cost)
+        self._observe(call, ctx, trace, started, 200,
+                      usage=None if entry is not None else done.reply.usage, cost=done.cost)
         return done
 
     async def stream(self, call: Call, ctx: Context) -> Streaming:
         """Serve a stream call; returns once the first frame has arrived, so a target that
         fails before its first token is replaced without the client seeing it. Secrets
         are redacted from the error or from each frame. Observers hear of it when its
-        events end (or here, when it fails before it commits)."""
+        events end (or here, when it fails before it commits). On a route with the
+        response cache, a hit replays the stream that was kept."""
         trace, started = Trace(), self._clock()
         self._enter()
         try:
-            streaming = await self._stream(call, ctx, trace)
+            route = self._route(call, trace)
+            cache = self._cache_plan(call, route, ctx, trace)
+            entry = await self._cached(cache, call, trace)
+            if entry is not None:
+                streaming = Streaming(entry.target, 0, CACHE_HIT, 0, cache="hit",
+                                      events=replay(entry), native=entry.native)
+            else:
+                streaming = await self._stream(call, ctx, trace, route)
+                if cache is not None and self.cache is not None:
+                    streaming.events = self.cache.recording(
+                        cache, streaming.target, streaming.native, streaming.events)
+                streaming.cache = trace.cache
         except SidecarError as e:
             self._leave()
             self.redact.error(e)  # in place: the same exception goes on, redacted
@@ -305,7 +350,8 @@ class Gateway:
             await events.aclose()
             self._leave()
             self._observe(call, ctx, trace, started, status, error,
-                          usage=ended.usage if ended is not None else None,
+                          usage=ended.usage if ended is not None and trace.cache != "hit"
+                          else None,
                           cost=ended.cost if ended is not None else None, ttft=ttft)
 
     def _enter(self) -> None:
@@ -340,7 +386,7 @@ class Gateway:
             error=None if error is None else (error.code or error.type),
             prompt_tokens=None if usage is None else usage.prompt_tokens,
             completion_tokens=None if usage is None else usage.completion_tokens,
-            cost=cost, duration_s=self._clock() - started, ttft_s=ttft)
+            cost=cost, duration_s=self._clock() - started, ttft_s=ttft, cache=trace.cache)
         for observer in self._observers:
             try:
                 observer(outcome)
@@ -447,8 +493,39 @@ class Gateway:
         if self.host is not None:
             await self.host.start()
 
-    async def _complete(self, call: Call, ctx: Context, trace: Trace) -> Completed:
-        route, est = await self._admit(call, ctx, trace)
+    def _route(self, call: Call, trace: Trace) -> Route:
+        if self.draining:
+            raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
+        route = self.router.resolve(call.request.model)
+        trace.route = route.model
+        trace.direct = route.model not in self._configured
+        return route
+
+    def _cache_plan(self, call: Call, route: Route, ctx: Context, trace: Trace
+                    ) -> CachePlan | None:
+        """The response cache's plan for ``call`` (None: not used), ``trace.cache`` set to
+        what the client is told unless it is a hit (``miss`` or ``bypass``; None on a
+        route without the cache)."""
+        if route.cache_ttl_s is None or self.cache is None:
+            return None
+        found = cache_plan(call, route, ctx.identity, ctx.cache)
+        trace.cache = "bypass" if found is None else "miss"
+        return found
+
+    async def _cached(self, cache: CachePlan | None, call: Call, trace: Trace) -> Entry | None:
+        """The cached answer ``cache`` finds, if any (never raises: a cache that fails is a
+        miss)."""
+        if cache is None or self.cache is None:
+            return None
+        entry = await self.cache.lookup(cache, call.stream)
+        if entry is not None:
+            trace.cache, trace.target, trace.reasons = "hit", entry.target, (CACHE_HIT,)
+            self.reasons[CACHE_HIT] += 1
+        return entry
+
+    async def _complete(self, call: Call, ctx: Context, trace: Trace, route: Route
+                        ) -> Completed:
+        est = await self._admit(call, ctx, route)
 
         async def attempt(provider: Provider, target: Target, timeout_s: float, call: Call,
                           meter: Meter) -> Reply:
@@ -460,8 +537,8 @@ class Gateway:
         cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
         return Completed(done.target.key, done.attempts, done.reason, cost, reply)
 
-    async def _stream(self, call: Call, ctx: Context, trace: Trace) -> Streaming:
-        route, est = await self._admit(call, ctx, trace)
+    async def _stream(self, call: Call, ctx: Context, trace: Trace, route: Route) -> Streaming:
+        est = await self._admit(call, ctx, route)
 
         async def attempt(
             provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter
@@ -496,16 +573,11 @@ class Gateway:
 
     # --- the pipeline ---------------------------------------------------------------------
 
-    async def _admit(self, call: Call, ctx: Context, trace: Trace) -> tuple[Route, Estimate]:
-        if self.draining:
-            raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
-        route = self.router.resolve(call.request.model)
-        trace.route = route.model
-        trace.direct = route.model not in self._configured
+    async def _admit(self, call: Call, ctx: Context, route: Route) -> Estimate:
         est = estimate(call)
         await self.accountant.admit(ctx.identity, route, est)
         self._retry_budget.record_request()
-        return route, est
+        return est
 
     async def _run(
         self,
@@ -712,11 +784,12 @@ class Gateway:
         return delay
 
     async def aclose(self) -> None:
-        """Stop the host watch, close every provider and the accountant."""
+        """Stop the host watch, close every provider, the accountant and the cache."""
         if self.host is not None:
             await self.host.aclose()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()),
-                             self.accountant.aclose())
+                             self.accountant.aclose(),
+                             *([self.cache.aclose()] if self.cache is not None else []))
 
 
 class Current:

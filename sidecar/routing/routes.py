@@ -33,6 +33,10 @@ class Route(msgspec.Struct, frozen=True):
     targets: tuple[Target, ...]
     retries: int
     prefer: str | None = None
+    cache_ttl_s: float | None = None
+    """Answers are cached for this long (None: this route is not cached)."""
+    cache_nondeterministic: bool = False
+    """Sampled requests are cached too (see ``RouteConfig.cache_nondeterministic``)."""
 
 
 class Router:
@@ -52,6 +56,8 @@ class Router:
                 tuple(Target(t.provider, t.model, t.weight) for t in r.targets),
                 self._retries if r.retries is None else r.retries,
                 r.prefer,
+                (r.cache_ttl_s or config.cache.ttl_s) if r.cache else None,
+                r.cache_nondeterministic,
             )
             for r in config.routes
         }
