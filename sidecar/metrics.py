@@ -231,8 +231,8 @@ class Metrics:
             "(gen_ai.server.time_per_output_token).", _GEN_AI, TPOT_BUCKETS)
         self._families: tuple[_Counter | _Histogram, ...] = (
             self._requests, self._reasons, self._attempts, self._retries, self._limited,
-            self._cost, self._cache, self._budget_failures, self._tokens, self._duration, self._ttft,
-            self._tpot)
+            self._cost, self._cache, self._budget_failures, self._tokens, self._duration,
+            self._ttft, self._tpot)
         self.registry.register(_Collector(self))
 
     def watch(self, gateway: Gateway) -> None:

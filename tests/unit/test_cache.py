@@ -13,7 +13,7 @@ from sidecar.cache.entry import Entry, decode_entry, encode_entry
 from sidecar.cache.policy import cache_key
 from sidecar.cache.store_redis import RedisCacheStore
 from sidecar.config import Config
-from sidecar.errors import InvalidRequest, UpstreamServerError
+from sidecar.errors import AllTargetsFailed, InvalidRequest, UpstreamServerError
 from sidecar.gateway import Context, Gateway
 from sidecar.gateway.cached import ResponseCache
 from sidecar.routing import Route, Target
@@ -165,7 +165,7 @@ async def test_failures_are_not_kept() -> None:
     rig = Rig(cached_config())
     rig.a.script("x", Fail(UpstreamServerError))
     rig.b.script("y", Fail(UpstreamServerError))
-    with pytest.raises(Exception):
+    with pytest.raises(AllTargetsFailed):
         await rig.gateway.complete(chat(temperature=0), ctx(rig))
     done = await rig.gateway.complete(chat(temperature=0), ctx(rig))
     assert done.cache == "miss" and done.attempts == 1
