@@ -243,3 +243,28 @@ async def test_a_value_that_is_not_an_entry_is_a_miss() -> None:
     await store.put("k", encode_entry(Entry("a/x", 0, body=json.dumps({}).encode())), 60)
     assert await cache.lookup(key, stream=True) is None  # a body does not answer a stream
     assert await cache.lookup(key, stream=False) is not None
+
+
+async def test_a_reload_keeps_the_cache_unless_its_section_changed() -> None:
+    from sidecar.config import parse_config
+    from sidecar.runtime import build_gateway, retire
+
+    def cfg(ttl: float, cache: bool = True) -> Config:
+        return parse_config({
+            "providers": [{"name": "a", "type": "openai", "base_url": "http://127.0.0.1:9"}],
+            "routes": [{"model": "chat", "cache": cache,
+                        "targets": [{"provider": "a", "model": "x"}]}],
+            "cache": {"ttl_s": ttl}, "state": {"backend": "memory"}}, env={})
+
+    first = build_gateway(cfg(60))
+    assert first.cache is not None and first.gateway.cache is first.cache
+    same = build_gateway(cfg(60), previous=first)
+    assert same.cache is first.cache
+    await retire(first, same)
+    other = build_gateway(cfg(30), previous=same)
+    assert other.cache is not None and other.cache is not same.cache
+    await retire(same, other)
+    none = build_gateway(cfg(30, cache=False), previous=other)
+    assert none.cache is None and none.gateway.cache is None
+    await retire(other, none)
+    await none.gateway.aclose()
