@@ -190,6 +190,14 @@ def test_messages_and_grpc_clients_use_the_same_cache(sidecar: SidecarProcess) -
             found.append((dict(call.trailing_metadata())["x-sidecar-cache"],
                           reply.choices[0].message.content))
         assert found == [("miss", "Paris."), ("hit", "Paris.")]
+        _, call = stub.Chat.with_call(request, timeout=30, metadata=(
+            ("authorization", f"Bearer {KEY}"), ("x-sidecar-cache", "off")))
+        assert dict(call.trailing_metadata())["x-sidecar-cache"] == "bypass"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Chat(request, timeout=30, metadata=(
+                ("authorization", f"Bearer {KEY}"), ("x-sidecar-cache", "maybe")))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "x-sidecar-cache" in (e.value.details() or "")
 
 
 def test_the_sqlite_cache_survives_a_restart(fake: FakeProvider, tmp_path: Path) -> None:
