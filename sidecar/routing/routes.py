@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from sidecar.config import LOCAL_PROVIDER, Config, Strategy
+from sidecar.config import LOCAL_PROVIDER, CascadeConfig, Config, Strategy
 from sidecar.errors import ModelNotFound
 
 
@@ -33,6 +33,8 @@ class Route(msgspec.Struct, frozen=True):
     targets: tuple[Target, ...]
     retries: int
     prefer: str | None = None
+    cascade: CascadeConfig | None = None
+    """Set exactly when ``strategy`` is ``cascade``: its thresholds."""
 
 
 class Router:
@@ -52,6 +54,7 @@ class Router:
                 tuple(Target(t.provider, t.model, t.weight) for t in r.targets),
                 self._retries if r.retries is None else r.retries,
                 r.prefer,
+                (r.cascade or CascadeConfig()) if r.strategy == "cascade" else None,
             )
             for r in config.routes
         }
