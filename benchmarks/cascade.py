@@ -42,19 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import FAKE_READY, ROOT, SIDECAR_READY, exit_on_sigterm, free_port, log, running
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.harness import (  # noqa: E402
-    FAKE_READY,
-    ROOT,
-    SIDECAR_READY,
-    exit_on_sigterm,
-    free_port,
-    log,
-    running,
-)
 
 QUESTIONS = ROOT / "benchmarks" / "data" / "cascade_questions.json"
 REMOTE_MODEL = "oracle"
