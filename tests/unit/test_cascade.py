@@ -246,21 +246,23 @@ def test_config_defaults() -> None:
 
 # --- the gateway walking a cascade (real HTTP on loopback) ------------------------------------
 
-PRICES = {"cheap/c": {"input": 1.0, "output": 2.0}, "dear/d": {"input": 10.0, "output": 30.0}}
+PRICES = {"cheap/c": {"input": 1.0, "output": 2.0}, "dear/d": {"input": 10.0, "output": 30.0},
+          "mid/m": {"input": 3.0, "output": 6.0}}
+TWO = [{"provider": "dear", "model": "d"}, {"provider": "cheap", "model": "c"}]
 
 
 class Rig:
-    def __init__(self, fp: FakeProvider, outcomes: list[Outcome], **cascade_cfg: Any) -> None:
+    def __init__(self, fp: FakeProvider, outcomes: list[Outcome],
+                 targets: list[dict[str, str]] = TWO, **cascade_cfg: Any) -> None:
         url = fp.openai_base_url
         self.config = parse_config({
             "routing": {"retries": 0},
             "state": {"backend": "memory"},
-            "providers": [{"name": "cheap", "type": "openai", "base_url": url},
-                          {"name": "dear", "type": "openai", "base_url": url}],
+            "providers": [{"name": name, "type": "openai", "base_url": url}
+                          for name in ("cheap", "mid", "dear")],
             # listed dear first: the cascade orders by price
-            "routes": [{"model": "smart", "strategy": "cascade", "targets": [
-                {"provider": "dear", "model": "d"}, {"provider": "cheap", "model": "c"}],
-                **({"cascade": cascade_cfg} if cascade_cfg else {})}],
+            "routes": [{"model": "smart", "strategy": "cascade", "targets": targets,
+                        **({"cascade": cascade_cfg} if cascade_cfg else {})}],
             "prices": PRICES,
             "budgets": [{"name": "all", "limit_usd": 100.0}],
         }, env={})
@@ -443,3 +445,22 @@ async def test_stream_failing_mid_answer_on_the_cheap_step_falls_back(
     assert streaming.target == "dear/d"
     assert streaming.reason.endswith(",cascade:1:fallback")
     assert text_of((await read(streaming))[0]) == "four"
+
+
+async def test_three_steps_each_judged_but_the_last(fake: FakeProvider,
+                                                    outcomes: list[Outcome]) -> None:
+    rig = Rig(fake, outcomes, [*TWO, {"provider": "mid", "model": "m"}])
+    try:
+        fake.script("c", ok("5", logprob=-2.0))
+        fake.script("m", ok("4", logprob=-0.1))
+        done = await rig.gateway.complete(chat(), rig.ctx())
+        assert (done.target, done.reason) == ("mid/m", "cascade:1:confident")
+        fake.script("c", ok("5", logprob=-2.0))
+        fake.script("m", ok('"4"', logprob=-0.1))
+        fake.script("d", ok('{"answer": 4}'))
+        done = await rig.gateway.complete(chat(response_format=SCHEMA), rig.ctx())
+        assert (done.target, done.reason) == ("dear/d", "cascade:2:schema")
+        assert outcomes[-1].escalations == ("0:schema", "1:schema")
+        assert [r["body"].get("logprobs") for r in fake.requests()[2:]] == [True, True, None]
+    finally:
+        await rig.gateway.aclose()
