@@ -464,3 +464,48 @@ async def test_three_steps_each_judged_but_the_last(fake: FakeProvider,
         assert [r["body"].get("logprobs") for r in fake.requests()[2:]] == [True, True, None]
     finally:
         await rig.gateway.aclose()
+
+
+def test_the_order_is_cheapest_first_unknown_prices_last() -> None:
+    import random
+
+    from sidecar.routing import Route, Target, by_strategy
+    targets = (Target("x", "unknown"), Target("dear", "d"), Target("local", "m"),
+               Target("cheap", "c"))
+    route = Route("smart", "cascade", targets, 0, cascade=DEFAULTS)
+    costs = {"dear/d": 400, "local/m": 0, "cheap/c": 30}
+    order = by_strategy(route, random.Random(1), costs=costs)
+    assert [t.key for t in order] == ["local/m", "cheap/c", "dear/d", "x/unknown"]
+
+
+async def test_under_host_pressure_nothing_is_judged(fake: FakeProvider, tmp_path: Any) -> None:
+    """Offloaded, the order is no longer cheapest first: the cascade steps aside."""
+    from local_models import ModelPool, PoolSettings
+    from local_models.catalog import build_catalog
+    from sidecar.host import HostWatch, Pressure
+    from sidecar.providers.local import LocalProvider
+    from sidecar.providers.openai import OpenAICompatible
+    from tests.support.process import local_spec
+
+    config = parse_config({
+        "state": {"backend": "memory"},
+        "providers": [{"name": "dear", "type": "openai", "base_url": fake.openai_base_url}],
+        "local_models": [{"name": "m", "path": str(tmp_path / "m.gguf")}],
+        "routes": [{"model": "smart", "strategy": "cascade", "targets": [
+            {"provider": "local", "model": "m"}, {"provider": "dear", "model": "d"}]}],
+        "prices": PRICES}, env={})
+    pool = ModelPool(build_catalog([local_spec("m")]).entries,
+                     PoolSettings(memory_budget_bytes=1 << 40))
+    host = HostWatch(config.resources)
+    host.pressure = Pressure(cpu=True)
+    gateway = Gateway(config, {"dear": OpenAICompatible(config.providers[0]),  # type: ignore[arg-type]
+                               "local": LocalProvider(pool)},
+                      local_models=["m"], host=host)
+    try:
+        fake.script("d", ok("4", logprob=-5.0))
+        done = await gateway.complete(chat(), Context("r", gateway.deadline(30.0)))
+        assert (done.target, done.reason) == ("dear/d", "offload:cpu")
+        [sent] = fake.requests()
+        assert "logprobs" not in sent["body"]
+    finally:
+        await gateway.aclose()
