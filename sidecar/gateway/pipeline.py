@@ -683,6 +683,8 @@ class Gateway:
         """A cascade's escalated answer, served after all: no later step answered."""
         result, done, step = kept
         done.attempts = attempts
+        if done.cost is not None:  # the last escalated cost is now the served answer's
+            trace.escalated_costs = trace.escalated_costs[:-1]
         reasons.append(cascade.reason(step, cascade.KEPT))
         return self._served(result, done, reasons, trace)
 

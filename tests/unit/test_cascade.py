@@ -383,7 +383,10 @@ async def test_escalated_answer_is_kept_when_the_next_step_fails(
     assert json.loads(done.reply.body)["choices"][0]["logprobs"] is None
     assert done.cost == 30 and await rig.spent() == "0.000030"  # recorded once
     assert rig.gateway.tracker.get("cheap/c").in_flight == 0
-    assert outcomes[-1].cost == 30 and outcomes[-1].escalated_costs == (("cheap/c", 30),)
+    assert outcomes[-1].cost == 30 and outcomes[-1].escalated_costs == ()  # counted once
+    assert outcomes[-1].escalations == ("0:low_mean_logprob",)
+    text = (await rig.metrics.exposition()).decode()
+    assert 'sidecar_cost_microdollars_total{route="smart",target="cheap/c"} 30.0' in text
 
 
 async def test_nothing_answers(rig: Rig, fake: FakeProvider) -> None:
