@@ -149,7 +149,25 @@ class TargetConfig(_Base, frozen=True):
         return f"{self.provider}/{self.model}"
 
 
-Strategy = Literal["priority", "weighted", "least-busy", "latency", "cost"]
+Strategy = Literal["priority", "weighted", "least-busy", "latency", "cost", "cascade"]
+
+Logprob = Annotated[float, Meta(le=0)]
+
+
+class CascadeConfig(_Base, frozen=True):
+    """When a step of a ``strategy = "cascade"`` route has answered well enough (see
+    docs/routing.md). A step is judged only while a later one could still answer; the last
+    one's answer is served as it is."""
+
+    min_mean_logprob: Logprob | None = -0.5
+    """Escalate when the answer's mean token log-probability is below this (unset: never)."""
+    min_token_logprob: Logprob | None = None
+    """Escalate when any one token's log-probability is below this (unset: never)."""
+    no_logprobs: Literal["accept", "escalate"] = "accept"
+    """What an answer without log-probabilities gets (a target that does not give them)."""
+    check_schema: bool = True
+    """Escalate when a request with ``response_format`` json_object / json_schema gets an
+    answer that is not JSON or does not match the schema."""
 
 
 class RouteConfig(_Base, frozen=True):
@@ -163,7 +181,8 @@ class RouteConfig(_Base, frozen=True):
     strategy: Strategy = "priority"
     """priority: as listed; weighted: random by weight; least-busy: fewest requests in
     flight; latency: lowest moving average of time to first token (streams) or total time;
-    cost: cheapest for the request's estimated tokens."""
+    cost: cheapest for the request's estimated tokens; cascade: cheapest first, the next one
+    only when an answer's own confidence is low (``cascade``)."""
     prefer: Literal["local", "remote"] | None = None
     """local: local targets first (privacy or cost first), offloaded to remote ones while
     the host is under pressure; remote: remote targets first, local only when it can answer
@@ -178,6 +197,8 @@ class RouteConfig(_Base, frozen=True):
     cache_nondeterministic: bool = False
     """Cache this route's sampled requests too (any temperature, no seed): a repeated
     question gets the first answer again instead of a new sample."""
+    cascade: CascadeConfig | None = None
+    """The thresholds of ``strategy = "cascade"`` (unset: the defaults)."""
 
 
 class LocalModelConfig(_Base, frozen=True):
@@ -491,6 +512,7 @@ def _check_references(config: Config) -> None:
         if r.model in routes:
             raise ConfigError(f"routes[{i}].model: duplicate route '{r.model}'")
         routes.add(r.model)
+        _check_cascade(r, i)
         for j, t in enumerate(r.targets):
             if t.provider == LOCAL_PROVIDER:
                 # Scanned directories are only read at startup; their names are checked then.
@@ -502,6 +524,23 @@ def _check_references(config: Config) -> None:
                 raise ConfigError(
                     f"routes[{i}].targets[{j}].provider: unknown provider '{t.provider}'"
                 )
+
+
+def _check_cascade(r: RouteConfig, i: int) -> None:
+    if r.strategy != "cascade":
+        if r.cascade is not None:
+            raise ConfigError(f'routes[{i}].cascade: only for strategy = "cascade"')
+        return
+    if len(r.targets) < 2:
+        raise ConfigError(f"routes[{i}].targets: a cascade needs at least two targets")
+    if r.prefer is not None:
+        raise ConfigError(f"routes[{i}].prefer: a cascade orders its targets by price, "
+                          "cheapest first; leave prefer unset")
+    c = r.cascade
+    if c is not None and c.min_mean_logprob is None and c.min_token_logprob is None \
+            and not c.check_schema and c.no_logprobs == "accept":
+        raise ConfigError(f"routes[{i}].cascade: every check is off, so no answer would "
+                          "ever escalate (set a threshold, or use strategy = \"cost\")")
 
 
 def _check_money(config: Config, providers: set[str]) -> None:

@@ -27,6 +27,8 @@ class Trace(msgspec.Struct):
     target: str | None = None
     reasons: tuple[str, ...] = ()
     cache: Result | None = None
+    escalations: tuple[str, ...] = ()
+    escalated_costs: tuple[tuple[str, int], ...] = ()
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +49,11 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     """Of those, retries of the same target."""
     reasons: tuple[str, ...]
     """Why it went where it did (``primary``, ``fallback:upstream_5xx``, ...)."""
+    escalations: tuple[str, ...] = ()
+    """A cascade's steps judged not good enough, as ``<step>:<why>`` (``0:schema``)."""
+    escalated_costs: tuple[tuple[str, int], ...] = ()
+    """(target, µ$) recorded for those steps' answers (billed, not served): ``cost`` is the
+    served answer's only."""
     stream: bool
     status: int
     """The HTTP status it came to: 200, the error's status (a stream that failed after it

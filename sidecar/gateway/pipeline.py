@@ -77,8 +77,8 @@ from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
-from sidecar.routing import CALM, Plan, Route, Router, Target, TargetTracker, plan
-from sidecar.types import Call, Meter, Usage
+from sidecar.routing import CALM, Plan, Route, Router, Target, TargetTracker, cascade, plan
+from sidecar.types import Call, Meter, Op, Usage
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar.gateway")
@@ -141,6 +141,14 @@ class _Attempt(msgspec.Struct):
     meter: Meter
     reason: str
     started: float
+    settled: bool = False
+    """Its cost is recorded already (a cascade's escalated answer, kept as a last resort)."""
+    cost: int | None = None
+    """What was recorded, when ``settled``."""
+
+
+_Judge = Callable[[Target, T], tuple[cascade.Verdict, T]]
+"""A cascade's verdict on one step's result, and the result to serve if it is accepted."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -382,6 +390,7 @@ class Gateway:
             request_id=ctx.request_id, op=call.op.value, model=call.request.model,
             route=trace.route, direct=trace.direct, target=trace.target,
             attempts=trace.attempts, retries=trace.retries, reasons=trace.reasons,
+            escalations=trace.escalations, escalated_costs=trace.escalated_costs,
             stream=call.stream, status=status,
             error=None if error is None else (error.code or error.type),
             prompt_tokens=None if usage is None else usage.prompt_tokens,
@@ -528,10 +537,18 @@ class Gateway:
         est = await self._admit(call, ctx, route)
 
         async def attempt(provider: Provider, target: Target, timeout_s: float, call: Call,
-                          meter: Meter) -> Reply:
+                          meter: Meter, whole: bool) -> Reply:
             return await provider.send(call, target.model, timeout_s, meter)
 
-        reply, done = await self._run(call, route, ctx, est, attempt, trace)
+        judge: _Judge[Reply] | None = None
+        settings = route.cascade
+        if settings is not None and call.op is not Op.EMBEDDINGS:
+            def judge(target: Target, reply: Reply) -> tuple[cascade.Verdict, Reply]:
+                verdict, body = cascade.judge_reply(call, reply.body, settings,
+                                                    native=reply.native)
+                return verdict, msgspec.structs.replace(reply, body=body)
+
+        reply, done = await self._run(call, route, ctx, est, attempt, trace, judge)
         self._finished(done, completed=True)
         # Shielded: the provider has billed this; a client leaving now must not lose it.
         cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
@@ -541,11 +558,15 @@ class Gateway:
         est = await self._admit(call, ctx, route)
 
         async def attempt(
-            provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter
+            provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter,
+            whole: bool,
         ) -> tuple[bytes, AsyncGenerator[bytes, None]]:
             frames = provider.stream(call, target.model, timeout_s, meter)
             try:
                 first = await anext(frames)
+                if whole:  # a cascade judges the whole answer: read to its end, then replayed
+                    first += b"".join([frame async for frame in frames])
+                    frames = _ended()
             except StopAsyncIteration:
                 raise UpstreamMalformed(
                     f"{target.key} sent an empty stream", target=target.key
@@ -555,7 +576,17 @@ class Gateway:
                 raise
             return first, frames
 
-        (first, frames), done = await self._run(call, route, ctx, est, attempt, trace)
+        judge: _Judge[tuple[bytes, AsyncGenerator[bytes, None]]] | None = None
+        settings = route.cascade
+        if settings is not None:
+            def judge(target: Target, got: tuple[bytes, AsyncGenerator[bytes, None]]
+                      ) -> tuple[cascade.Verdict, tuple[bytes, AsyncGenerator[bytes, None]]]:
+                native = (call.messages is not None
+                          and self.providers[target.provider].native_messages)
+                verdict, data = cascade.judge_stream(call, got[0], settings, native=native)
+                return verdict, (data, got[1])
+
+        (first, frames), done = await self._run(call, route, ctx, est, attempt, trace, judge)
         circuit = self.health.circuit(done.target.key)
 
         async def upstream_failed(e: UpstreamError) -> None:
@@ -585,14 +616,24 @@ class Gateway:
         route: Route,
         ctx: Context,
         est: Estimate,
-        attempt: Callable[[Provider, Target, float, Call, Meter], Awaitable[T]],
+        attempt: Callable[[Provider, Target, float, Call, Meter, bool], Awaitable[T]],
         trace: Trace,
+        judge: _Judge[T] | None = None,
     ) -> tuple[T, _Attempt]:
+        """Walk the plan until a target answers. ``judge`` (a cascade route): a step with
+        others after it is asked for log-probabilities (``attempt``'s last argument: the
+        whole answer is wanted) and judged; an answer judged not good enough is settled
+        (it was billed) and kept, the next step tried, and the kept answer served when
+        no later step answers."""
         attempts = 0
         failures: list[UpstreamError] = []
         next_open: float | None = None
         order = self._order(call, route, ctx, est)
         reasons = list(order.reasons)
+        if order.reasons:  # offloaded: no longer cheapest first, so nothing is judged
+            judge = None
+        kept: tuple[T, _Attempt, int] | None = None
+        escalated = ""
         for i, target in enumerate(order.targets):
             provider = self.providers[target.provider]
             if not provider.supports(call.op):
@@ -615,11 +656,14 @@ class Gateway:
                 remaining = ctx.deadline - now
                 if remaining <= 0:
                     circuit.release()
+                    if kept is not None:
+                        return self._kept(kept, attempts, reasons, trace)
                     raise deadline_passed(failures)
                 # A target with others after it gets a share of what is left, so a hung
                 # one cannot use up the whole deadline; the last one gets all of it.
                 cut = (None if not self._others_after(order, i, call, ctx, now)
                        else now + remaining * self._routing.attempt_share)
+                judged = judge is not None and cut is not None
                 ticket: Ticket | None = None
                 meter = Meter()
                 try:
@@ -631,18 +675,22 @@ class Gateway:
                         trace.attempts = attempts
                         this_call = (call if ticket.cap is None
                                      else msgspec.structs.replace(call, token_cap=ticket.cap))
+                        if judged:
+                            this_call = cascade.asking(this_call)
                         started = self._clock()
                         self.tracker.started(target.key)
                         try:
                             result = await _cut_at(
                                 cut, target, attempt(provider, target, remaining, this_call,
-                                                     meter))
+                                                     meter, judged))
                         except BaseException:
                             self.tracker.finished(target.key)
                             raise
                 except TimeoutError:
                     circuit.release()
                     await self.accountant.release(ticket)
+                    if kept is not None:
+                        return self._kept(kept, attempts, reasons, trace)
                     raise deadline_passed(failures) from None
                 except UpstreamError as e:
                     if meter.usage_invalid and ticket is not None:  # billed, amount unknown
@@ -653,6 +701,8 @@ class Gateway:
                     self._note_limits(target, meter)
                     if not e.retryable:
                         circuit.success()  # it answered; the request itself was refused
+                        if kept is not None:
+                            return self._kept(kept, attempts, reasons, trace)
                         raise
                     failures.append(e)
                     _note(reasons, f"fallback:{e.route_reason}")
@@ -675,12 +725,55 @@ class Gateway:
                 self._note_limits(target, meter)
                 if call.stream:
                     self.tracker.first_byte(target.key, self._clock() - started)
-                reason = ",".join(reasons) or "primary"
-                self.reasons.update(reasons or ["primary"])
-                trace.target, trace.reasons = target.key, tuple(reasons or ["primary"])
-                return result, _Attempt(target, attempts, ticket, meter, reason, started)
+                done = _Attempt(target, attempts, ticket, meter, "", started)
+                if judge is not None:
+                    why = escalated or ("fallback" if failures else cascade.UNJUDGED)
+                    if judged:
+                        verdict, result = judge(target, result)
+                        if verdict.escalate:
+                            await self._escalated(ctx, route, est, done, result, i, verdict, trace)
+                            kept, escalated = (result, done, i), verdict.why
+                            break
+                        why = verdict.why
+                    reasons.append(cascade.reason(i, why))
+                return self._served(result, done, reasons, trace)
+        if kept is not None:
+            return self._kept(kept, attempts, reasons, trace)
         trace.reasons = tuple(reasons)
         raise exhausted(call, route, failures, next_open, self._clock())
+
+    def _served(self, result: T, done: _Attempt, reasons: list[str], trace: Trace
+                ) -> tuple[T, _Attempt]:
+        """The attempt that answers: its reasons recorded (header, counts, trace)."""
+        done.reason = ",".join(reasons) or "primary"
+        self.reasons.update(reasons or ["primary"])
+        trace.target, trace.reasons = done.target.key, tuple(reasons or ["primary"])
+        return result, done
+
+    def _kept(self, kept: tuple[T, _Attempt, int], attempts: int, reasons: list[str],
+              trace: Trace) -> tuple[T, _Attempt]:
+        """A cascade's escalated answer, served after all: no later step answered."""
+        result, done, step = kept
+        done.attempts = attempts
+        if done.cost is not None:  # the last escalated cost is now the served answer's
+            trace.escalated_costs = trace.escalated_costs[:-1]
+        reasons.append(cascade.reason(step, cascade.KEPT))
+        return self._served(result, done, reasons, trace)
+
+    async def _escalated(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
+                         result: object, step: int, verdict: cascade.Verdict, trace: Trace
+                         ) -> None:
+        """Step ``step``'s answer was judged not good enough: it was billed, so its cost is
+        recorded now (the budgets see it and the next step's); it is kept as the last
+        resort, marked settled."""
+        self._finished(done, completed=True)
+        reply = result if isinstance(result, Reply) else None
+        done.cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
+        done.settled = True
+        trace.escalations += (f"{step}:{verdict.why}",)
+        if done.cost is not None:
+            trace.escalated_costs += ((done.target.key, done.cost),)
+        log.debug("cascade: %s step %d escalated (%s)", route.model, step, verdict.why)
 
     async def _failed(self, target: Target, circuit: Circuit, e: UpstreamError) -> None:
         """``target`` failed in a way that counts against its health: the circuit's verdict,
@@ -708,7 +801,7 @@ class Gateway:
         stats = costs = None
         if route.strategy in ("least-busy", "latency"):
             stats = self.tracker.stats()
-        elif route.strategy == "cost":
+        elif route.strategy in ("cost", "cascade"):
             prices = self.accountant.prices
             completion = (est.max_tokens or est.prompt_guess) * est.choices
             costs = {}
@@ -745,7 +838,10 @@ class Gateway:
     async def _settle(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
                       reply: Reply | None) -> int | None:
         """Record the cost of the attempt that answered: a non-stream ``reply``'s usage
-        (or its reservation, when it has none), else what the stream's meter saw."""
+        (or its reservation, when it has none), else what the stream's meter saw (once:
+        a settled attempt's recorded cost is returned as it is)."""
+        if done.settled:
+            return done.cost
         usage = reply.usage if reply is not None else done.meter.usage
         meter = None if reply is not None else done.meter
         cost = await self.accountant.settle(done.ticket, est, usage, meter)
@@ -753,6 +849,8 @@ class Gateway:
         return cost
 
     def _finished(self, done: _Attempt, completed: bool) -> None:
+        if done.settled:  # a kept cascade answer: its attempt was finished when judged
+            return
         key = done.target.key
         self.tracker.finished(key)
         if completed:
@@ -800,6 +898,12 @@ class Current:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+
+
+async def _ended() -> AsyncGenerator[bytes, None]:
+    """A stream with no frame left (a cascade's answer, read whole and replayed)."""
+    return
+    yield
 
 
 def _note(reasons: list[str], reason: str) -> None:

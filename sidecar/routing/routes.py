@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from sidecar.config import LOCAL_PROVIDER, Config, Strategy
+from sidecar.config import LOCAL_PROVIDER, CascadeConfig, Config, Strategy
 from sidecar.errors import ModelNotFound
 
 
@@ -37,6 +37,8 @@ class Route(msgspec.Struct, frozen=True):
     """Answers are cached for this long (None: this route is not cached)."""
     cache_nondeterministic: bool = False
     """Sampled requests are cached too (see ``RouteConfig.cache_nondeterministic``)."""
+    cascade: CascadeConfig | None = None
+    """Set exactly when ``strategy`` is ``cascade``: its thresholds."""
 
 
 class Router:
@@ -58,6 +60,7 @@ class Router:
                 r.prefer,
                 (r.cache_ttl_s or config.cache.ttl_s) if r.cache else None,
                 r.cache_nondeterministic,
+                (r.cascade or CascadeConfig()) if r.strategy == "cascade" else None,
             )
             for r in config.routes
         }
