@@ -1,12 +1,7 @@
 """The one request pipeline, shared by every front end.
 
-    authenticate -> resolve route -> plan (strategy, host pressure, deadline: routing.planner)
-    -> for each target:
-        local deadline check -> circuit check -> budget reserve -> outbound limit
-        -> provider call (bounded by the request deadline; by ``[routing].attempt_share`` of the
-           time left when a later target could still answer, so a hung one fails over)
-        -> on retryable failure: record health, retry with backoff (within the retry
-           budget, honouring Retry-After) or fail over to the next target
+    authenticate -> resolve route -> response cache -> admission (budgets)
+    -> the attempt loop (:mod:`sidecar.gateway.attempts`) -> redaction -> observers
 
 Why a request went where it did is collected on the way: ``offload:<cpu|memory|queue>``
 when local targets were moved behind remote ones, ``fallback:<reason>`` for each kind of
@@ -34,7 +29,6 @@ import logging
 import random
 from collections.abc import (
     AsyncGenerator,
-    Awaitable,
     Callable,
     Iterable,
     Mapping,
@@ -44,20 +38,21 @@ from typing import TypeVar
 import msgspec
 
 from local_models import ModelStatus
-from sidecar.cache import CachePlan, Directive, Entry, MemoryCacheStore, Result
+from sidecar.cache import CachePlan, Entry, MemoryCacheStore
 from sidecar.cache import plan as cache_plan
 from sidecar.config import LOCAL_PROVIDER, Config
 from sidecar.errors import (
-    CutAttempt,
     InvalidRequest,
-    LocalTooSlow,
     SidecarError,
     Unauthenticated,
     Unavailable,
     UpstreamError,
     UpstreamMalformed,
 )
+from sidecar.gateway.answers import Completed, Streaming
+from sidecar.gateway.attempts import Attempts, Judge
 from sidecar.gateway.cached import ResponseCache, replay
+from sidecar.gateway.context import Context
 from sidecar.gateway.events import Ended, Failed, StreamEvent
 from sidecar.gateway.outcome import Observer, Outcome, Trace
 from sidecar.gateway.relay import Cut, relay
@@ -67,17 +62,15 @@ from sidecar.gateway.status import (
     readiness_document,
     status_document,
 )
-from sidecar.gateway.verdict import deadline_passed, exhausted
-from sidecar.health import Circuit, Health, RetryBudget
+from sidecar.health import Health, RetryBudget
 from sidecar.host import HostWatch, LocalLoad
 from sidecar.limits import MemoryRateLimiter
-from sidecar.money import FREE, Accountant, Estimate, Ticket, estimate
-from sidecar.money import cost as cost_of
+from sidecar.money import FREE, Accountant, Estimate, estimate
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
-from sidecar.routing import CALM, Plan, Route, Router, Target, TargetTracker, cascade, plan
+from sidecar.routing import Route, Router, Target, TargetTracker, cascade
 from sidecar.types import Call, Meter, Op, Usage
 
 T = TypeVar("T")
@@ -85,70 +78,6 @@ log = logging.getLogger("sidecar.gateway")
 
 CACHE_HIT = "cache:hit"
 """The route reason of an answer from the response cache."""
-
-
-class Context(msgspec.Struct):
-    """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds;
-    ``identity`` is the client key's name from :meth:`Gateway.authenticate`."""
-
-    request_id: str
-    deadline: float
-    identity: str | None = None
-    cache: Directive = "default"
-    """The client's word on the response cache (:func:`sidecar.cache.directive_of`)."""
-
-
-class Served(msgspec.Struct):
-    """Who served a request, after how many attempts and why there (for response headers)."""
-
-    target: str
-    attempts: int
-    reason: str
-    """``primary``, or ``offload:*`` / ``fallback:*`` reasons joined by commas."""
-    cost: int | None
-    """µ$ recorded for this answer (None: the target's price is unknown, or, for a paid
-    stream, not known until it ends)."""
-
-
-class Completed(Served):
-    reply: Reply
-    cache: Result | None = None
-    """``x-sidecar-cache``: hit (answered from the response cache: ``attempts`` 0, cost 0,
-    reason ``cache:hit``), miss or bypass, on a route with the cache; None without one."""
-
-
-class Streaming(Served):
-    """A committed stream: its first frame has arrived. Iterate ``events`` to the end (or
-    close it): :class:`~sidecar.gateway.events.Relayed` frames, then one
-    :class:`~sidecar.gateway.events.Ended` (its cost recorded) or
-    :class:`~sidecar.gateway.events.Failed`. ``cost`` is known now only for free targets
-    (0), else None (the cost comes with ``Ended``). ``native``: the frames are Anthropic's
-    own events (``Call.messages`` served by a provider that speaks the Messages API), not
-    OpenAI chunks."""
-
-    events: AsyncGenerator[StreamEvent, None]
-    native: bool = False
-    cache: Result | None = None
-    """As :attr:`Completed.cache`."""
-
-
-class _Attempt(msgspec.Struct):
-    """The successful attempt of :meth:`Gateway._run`."""
-
-    target: Target
-    attempts: int
-    ticket: Ticket
-    meter: Meter
-    reason: str
-    started: float
-    settled: bool = False
-    """Its cost is recorded already (a cascade's escalated answer, kept as a last resort)."""
-    cost: int | None = None
-    """What was recorded, when ``settled``."""
-
-
-_Judge = Callable[[Target, T], tuple[cascade.Verdict, T]]
-"""A cascade's verdict on one step's result, and the result to serve if it is accepted."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -227,6 +156,10 @@ class Gateway:
         self.reasons: collections.Counter[str] = (
             previous.reasons if previous is not None else collections.Counter())
         """Served requests per route reason (a request with several counts in each)."""
+        self._attempts = Attempts(
+            config.routing, self.providers, health=self.health, accountant=self.accountant,
+            tracker=self.tracker, retry_budget=self._retry_budget, reasons=self.reasons,
+            clock=self._clock, rng=self._rng, local_load=local_load, host=host)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -540,7 +473,7 @@ class Gateway:
                           meter: Meter, whole: bool) -> Reply:
             return await provider.send(call, target.model, timeout_s, meter)
 
-        judge: _Judge[Reply] | None = None
+        judge: Judge[Reply] | None = None
         settings = route.cascade
         if settings is not None and call.op is not Op.EMBEDDINGS:
             def judge(target: Target, reply: Reply) -> tuple[cascade.Verdict, Reply]:
@@ -548,10 +481,10 @@ class Gateway:
                                                     native=reply.native)
                 return verdict, msgspec.structs.replace(reply, body=body)
 
-        reply, done = await self._run(call, route, ctx, est, attempt, trace, judge)
-        self._finished(done, completed=True)
+        reply, done = await self._attempts.run(call, route, ctx, est, attempt, trace, judge)
+        self._attempts.finished(done, completed=True)
         # Shielded: the provider has billed this; a client leaving now must not lose it.
-        cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
+        cost = await asyncio.shield(self._attempts.settle(ctx, route, est, done, reply))
         return Completed(done.target.key, done.attempts, done.reason, cost, reply)
 
     async def _stream(self, call: Call, ctx: Context, trace: Trace, route: Route) -> Streaming:
@@ -576,7 +509,7 @@ class Gateway:
                 raise
             return first, frames
 
-        judge: _Judge[tuple[bytes, AsyncGenerator[bytes, None]]] | None = None
+        judge: Judge[tuple[bytes, AsyncGenerator[bytes, None]]] | None = None
         settings = route.cascade
         if settings is not None:
             def judge(target: Target, got: tuple[bytes, AsyncGenerator[bytes, None]]
@@ -586,17 +519,18 @@ class Gateway:
                 verdict, data = cascade.judge_stream(call, got[0], settings, native=native)
                 return verdict, (data, got[1])
 
-        (first, frames), done = await self._run(call, route, ctx, est, attempt, trace, judge)
+        (first, frames), done = await self._attempts.run(call, route, ctx, est, attempt, trace,
+                                                         judge)
         circuit = self.health.circuit(done.target.key)
 
         async def upstream_failed(e: UpstreamError) -> None:
             if e.counts_against_health:
-                await self._failed(done.target, circuit, e)
+                await self._attempts.failed(done.target, circuit, e)
 
         events = relay(
             first, frames, deadline=ctx.deadline, cut=self._cut, meter=done.meter,
-            redact=self.redact, settle=lambda: self._settle(ctx, route, est, done, None),
-            upstream_failed=upstream_failed, finished=lambda ok: self._finished(done, ok))
+            redact=self.redact, settle=lambda: self._attempts.settle(ctx, route, est, done, None),
+            upstream_failed=upstream_failed, finished=lambda ok: self._attempts.finished(done, ok))
         free = done.ticket.price == FREE
         native = call.messages is not None and self.providers[done.target.provider].native_messages
         return Streaming(done.target.key, done.attempts, done.reason, 0 if free else None,
@@ -609,277 +543,6 @@ class Gateway:
         await self.accountant.admit(ctx.identity, route, est)
         self._retry_budget.record_request()
         return est
-
-    async def _run(
-        self,
-        call: Call,
-        route: Route,
-        ctx: Context,
-        est: Estimate,
-        attempt: Callable[[Provider, Target, float, Call, Meter, bool], Awaitable[T]],
-        trace: Trace,
-        judge: _Judge[T] | None = None,
-    ) -> tuple[T, _Attempt]:
-        """Walk the plan until a target answers. ``judge`` (a cascade route): a step with
-        others after it is asked for log-probabilities (``attempt``'s last argument: the
-        whole answer is wanted) and judged; an answer judged not good enough is settled
-        (it was billed) and kept, the next step tried, and the kept answer served when
-        no later step answers."""
-        attempts = 0
-        failures: list[UpstreamError] = []
-        next_open: float | None = None
-        order = self._order(call, route, ctx, est)
-        reasons = list(order.reasons)
-        if order.reasons:  # offloaded: no longer cheapest first, so nothing is judged
-            judge = None
-        kept: tuple[T, _Attempt, int] | None = None
-        escalated = ""
-        for i, target in enumerate(order.targets):
-            provider = self.providers[target.provider]
-            if not provider.supports(call.op):
-                continue
-            # The plan says which targets are tried only when they can answer in time.
-            slow = self._too_slow(order, i, ctx.deadline - self._clock())
-            if slow is not None:
-                failures.append(slow)
-                _note(reasons, f"fallback:{slow.route_reason}")
-                continue
-            circuit = self.health.circuit(target.key)
-            tries = 0
-            while True:
-                now = self._clock()
-                if not circuit.try_acquire(now):
-                    at = circuit.available_at(now)
-                    next_open = at if next_open is None else min(next_open, at)
-                    _note(reasons, "fallback:circuit_open")
-                    break
-                remaining = ctx.deadline - now
-                if remaining <= 0:
-                    circuit.release()
-                    if kept is not None:
-                        return self._kept(kept, attempts, reasons, trace)
-                    raise deadline_passed(failures)
-                # A target with others after it gets a share of what is left, so a hung
-                # one cannot use up the whole deadline; the last one gets all of it.
-                cut = (None if not self._others_after(order, i, call, ctx, now)
-                       else now + remaining * self._routing.attempt_share)
-                judged = judge is not None and cut is not None
-                ticket: Ticket | None = None
-                meter = Meter()
-                try:
-                    async with asyncio.timeout_at(ctx.deadline):
-                        await self.accountant.check_retry_after(target)  # RetryAfterHeld
-                        ticket = await self.accountant.reserve(call, target, ctx.identity, est)
-                        await self.accountant.outbound(target, est)
-                        attempts += 1
-                        trace.attempts = attempts
-                        this_call = (call if ticket.cap is None
-                                     else msgspec.structs.replace(call, token_cap=ticket.cap))
-                        if judged:
-                            this_call = cascade.asking(this_call)
-                        started = self._clock()
-                        self.tracker.started(target.key)
-                        try:
-                            result = await _cut_at(
-                                cut, target, attempt(provider, target, remaining, this_call,
-                                                     meter, judged))
-                        except BaseException:
-                            self.tracker.finished(target.key)
-                            raise
-                except TimeoutError:
-                    circuit.release()
-                    await self.accountant.release(ticket)
-                    if kept is not None:
-                        return self._kept(kept, attempts, reasons, trace)
-                    raise deadline_passed(failures) from None
-                except UpstreamError as e:
-                    if meter.usage_invalid and ticket is not None:  # billed, amount unknown
-                        with contextlib.suppress(SidecarError):
-                            await self.accountant.settle(ticket, est, None, meter)
-                    else:
-                        await self.accountant.release(ticket)
-                    self._note_limits(target, meter)
-                    if not e.retryable:
-                        circuit.success()  # it answered; the request itself was refused
-                        if kept is not None:
-                            return self._kept(kept, attempts, reasons, trace)
-                        raise
-                    failures.append(e)
-                    _note(reasons, f"fallback:{e.route_reason}")
-                    if not e.counts_against_health:
-                        circuit.release()  # no verdict on its health; move on
-                        break
-                    await self._failed(target, circuit, e)
-                    delay = self._retry_delay(e, tries, route, ctx)
-                    if delay is None:
-                        break
-                    tries += 1
-                    trace.retries += 1
-                    await asyncio.sleep(delay)
-                    continue
-                except BaseException:
-                    circuit.release()
-                    await asyncio.shield(self.accountant.release(ticket))
-                    raise
-                circuit.success()
-                self._note_limits(target, meter)
-                if call.stream:
-                    self.tracker.first_byte(target.key, self._clock() - started)
-                done = _Attempt(target, attempts, ticket, meter, "", started)
-                if judge is not None:
-                    why = escalated or ("fallback" if failures else cascade.UNJUDGED)
-                    if judged:
-                        verdict, result = judge(target, result)
-                        if verdict.escalate:
-                            await self._escalated(ctx, route, est, done, result, i, verdict, trace)
-                            kept, escalated = (result, done, i), verdict.why
-                            break
-                        why = verdict.why
-                    reasons.append(cascade.reason(i, why))
-                return self._served(result, done, reasons, trace)
-        if kept is not None:
-            return self._kept(kept, attempts, reasons, trace)
-        trace.reasons = tuple(reasons)
-        raise exhausted(call, route, failures, next_open, self._clock())
-
-    def _served(self, result: T, done: _Attempt, reasons: list[str], trace: Trace
-                ) -> tuple[T, _Attempt]:
-        """The attempt that answers: its reasons recorded (header, counts, trace)."""
-        done.reason = ",".join(reasons) or "primary"
-        self.reasons.update(reasons or ["primary"])
-        trace.target, trace.reasons = done.target.key, tuple(reasons or ["primary"])
-        return result, done
-
-    def _kept(self, kept: tuple[T, _Attempt, int], attempts: int, reasons: list[str],
-              trace: Trace) -> tuple[T, _Attempt]:
-        """A cascade's escalated answer, served after all: no later step answered."""
-        result, done, step = kept
-        done.attempts = attempts
-        if done.cost is not None:  # the last escalated cost is now the served answer's
-            trace.escalated_costs = trace.escalated_costs[:-1]
-        reasons.append(cascade.reason(step, cascade.KEPT))
-        return self._served(result, done, reasons, trace)
-
-    async def _escalated(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
-                         result: object, step: int, verdict: cascade.Verdict, trace: Trace
-                         ) -> None:
-        """Step ``step``'s answer was judged not good enough: it was billed, so its cost is
-        recorded now (the budgets see it and the next step's); it is kept as the last
-        resort, marked settled."""
-        self._finished(done, completed=True)
-        reply = result if isinstance(result, Reply) else None
-        done.cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
-        done.settled = True
-        trace.escalations += (f"{step}:{verdict.why}",)
-        if done.cost is not None:
-            trace.escalated_costs += ((done.target.key, done.cost),)
-        log.debug("cascade: %s step %d escalated (%s)", route.model, step, verdict.why)
-
-    async def _failed(self, target: Target, circuit: Circuit, e: UpstreamError) -> None:
-        """``target`` failed in a way that counts against its health: the circuit's verdict,
-        and its Retry-After held before anything else is tried (for every sidecar sharing
-        the limiter)."""
-        circuit.failure(self._clock())
-        await self.accountant.retry_after(target, e.retry_after_s)
-
-    def _others_after(self, order: Plan, i: int, call: Call, ctx: Context, now: float
-                      ) -> bool:
-        """Whether a target after step ``i`` may be tried now: it serves the operation,
-        its circuit lets calls through and the plan does not rule it out for the time
-        left."""
-        for j in range(i + 1, len(order.steps)):
-            t = order.steps[j].target
-            if (self.providers[t.provider].supports(call.op)
-                    and self.health.circuit(t.key).available_at(now) <= now
-                    and self._too_slow(order, j, ctx.deadline - now) is None):
-                return True
-        return False
-
-    def _order(self, call: Call, route: Route, ctx: Context, est: Estimate) -> Plan:
-        """The planner's plan for this request, from what is measured now: target stats or
-        costs for the strategy, the host's pressure, the local targets' loads."""
-        stats = costs = None
-        if route.strategy in ("least-busy", "latency"):
-            stats = self.tracker.stats()
-        elif route.strategy in ("cost", "cascade"):
-            prices = self.accountant.prices
-            completion = (est.max_tokens or est.prompt_guess) * est.choices
-            costs = {}
-            for t in route.targets:
-                price = prices.lookup(t.provider, t.model)
-                costs[t.key] = None if price is None else cost_of(price, est.prompt_guess,
-                                                                  completion)
-        known = self._local_load
-        loads = {} if known is None else {
-            t.key: load for t in route.targets
-            if t.provider == LOCAL_PROVIDER and (load := known(t.model)) is not None}
-        pressure = self.host.pressure if self.host is not None else CALM
-        return plan(route, self._rng, stats=stats, costs=costs, stream=call.stream,
-                    pressure=pressure, loads=loads, left_s=ctx.deadline - self._clock(),
-                    max_tokens=est.max_tokens)
-
-    def _too_slow(self, order: Plan, i: int, left_s: float) -> LocalTooSlow | None:
-        """The error of step ``i`` when the plan rules it out with ``left_s`` seconds left
-        and its model's load now (:meth:`~sidecar.routing.planner.Plan.too_slow`)."""
-        step = order.steps[i]
-        if not step.in_time_only or self._local_load is None:
-            return None
-        late = order.too_slow(i, self._local_load(step.target.model), left_s)
-        if late is None:
-            return None
-        speed = f", {late.decode_tps:.0f} tokens/s" if late.decode_tps else ""
-        return LocalTooSlow(
-            f"{late.target.key} cannot answer before the deadline: it needs about "
-            f"{late.eta_s:.1f} s ({late.in_flight} running, {late.queued} queued{speed}) and "
-            f"{max(late.left_s, 0):.1f} s are left",
-            target=late.target.key, retry_after_s=max(1.0, round(late.eta_s - late.left_s, 1)),
-        )
-
-    async def _settle(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
-                      reply: Reply | None) -> int | None:
-        """Record the cost of the attempt that answered: a non-stream ``reply``'s usage
-        (or its reservation, when it has none), else what the stream's meter saw (once:
-        a settled attempt's recorded cost is returned as it is)."""
-        if done.settled:
-            return done.cost
-        usage = reply.usage if reply is not None else done.meter.usage
-        meter = None if reply is not None else done.meter
-        cost = await self.accountant.settle(done.ticket, est, usage, meter)
-        await self.accountant.used(ctx.identity, route, done.target, est, usage)
-        return cost
-
-    def _finished(self, done: _Attempt, completed: bool) -> None:
-        if done.settled:  # a kept cascade answer: its attempt was finished when judged
-            return
-        key = done.target.key
-        self.tracker.finished(key)
-        if completed:
-            self.tracker.completed(key, self._clock() - done.started)
-
-    def _note_limits(self, target: Target, meter: Meter) -> None:
-        """Remember when a provider's headers said its limit is used up (x-ratelimit-*);
-        a failure's Retry-After is held where the failure is handled. Both are holds in the
-        rate limiter (:mod:`sidecar.limits.holds`)."""
-        if meter.limited_for_s:
-            self.accountant.provider_limited(target, meter.limited_for_s)
-
-    def _retry_delay(self, err: UpstreamError, tries: int, route: Route, ctx: Context
-                     ) -> float | None:
-        """Seconds to wait before retrying the same target, or None to move on."""
-        if tries >= route.retries or not err.retry_same_target:
-            return None
-        if err.retry_after_s is not None:
-            if err.retry_after_s > self._routing.max_retry_after_s:
-                return None
-            delay = err.retry_after_s
-        else:
-            cap = min(self._routing.backoff_max_s, self._routing.backoff_base_s * 2**tries)
-            delay = self._rng.uniform(0, cap)  # full jitter
-        if self._clock() + delay >= ctx.deadline:
-            return None
-        if not self._retry_budget.try_spend():
-            return None
-        return delay
 
     async def aclose(self) -> None:
         """Stop the host watch, close every provider, the accountant and the cache."""
@@ -904,28 +567,3 @@ async def _ended() -> AsyncGenerator[bytes, None]:
     """A stream with no frame left (a cascade's answer, read whole and replayed)."""
     return
     yield
-
-
-def _note(reasons: list[str], reason: str) -> None:
-    if reason not in reasons:
-        reasons.append(reason)
-
-
-async def _cut_at(cut: float | None, target: Target, attempt: Awaitable[T]) -> T:
-    """Await ``attempt``; at loop time ``cut`` (None: never) abandon it as a
-    :class:`CutAttempt` of ``target``, which then counts against a remote one's health."""
-    if cut is None:
-        return await attempt
-    try:
-        async with asyncio.timeout_at(cut):
-            return await attempt
-    except TimeoutError:
-        err = CutAttempt(
-            f"{target.key} did not answer within its share of the request deadline",
-            target=target.key,
-        )
-        if target.provider == LOCAL_PROVIDER:
-            # A local model that is slow to start is busy, not hung (its pool watches its
-            # workers): no verdict on its health.
-            err.counts_against_health = False
-        raise err from None
