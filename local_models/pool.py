@@ -66,6 +66,7 @@ import psutil
 from local_models import limits, priority, process
 from local_models import protocol as p
 from local_models.catalog import CatalogEntry
+from local_models.embedder import LAST_N_CTX
 from local_models.errors import (
     InvalidRequest,
     LocalError,
@@ -319,14 +320,18 @@ class ModelPool:
                 if not finished:
                     worker.send(p.Cancel(rid))
 
-    async def embed(self, name: str, inputs: Sequence[str | tuple[int, ...]]) -> p.Embeddings:
-        """The vectors of ``inputs`` (texts, or token ids used as they are)."""
-        refusal = limits.embed_refusal(self._n_ctx(name), inputs)
+    async def embed(self, name: str, inputs: Sequence[str | tuple[int, ...]],
+                    pooling: p.Pooling = "mean") -> p.Embeddings:
+        """The vectors of ``inputs`` (texts, or token ids used as they are), pooled as
+        ``pooling`` says (last: at most :data:`~local_models.embedder.LAST_N_CTX` tokens)."""
+        n_ctx = self._n_ctx(name)
+        refusal = limits.embed_refusal(n_ctx if pooling == "mean" else min(n_ctx, LAST_N_CTX),
+                                       inputs)
         if refusal is not None:
             raise InvalidRequest(refusal)
         async with self._request(name) as (_, worker, rid, answers):
             try:
-                worker.send(p.Embed(rid, tuple(inputs)))
+                worker.send(p.Embed(rid, tuple(inputs), pooling))
                 _, msg = process.unpack(await answers.get())
             except BaseException:  # cancelled or past its deadline: stop the worker's part
                 worker.send(p.Cancel(rid))

@@ -170,6 +170,19 @@ class CascadeConfig(_Base, frozen=True):
     answer that is not JSON or does not match the schema."""
 
 
+class SemanticCacheConfig(_Base, frozen=True):
+    """A route's semantic cache: a question that means what a cached one meant gets its
+    answer (docs/caching.md)."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    """The local model whose embeddings compare questions (a ``[[local_models]]`` name)."""
+    min_similarity: Annotated[float, Meta(gt=0, le=1)] = 0.97
+    """How alike (cosine) two questions must be; 1: in effect only exact matches."""
+    timeout_s: PositiveFloat = 0.5
+    """The longest a lookup waits for the question's embedding (a busy or unloaded model):
+    past it the request is only looked up exactly."""
+
+
 class RouteConfig(_Base, frozen=True):
     model: Annotated[str, Meta(min_length=1)]
     """The name clients send as ``model``."""
@@ -197,6 +210,8 @@ class RouteConfig(_Base, frozen=True):
     cache_nondeterministic: bool = False
     """Cache this route's sampled requests too (any temperature, no seed): a repeated
     question gets the first answer again instead of a new sample."""
+    cache_semantic: SemanticCacheConfig | None = None
+    """Also answer a chat question that means what a cached one meant (needs ``cache``)."""
     cascade: CascadeConfig | None = None
     """The thresholds of ``strategy = "cascade"`` (unset: the defaults)."""
 
@@ -513,6 +528,12 @@ def _check_references(config: Config) -> None:
             raise ConfigError(f"routes[{i}].model: duplicate route '{r.model}'")
         routes.add(r.model)
         _check_cascade(r, i)
+        if r.cache_semantic is not None:
+            if not r.cache:
+                raise ConfigError(f"routes[{i}].cache_semantic: needs cache = true")
+            if r.cache_semantic.model not in local and not config.local.model_dirs:
+                raise ConfigError(f"routes[{i}].cache_semantic.model: unknown local model "
+                                  f"'{r.cache_semantic.model}'")
         for j, t in enumerate(r.targets):
             if t.provider == LOCAL_PROVIDER:
                 # Scanned directories are only read at startup; their names are checked then.

@@ -12,6 +12,8 @@
   do not change the answer (``user``, ``metadata``, ``store``, ``service_tier``), plus the
   client's Anthropic Messages body when it came as one (its answer is in that format).
   ``stream`` is part of it: a stream is replayed from a stream, a body from a body.
+* **By meaning** (a route with ``cache_semantic``): chat questions are also indexed, and
+  looked up, by their embeddings (:mod:`sidecar.cache.semantic` decides what matches).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from sidecar.cache.semantic import Question, question_of
 from sidecar.errors import InvalidRequest
 from sidecar.routing import Route
 from sidecar.types import Call, EmbeddingRequest
@@ -61,6 +64,16 @@ def directive_of(meta: Mapping[str, str]) -> Directive:
     return "default"
 
 
+class SemanticPlan(msgspec.Struct, frozen=True):
+    """How a request is also looked up by meaning (:mod:`sidecar.cache.semantic`)."""
+
+    question: Question
+    model: str
+    """The local model that embeds it."""
+    min_similarity: float
+    timeout_s: float
+
+
 class CachePlan(msgspec.Struct, frozen=True):
     """What to do with the cache for one request."""
 
@@ -68,6 +81,8 @@ class CachePlan(msgspec.Struct, frozen=True):
     read: bool
     write: bool
     ttl_s: float
+    semantic: SemanticPlan | None = None
+    """Set on a route with ``cache_semantic`` when the request asks a question it takes."""
 
 
 def deterministic(call: Call) -> bool:
@@ -89,8 +104,16 @@ def plan(call: Call, route: Route, identity: str | None, directive: Directive
         return None
     if not route.cache_nondeterministic and not deterministic(call):
         return None
+    semantic = None
+    settings = route.cache_semantic
+    if settings is not None:
+        question = question_of(call, route.model, [t.key for t in route.targets], identity,
+                               settings.model)
+        if question is not None:
+            semantic = SemanticPlan(question, settings.model, settings.min_similarity,
+                                    settings.timeout_s)
     return CachePlan(cache_key(call, route, identity), read=directive == "default",
-                     write=True, ttl_s=ttl_s)
+                     write=True, ttl_s=ttl_s, semantic=semantic)
 
 
 _encode = msgspec.json.Encoder(order="sorted").encode

@@ -38,7 +38,7 @@ from typing import TypeVar
 import msgspec
 
 from local_models import ModelStatus
-from sidecar.cache import CachePlan, Entry, MemoryCacheStore
+from sidecar.cache import CachePlan, MemoryCacheStore
 from sidecar.cache import plan as cache_plan
 from sidecar.config import LOCAL_PROVIDER, Config
 from sidecar.errors import (
@@ -51,7 +51,7 @@ from sidecar.errors import (
 )
 from sidecar.gateway.answers import Completed, Streaming
 from sidecar.gateway.attempts import Attempts, Judge
-from sidecar.gateway.cached import ResponseCache, replay
+from sidecar.gateway.cached import MISS, Lookup, ResponseCache, replay
 from sidecar.gateway.context import Context
 from sidecar.gateway.events import Ended, Failed, StreamEvent
 from sidecar.gateway.outcome import Observer, Outcome, Trace
@@ -78,6 +78,8 @@ log = logging.getLogger("sidecar.gateway")
 
 CACHE_HIT = "cache:hit"
 """The route reason of an answer from the response cache."""
+CACHE_SEMANTIC = "cache:semantic"
+"""The route reason of an answer from the cache found by meaning (another question's)."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -215,18 +217,19 @@ class Gateway:
         try:
             route = self._route(call, trace)
             cache = self._cache_plan(call, route, ctx, trace)
-            entry = await self._cached(cache, call, trace)
+            found = await self._cached(cache, call, trace)
+            entry = found.entry
             if entry is not None:
                 assert entry.body is not None
                 reply = Reply(entry.body, entry.usage, entry.native)
-                done = Completed(entry.target, 0, CACHE_HIT, 0, reply, trace.cache)
+                done = Completed(entry.target, 0, trace.reasons[0], 0, reply, trace.cache)
             else:
                 done = await self._complete(call, ctx, trace, route)
                 body = self.redact.data(done.reply.body)
                 if body is not done.reply.body:
                     done.reply = msgspec.structs.replace(done.reply, body=body)
                 if cache is not None and self.cache is not None:
-                    await self.cache.keep_reply(cache, done.target, done.reply)
+                    await self.cache.keep_reply(cache, found, done.target, done.reply)
                 done.cache = trace.cache
         except SidecarError as e:
             self.redact.error(e)  # in place: the same exception goes on, redacted
@@ -252,15 +255,16 @@ class Gateway:
         try:
             route = self._route(call, trace)
             cache = self._cache_plan(call, route, ctx, trace)
-            entry = await self._cached(cache, call, trace)
+            found = await self._cached(cache, call, trace)
+            entry = found.entry
             if entry is not None:
-                streaming = Streaming(entry.target, 0, CACHE_HIT, 0, cache="hit",
+                streaming = Streaming(entry.target, 0, trace.reasons[0], 0, cache="hit",
                                       events=replay(entry), native=entry.native)
             else:
                 streaming = await self._stream(call, ctx, trace, route)
                 if cache is not None and self.cache is not None:
                     streaming.events = self.cache.recording(
-                        cache, streaming.target, streaming.native, streaming.events)
+                        cache, found, streaming.target, streaming.native, streaming.events)
                 streaming.cache = trace.cache
         except SidecarError as e:
             self._leave()
@@ -454,16 +458,27 @@ class Gateway:
         trace.cache = "bypass" if found is None else "miss"
         return found
 
-    async def _cached(self, cache: CachePlan | None, call: Call, trace: Trace) -> Entry | None:
-        """The cached answer ``cache`` finds, if any (never raises: a cache that fails is a
-        miss)."""
+    async def _cached(self, cache: CachePlan | None, call: Call, trace: Trace) -> Lookup:
+        """What the response cache finds for ``cache`` (never raises: a cache that fails is
+        a miss); a hit sets the trace's target and its one reason."""
         if cache is None or self.cache is None:
-            return None
-        entry = await self.cache.lookup(cache, call.stream)
+            return MISS
+        found = await self.cache.lookup(cache, call.stream, self._embed)
+        entry = found.entry
         if entry is not None:
-            trace.cache, trace.target, trace.reasons = "hit", entry.target, (CACHE_HIT,)
-            self.reasons[CACHE_HIT] += 1
-        return entry
+            reason = CACHE_HIT if found.similarity is None else CACHE_SEMANTIC
+            trace.cache, trace.target, trace.reasons = "hit", entry.target, (reason,)
+            self.reasons[reason] += 1
+        return found
+
+    async def _embed(self, model: str, text: str) -> list[float]:
+        """The local ``model``'s last-token embedding of ``text`` (for the semantic cache).
+        Raises what the local provider raises (:class:`KeyError` without one)."""
+        local = self.providers.get(LOCAL_PROVIDER)
+        if not isinstance(local, LocalProvider):
+            raise KeyError("no local models")
+        vectors = (await local.pool.embed(model, [text], pooling="last")).vectors
+        return list(vectors[0])
 
     async def _complete(self, call: Call, ctx: Context, trace: Trace, route: Route
                         ) -> Completed:

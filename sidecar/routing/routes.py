@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from sidecar.config import LOCAL_PROVIDER, CascadeConfig, Config, Strategy
+from sidecar.config import LOCAL_PROVIDER, CascadeConfig, Config, SemanticCacheConfig, Strategy
 from sidecar.errors import ModelNotFound
 
 
@@ -39,6 +39,8 @@ class Route(msgspec.Struct, frozen=True):
     """Sampled requests are cached too (see ``RouteConfig.cache_nondeterministic``)."""
     cascade: CascadeConfig | None = None
     """Set exactly when ``strategy`` is ``cascade``: its thresholds."""
+    cache_semantic: SemanticCacheConfig | None = None
+    """Set when cached answers are also found by meaning (``RouteConfig.cache_semantic``)."""
 
 
 class Router:
@@ -61,6 +63,7 @@ class Router:
                 (r.cache_ttl_s or config.cache.ttl_s) if r.cache else None,
                 r.cache_nondeterministic,
                 (r.cascade or CascadeConfig()) if r.strategy == "cascade" else None,
+                r.cache_semantic if r.cache else None,
             )
             for r in config.routes
         }

@@ -239,10 +239,10 @@ async def test_a_value_that_is_not_an_entry_is_a_miss() -> None:
     cache = ResponseCache(store)
     key = CachePlan("k", read=True, write=True, ttl_s=60)
     await store.put("k", b"garbage", 60)
-    assert await cache.lookup(key, stream=False) is None
+    assert (await cache.lookup(key, stream=False)).entry is None
     await store.put("k", encode_entry(Entry("a/x", 0, body=json.dumps({}).encode())), 60)
-    assert await cache.lookup(key, stream=True) is None  # a body does not answer a stream
-    assert await cache.lookup(key, stream=False) is not None
+    assert (await cache.lookup(key, stream=True)).entry is None  # a body is not a stream
+    assert (await cache.lookup(key, stream=False)).entry is not None
 
 
 async def test_a_reload_keeps_the_cache_unless_its_section_changed() -> None:

