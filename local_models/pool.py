@@ -14,7 +14,8 @@ Contract:
   lack of room is not remembered as a failed load: the next request tries again.
 * Admission: at most ``n_parallel`` generations of a model are in its worker at once; up to
   ``max_queue`` more wait here in arrival order; beyond that :class:`Overloaded` (with a
-  Retry-After estimate) is raised at once.
+  Retry-After estimate) is raised at once. Embeddings count toward that bound but hold no
+  sequence (the worker embeds between decode steps), so they never wait for one.
 * Requests beyond :mod:`local_models.limits` (messages, characters against the model's
   context, embedding inputs) raise :class:`InvalidRequest` naming the limit before anything
   is queued or sent; seeds are masked to 32 bits and ``max_tokens`` clamped, so any integer
@@ -324,12 +325,11 @@ class ModelPool:
                     pooling: p.Pooling = "mean") -> p.Embeddings:
         """The vectors of ``inputs`` (texts, or token ids used as they are), pooled as
         ``pooling`` says (last: at most :data:`~local_models.embedder.LAST_N_CTX` tokens)."""
-        n_ctx = self._n_ctx(name)
-        refusal = limits.embed_refusal(n_ctx if pooling == "mean" else min(n_ctx, LAST_N_CTX),
-                                       inputs)
+        n_ctx = self._n_ctx(name) if pooling == "mean" else min(self._n_ctx(name), LAST_N_CTX)
+        refusal = limits.embed_refusal(n_ctx, inputs)
         if refusal is not None:
             raise InvalidRequest(refusal)
-        async with self._request(name) as (_, worker, rid, answers):
+        async with self._request(name, 0) as (_, worker, rid, answers):
             try:
                 worker.send(p.Embed(rid, tuple(inputs), pooling))
                 _, msg = process.unpack(await answers.get())
@@ -351,8 +351,8 @@ class ModelPool:
     @contextlib.asynccontextmanager
     async def _request(self, name: str, slots: int = 1) -> AsyncIterator[
             tuple[_Model, Worker, int, asyncio.Queue[Answer | None]]]:
-        """Admission for ``slots`` sequences, a loaded worker, a request id and the queue
-        of its answers; the slots are freed and the queue dropped however it ends."""
+        """Admission for ``slots`` sequences (0: holds none, counted as one), a loaded
+        worker, a request id and its answers' queue; all freed however it ends."""
         model = self._model(name)
         await self._admit(model, slots)
         started = time.monotonic()
@@ -368,7 +368,7 @@ class ModelPool:
         finally:
             for _ in range(slots):
                 model.slots.release()
-            model.in_flight -= slots
+            model.in_flight -= max(slots, 1)
             model.last_used = time.monotonic()
             model.avg_duration_s = _ewma(model.avg_duration_s, model.last_used - started)
 
@@ -381,12 +381,13 @@ class ModelPool:
         return model
 
     async def _admit(self, model: _Model, slots: int = 1) -> None:
-        """Wait for ``slots`` of the model's sequences, or raise Overloaded at once when
-        the queue is full (every sequence asked for counts, running or waiting)."""
+        """Wait for ``slots`` of the model's sequences (0: none, counted as one), or raise
+        Overloaded at once when the queue is full (running or waiting, every one counts)."""
         n_parallel = model.n_parallel
         # Count who is present, not the semaphore: a waiter woken by a freed slot is still
         # counted as queued until it runs, and a newcomer then is within the bound.
-        if model.in_flight + model.queued + slots > n_parallel + self.settings.max_queue:
+        counted = max(slots, 1)
+        if model.in_flight + model.queued + counted > n_parallel + self.settings.max_queue:
             duration = model.avg_duration_s if model.avg_duration_s is not None else 1.0
             wait = duration * (model.queued + n_parallel) / n_parallel
             raise Overloaded(
@@ -394,6 +395,9 @@ class ModelPool:
                 f"{model.queued} queued)",
                 retry_after_s=max(1.0, round(wait, 1)),
             )
+        if slots == 0:
+            model.in_flight += 1
+            return
         model.queued += slots
         taken = 0
         try:

@@ -170,6 +170,9 @@ class CascadeConfig(_Base, frozen=True):
     answer that is not JSON or does not match the schema."""
 
 
+Pooling = Literal["last", "mean"]
+
+
 class SemanticCacheConfig(_Base, frozen=True):
     """A route's semantic cache: a question that means what a cached one meant gets its
     answer (docs/caching.md)."""
@@ -181,6 +184,10 @@ class SemanticCacheConfig(_Base, frozen=True):
     timeout_s: PositiveFloat = 0.5
     """The longest a lookup waits for the question's embedding (a busy or unloaded model):
     past it the request is only looked up exactly."""
+    pooling: Pooling = "last"
+    """last: the last token's state of the question put in a summing-up prompt (for chat
+    models, as the default SmolLM2); mean: the mean of the question's token states (for an
+    embedding model you bring as a ``[[local_models]]`` entry)."""
 
 
 class RouteConfig(_Base, frozen=True):

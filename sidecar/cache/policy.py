@@ -25,6 +25,7 @@ from typing import Any, Literal
 import msgspec
 
 from sidecar.cache.semantic import Question, question_of
+from sidecar.config import Pooling
 from sidecar.errors import InvalidRequest
 from sidecar.routing import Route
 from sidecar.types import Call, EmbeddingRequest
@@ -72,6 +73,7 @@ class SemanticPlan(msgspec.Struct, frozen=True):
     """The local model that embeds it."""
     min_similarity: float
     timeout_s: float
+    pooling: Pooling = "last"
 
 
 class CachePlan(msgspec.Struct, frozen=True):
@@ -111,7 +113,7 @@ def plan(call: Call, route: Route, identity: str | None, directive: Directive
                                settings.model)
         if question is not None:
             semantic = SemanticPlan(question, settings.model, settings.min_similarity,
-                                    settings.timeout_s)
+                                    settings.timeout_s, settings.pooling)
     return CachePlan(cache_key(call, route, identity), read=directive == "default",
                      write=True, ttl_s=ttl_s, semantic=semantic)
 

@@ -9,15 +9,18 @@ A route with ``cache_semantic`` answers a question from the cache when an earlie
   client key, the parameters, the system prompt, the earlier turns, a Messages body's other
   fields) goes into the *index key* exactly, so a question is only compared with questions
   asked in the same conversation state with the same parameters.
-* **The numbers must match.** Small embedding models rate "12 times 7" and "12 times 8" as
-  the same question; here the numbers a question names must be the same (as a sorted list)
-  before its similarity counts.
+* **The names and numbers must match.** Small embedding models rate "12 times 7" and "12
+  times 8", or "the capital of France" and "the capital of Germany", as nearly the same
+  question; here the numbers and the capitalised words a question names (but the first
+  word of a sentence and the pronoun "I"; "France's" names France) must be the same
+  before its similarity counts (:func:`terms_of`).
 * **The similarity must reach the route's threshold** (cosine of L2-normalised vectors of
-  the local model's last-token state after :data:`PROMPT`). The default, 0.97, had no wrong
-  hit on the shipped question set (docs/caching.md has the measurement).
+  the local model's last-token state after :data:`PROMPT`; mean pooling of the question
+  alone with ``pooling = "mean"``, for an embedding model). docs/caching.md has what the
+  default threshold, 0.97, does on the shipped question set.
 
 An index holds the newest :data:`MAX_INDEX` questions of one index key: (exact cache key,
-numbers, float16 vector). Vectors are compared with numpy.
+terms, float16 vector). Vectors are compared with numpy.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ MAX_INDEX = 64
 """Questions kept per index key (the newest)."""
 
 _VERSION = b"sidecar-semantic-1\0"
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_TERM = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_][\w'\u2019-]*")
+_SENTENCE_END = frozenset(".!?:;")
 _encode_sorted = msgspec.json.Encoder(order="sorted").encode
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
 
@@ -51,8 +55,8 @@ class Question(msgspec.Struct, frozen=True):
     """What one request asks, for the semantic cache."""
 
     text: str
-    numbers: str
-    """The numbers it names, sorted, space separated."""
+    terms: str
+    """The names and numbers it names (:func:`terms_of`)."""
     index_key: str
     """The hex key of the index it is looked up in and added to."""
 
@@ -61,7 +65,7 @@ class Indexed(msgspec.Struct, frozen=True, array_like=True):
     """A question kept in an index: its answer's exact cache key and how it reads."""
 
     key: str
-    numbers: str
+    terms: str
     vector: bytes
     """float16, little-endian, L2-normalised."""
 
@@ -70,10 +74,21 @@ _index_encoder = msgspec.msgpack.Encoder()
 _index_decoder = msgspec.msgpack.Decoder(list[Indexed])
 
 
-def numbers_of(text: str) -> str:
-    """The numbers ``text`` names (digit runs, with their decimal or thousands marks),
-    sorted and joined by spaces: two questions may share an answer only when these match."""
-    return " ".join(sorted(_NUMBER.findall(text)))
+def terms_of(text: str) -> str:
+    """The numbers (digit runs, with their decimal or thousands marks) and the capitalised
+    words ``text`` names, but a sentence's first word and "I", possessives cut ("France's":
+    France), sorted, unique, space separated: two questions may share an answer only when
+    these match."""
+    terms: set[str] = set()
+    for m in _TERM.finditer(text):
+        word = m.group()
+        before = text[:m.start()].rstrip()
+        start = not before or before[-1] in _SENTENCE_END
+        if word[0].isdigit():
+            terms.add(word)
+        elif word[0].isupper() and not start and word != "I":
+            terms.add(re.sub("['\u2019]s$", "", word))
+    return " ".join(sorted(terms))
 
 
 def _text_of(content: Any) -> str | None:
@@ -125,12 +140,13 @@ def question_of(call: Call, route_model: str, targets: Sequence[str], identity: 
     body["messages"] = messages
     h = sha256(_VERSION)
     h.update(_encode_sorted([route_model, list(targets), identity, embedder, body, native]))
-    return Question(text.strip(), numbers_of(text), h.hexdigest())
+    return Question(text.strip(), terms_of(text), h.hexdigest())
 
 
-def prompt(question: Question) -> str:
-    """What the local model is asked to embed for ``question``."""
-    return PROMPT.format(question.text)
+def prompt(question: Question, pooling: str = "last") -> str:
+    """What the local model is asked to embed for ``question``: the question in
+    :data:`PROMPT` for last-token pooling, the question alone for mean pooling."""
+    return PROMPT.format(question.text) if pooling == "last" else question.text
 
 
 def vector_bytes(vector: Sequence[float]) -> bytes:
@@ -165,13 +181,13 @@ def with_question(index: Sequence[Indexed], item: Indexed) -> list[Indexed]:
     return kept[-MAX_INDEX:]
 
 
-def nearest(index: Sequence[Indexed], vector: bytes, numbers: str, min_similarity: float
+def nearest(index: Sequence[Indexed], vector: bytes, terms: str, min_similarity: float
             ) -> tuple[str, float] | None:
     """(exact key, similarity) of the indexed question most like ``vector`` among those
-    naming the same numbers, when its similarity is at least ``min_similarity``; else
+    naming the same ``terms``, when its similarity is at least ``min_similarity``; else
     None. Vectors of another length (another model) never match."""
     query = np.frombuffer(vector, dtype="<f2").astype(np.float32)
-    candidates = [i for i in index if i.numbers == numbers and len(i.vector) == len(vector)]
+    candidates = [i for i in index if i.terms == terms and len(i.vector) == len(vector)]
     if not candidates:
         return None
     matrix = np.frombuffer(b"".join(i.vector for i in candidates), dtype="<f2")

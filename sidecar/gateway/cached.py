@@ -31,13 +31,14 @@ import msgspec
 from sidecar.cache import CachePlan, CacheStore, CacheUnavailable, Entry, semantic
 from sidecar.cache.entry import decode_entry, encode_entry
 from sidecar.cache.policy import SemanticPlan
+from sidecar.config import Pooling
 from sidecar.gateway.events import Ended, Relayed, StreamEvent
 from sidecar.providers.base import Reply
 
 log = logging.getLogger("sidecar.cache")
 
-Embed = Callable[[str, str], Awaitable[Sequence[float]]]
-"""(local model, text) -> the model's last-token embedding of the text."""
+Embed = Callable[[str, str, Pooling], Awaitable[Sequence[float]]]
+"""(local model, text, pooling) -> the model's embedding of the text."""
 
 
 class Lookup(msgspec.Struct):
@@ -77,11 +78,11 @@ class ResponseCache:
         vector = await self._vector(sem, embed)
         if vector is None:
             return MISS
-        indexed = semantic.Indexed(plan.key, sem.question.numbers, vector)
+        indexed = semantic.Indexed(plan.key, sem.question.terms, vector)
         if not plan.read:
             return Lookup(indexed=indexed)
         index = semantic.decode_index(await self._get(sem.question.index_key))
-        match = semantic.nearest(index, vector, sem.question.numbers, sem.min_similarity)
+        match = semantic.nearest(index, vector, sem.question.terms, sem.min_similarity)
         if match is not None:
             entry = await self._entry(match[0], stream)
             if entry is not None:
@@ -110,7 +111,8 @@ class ResponseCache:
         give one in time (anything it raises is only a miss)."""
         try:
             async with asyncio.timeout(sem.timeout_s):
-                return semantic.vector_bytes(await embed(sem.model, semantic.prompt(sem.question)))
+                text = semantic.prompt(sem.question, sem.pooling)
+                return semantic.vector_bytes(await embed(sem.model, text, sem.pooling))
         except Exception as e:
             level = logging.WARNING if self._embedding else logging.DEBUG
             self._embedding = False

@@ -40,7 +40,7 @@ import msgspec
 from local_models import ModelStatus
 from sidecar.cache import CachePlan, MemoryCacheStore
 from sidecar.cache import plan as cache_plan
-from sidecar.config import LOCAL_PROVIDER, Config
+from sidecar.config import LOCAL_PROVIDER, Config, Pooling
 from sidecar.errors import (
     InvalidRequest,
     SidecarError,
@@ -471,13 +471,13 @@ class Gateway:
             self.reasons[reason] += 1
         return found
 
-    async def _embed(self, model: str, text: str) -> list[float]:
-        """The local ``model``'s last-token embedding of ``text`` (for the semantic cache).
-        Raises what the local provider raises (:class:`KeyError` without one)."""
+    async def _embed(self, model: str, text: str, pooling: Pooling) -> list[float]:
+        """The local ``model``'s embedding of ``text`` (for the semantic cache). Raises what
+        the local provider raises (:class:`KeyError` without one)."""
         local = self.providers.get(LOCAL_PROVIDER)
         if not isinstance(local, LocalProvider):
             raise KeyError("no local models")
-        vectors = (await local.pool.embed(model, [text], pooling="last")).vectors
+        vectors = (await local.pool.embed(model, [text], pooling=pooling)).vectors
         return list(vectors[0])
 
     async def _complete(self, call: Call, ctx: Context, trace: Trace, route: Route
