@@ -51,7 +51,7 @@ def question(call: Call, identity: str | None = None, route: str = "chat"
     ("No names here. None at all!", ""),
     ("What is the capital of France?", "France"),
     ("Which city is France's capital?", "France"),
-    ("Tell me: Which city is France’s capital?", "France"),
+    ("Tell me: Which city is France\u2019s capital?", "France"),
     ("When did World War II end?", "II War World"),
     ("When did World War I end?", "War World"),
     ("How do I sort a list in Python?", "Python"),
