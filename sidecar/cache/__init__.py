@@ -1,7 +1,8 @@
-"""The response cache: exact-match answers of repeated deterministic requests.
+"""The response cache: answers of repeated deterministic requests, exact or by meaning.
 
 Public face: :func:`directive_of` and :func:`plan` (:mod:`sidecar.cache.policy`: whether a
-request uses the cache, under which key), :class:`Entry` (what is kept), :func:`build_store`
+request uses the cache, under which key; :mod:`sidecar.cache.semantic`: what a question
+is, and which kept one means the same), :class:`Entry` (what is kept), :func:`build_store`
 and the stores behind :class:`CacheStore` (memory, SQLite, Redis: one contract,
 ``tests/contract/test_cache_contract.py``). How the gateway uses it is
 :mod:`sidecar.gateway.cached`; docs/caching.md says what a user sees.
