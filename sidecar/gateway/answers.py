@@ -27,7 +27,8 @@ class Completed(Served):
     reply: Reply
     cache: Result | None = None
     """``x-sidecar-cache``: hit (answered from the response cache: ``attempts`` 0, cost 0,
-    reason ``cache:hit``), miss or bypass, on a route with the cache; None without one."""
+    reason ``cache:hit``, or ``cache:semantic`` when found by meaning), miss or bypass, on
+    a route with the cache; None without one."""
 
 
 class Streaming(Served):
