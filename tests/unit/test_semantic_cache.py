@@ -18,6 +18,7 @@ from sidecar.cache import MemoryCacheStore, plan
 from sidecar.cache import semantic as s
 from sidecar.config import SemanticCacheConfig
 from sidecar.gateway.cached import Lookup, ResponseCache
+from sidecar.protocols.messages import chat_call
 from sidecar.providers.base import Reply
 from sidecar.routing import Route, Target
 from sidecar.types import Call, Op, Usage, validate_call
@@ -92,6 +93,22 @@ def test_calls_without_a_question_of_their_own_are_not_looked_up_by_meaning() ->
     assert question(chat("x" * (s.MAX_QUESTION_CHARS + 1))) is None
     embeddings = validate_call(Op.EMBEDDINGS, {"model": "chat", "input": FRANCE})
     assert question(embeddings) is None
+
+
+def test_a_messages_call_is_compared_by_its_question_alone() -> None:
+    def messages_call(text: str, system: str = "Be brief.") -> Call:
+        return chat_call({"model": "chat", "max_tokens": 50, "temperature": 0,
+                          "system": system, "messages": [{"role": "user", "content": text}]})
+
+    base = question(messages_call(FRANCE))
+    assert base is not None and base.text == FRANCE
+    paraphrase = question(messages_call("Tell me the capital of France."))
+    assert paraphrase is not None and paraphrase.index_key == base.index_key
+    other_system = question(messages_call(FRANCE, system="Be verbose."))
+    assert other_system is not None and other_system.index_key != base.index_key
+    # the Messages body's own index: never compared with an OpenAI chat question
+    openai_chat = question(chat(FRANCE, max_tokens=50))
+    assert openai_chat is not None and openai_chat.index_key != base.index_key
 
 
 def test_the_plan_carries_the_question_only_on_a_semantic_route() -> None:
