@@ -39,8 +39,10 @@ PROMPT = 'This sentence: "{}" means in one word: "'
 """How a question is put to the model before its last token's state is read (PromptEOL:
 the model is asked to sum the sentence up, so the last state carries its meaning)."""
 
-MAX_QUESTION_CHARS = 1000
-"""A longer question is only looked up exactly."""
+MAX_QUESTION_BYTES = 400
+"""A longer question (UTF-8) is only looked up exactly. With the prompt it stays within the
+embedder's :data:`~local_models.embedder.LAST_N_CTX` tokens, as no tokenizer makes more
+than one token of a byte, so a client cannot make an embedding fail."""
 MAX_INDEX = 64
 """Questions kept per index key (the newest)."""
 
@@ -120,14 +122,14 @@ def question_of(call: Call, route_model: str, targets: Sequence[str], identity: 
                 embedder: str) -> Question | None:
     """The question ``call`` asks and its index (see the module docstring), or None when
     it has none the semantic cache takes: not a chat call, a last message that is not the
-    user's text, an empty question or one longer than :data:`MAX_QUESTION_CHARS`."""
+    user's text, an empty question or one longer than :data:`MAX_QUESTION_BYTES`."""
     if call.op is not Op.CHAT:
         return None
     found = _without_question(call.raw.get("messages"))
     if found is None:
         return None
     messages, text = found
-    if not text.strip() or len(text) > MAX_QUESTION_CHARS:
+    if not text.strip() or len(text.encode()) > MAX_QUESTION_BYTES:
         return None
     native: Any = None
     if call.messages is not None:  # the client's Messages body holds the question too

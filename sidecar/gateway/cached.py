@@ -108,17 +108,20 @@ class ResponseCache:
 
     async def _vector(self, sem: SemanticPlan, embed: Embed) -> bytes | None:
         """The question's embedding as an index keeps it, or None when the model did not
-        give one in time (anything it raises is only a miss)."""
+        give one in time (anything it raises is only a miss: the first failure after a
+        success is a warning, the rest debug)."""
         try:
             async with asyncio.timeout(sem.timeout_s):
                 text = semantic.prompt(sem.question, sem.pooling)
-                return semantic.vector_bytes(await embed(sem.model, text, sem.pooling))
+                vector = semantic.vector_bytes(await embed(sem.model, text, sem.pooling))
         except Exception as e:
             level = logging.WARNING if self._embedding else logging.DEBUG
             self._embedding = False
             log.log(level, "semantic cache: no embedding from %s, looked up exactly: %s",
                     sem.model, "timed out" if isinstance(e, TimeoutError) else e)
             return None
+        self._embedding = True
+        return vector
 
     async def keep_reply(self, plan: CachePlan, found: Lookup, target: str, reply: Reply
                          ) -> None:

@@ -90,7 +90,9 @@ def test_calls_without_a_question_of_their_own_are_not_looked_up_by_meaning() ->
         {"role": "user", "content": FRANCE}, {"role": "assistant", "content": "Paris"}]})
     assert question(answered) is None
     assert question(chat("   ")) is None
-    assert question(chat("x" * (s.MAX_QUESTION_CHARS + 1))) is None
+    assert question(chat("x" * (s.MAX_QUESTION_BYTES + 1))) is None
+    assert question(chat("\u00e9" * (s.MAX_QUESTION_BYTES // 2 + 1))) is None  # bytes, not chars
+    assert question(chat("\u00e9" * (s.MAX_QUESTION_BYTES // 2))) is not None
     embeddings = validate_call(Op.EMBEDDINGS, {"model": "chat", "input": FRANCE})
     assert question(embeddings) is None
 
