@@ -15,8 +15,10 @@ decides with :func:`sidecar.cache.plan` whether a request uses it. Its contract:
   the local model (at most the plan's ``timeout_s``; an embedding that fails or is late is
   only an exact miss) and its index searched (:func:`~sidecar.cache.semantic.nearest`); a
   match whose answer is still kept is a hit. Once a missed answer is kept, its question
-  joins the index. Concurrent misses of one index may each write it: the last write wins,
-  and a question lost that way is only a later miss.
+  joins the index. Embeddings take at most :data:`EMBED_SHARE` of the model's time on
+  average, so a flood of new questions cannot stall the model's generations: a lookup
+  that finds the share used is exact only. Concurrent misses of one index may each write
+  it: the last write wins, and a question lost that way is only a later miss.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ from sidecar.providers.base import Reply
 
 log = logging.getLogger("sidecar.cache")
 
+EMBED_SHARE = 0.25
+"""The most of a local model's time the semantic cache's embeddings take, on average: they
+spend a credit of model seconds that grows by this share of the time passing, up to
+:data:`EMBED_BURST_S`, at most :data:`EMBED_CONCURRENCY` at once (a lookup that finds no
+credit or no room is exact only)."""
+EMBED_BURST_S = 2.0
+EMBED_CONCURRENCY = 4
+
 Embed = Callable[[str, str, Pooling], Awaitable[Sequence[float]]]
 """(local model, text, pooling) -> the model's embedding of the text."""
 
@@ -56,13 +66,19 @@ MISS = Lookup()
 
 
 class ResponseCache:
-    """See the module docstring. ``clock``: Unix seconds (default :func:`time.time`)."""
+    """See the module docstring. ``clock``: Unix seconds (default :func:`time.time`);
+    ``monotonic``: the clock of the embeddings' share (default :func:`time.monotonic`)."""
 
-    def __init__(self, store: CacheStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: CacheStore, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._clock = clock
+        self._monotonic = monotonic
         self._healthy = True
         self._embedding = True
+        self._embeddings = 0
+        self._credit_s, self._credit_at = EMBED_BURST_S, monotonic()
+        """Seconds of embedding the model may spend now, as of ``_credit_at``."""
 
     async def lookup(self, plan: CachePlan, stream: bool, embed: Embed | None = None
                      ) -> Lookup:
@@ -110,6 +126,13 @@ class ResponseCache:
         """The question's embedding as an index keeps it, or None when the model did not
         give one in time (anything it raises is only a miss: the first failure after a
         success is a warning, the rest debug)."""
+        started = self._monotonic()
+        credit = min(EMBED_BURST_S, self._credit_s + (started - self._credit_at) * EMBED_SHARE)
+        self._credit_s, self._credit_at = credit, started
+        if credit <= 0 or self._embeddings >= EMBED_CONCURRENCY:
+            log.debug("semantic cache: the model's share for embeddings is used, exact only")
+            return None
+        self._embeddings += 1
         try:
             async with asyncio.timeout(sem.timeout_s):
                 text = semantic.prompt(sem.question, sem.pooling)
@@ -120,6 +143,9 @@ class ResponseCache:
             log.log(level, "semantic cache: no embedding from %s, looked up exactly: %s",
                     sem.model, "timed out" if isinstance(e, TimeoutError) else e)
             return None
+        finally:
+            self._embeddings -= 1
+            self._credit_s -= self._monotonic() - started
         self._embedding = True
         return vector
 

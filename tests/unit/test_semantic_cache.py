@@ -17,7 +17,7 @@ import pytest
 from sidecar.cache import MemoryCacheStore, plan
 from sidecar.cache import semantic as s
 from sidecar.config import SemanticCacheConfig
-from sidecar.gateway.cached import Lookup, ResponseCache
+from sidecar.gateway.cached import EMBED_CONCURRENCY, Lookup, ResponseCache
 from sidecar.protocols.messages import chat_call
 from sidecar.providers.base import Reply
 from sidecar.routing import Route, Target
@@ -272,3 +272,42 @@ async def test_an_index_larger_than_an_entry_may_be_keeps_its_newest_questions()
     assert data is not None and len(data) <= 600
     index = s.decode_index(data)
     assert 1 <= len(index) < 40 and index[-1].key == p.key
+
+
+async def test_embeddings_take_a_bounded_share_of_the_model() -> None:
+    """At most EMBED_CONCURRENCY at once, and on average EMBED_SHARE of the time: a lookup
+    past either is exact only (no embedding, nothing indexed)."""
+    now = [0.0]
+    cache = ResponseCache(MemoryCacheStore(max_bytes=2**20, max_entry_bytes=2**16),
+                          monotonic=lambda: now[0])
+    release = asyncio.Event()
+
+    async def held(model: str, text: str, pooling: str) -> list[float]:
+        await release.wait()
+        return [1.0, 0.0]
+
+    def lookup(i: int, embed: Any) -> Any:
+        p = plan(chat(f"Question {i}?"), ROUTE, None, "default")
+        assert p is not None
+        return cache.lookup(p, stream=False, embed=embed)
+
+    tasks = [asyncio.create_task(lookup(i, held)) for i in range(EMBED_CONCURRENCY + 2)]
+    for extra in tasks[EMBED_CONCURRENCY:]:  # no room: answered at once, exact only
+        assert (await extra).indexed is None
+    release.set()
+    for task in tasks[:EMBED_CONCURRENCY]:
+        assert (await task).indexed is not None
+
+    async def slow(model: str, text: str, pooling: str) -> list[float]:
+        now[0] += 1.5  # this embedding took 1.5 s of the model's time
+        return [1.0, 0.0]
+
+    # credit: 2 s; each embedding spends 1.5 s and the time passing earns a quarter of itself
+    assert (await lookup(10, slow)).indexed is not None  # at 0 s: 2 -> 0.5
+    assert (await lookup(11, slow)).indexed is not None  # at 1.5 s: 0.875 -> -0.625
+    assert (await lookup(12, slow)).indexed is None  # at 3 s: -0.25
+    now[0] += 0.5
+    assert (await lookup(13, slow)).indexed is None  # -0.125
+    now[0] += 1.0
+    assert (await lookup(14, slow)).indexed is not None  # 0.125
+
