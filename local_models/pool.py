@@ -77,9 +77,9 @@ from local_models.errors import (
 from local_models.eviction import LoadPlan, Resident, plan_load
 from local_models.priority import Baseline, Priority
 from local_models.process import Answer, Worker
-from local_models.state import Event, ModelState, next_state
+from local_models.state import Event, ModelState, ModelStatus, next_state
 
-__all__ = ["ModelPool", "ModelStatus", "PoolSettings"]
+__all__ = ["ModelPool", "PoolSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -100,43 +100,6 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True):
     retry_failed_load_s: float = 10.0
     worker_command: tuple[str, ...] = ()
     """argv of a worker; empty means ``python -m local_models.worker``."""
-
-
-class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    state: ModelState
-    loaded: bool
-    """``state`` is ready: a live worker serves the model."""
-    pid: int | None
-    """The worker's, while the pool holds one (a dead one until it is reaped)."""
-    in_flight: int
-    queued: int
-    estimated_bytes: int
-    last_error: str | None
-    n_parallel: int = 1
-    """Generations the worker decodes together (admission allows this many at once)."""
-    ttft_s: float | None = None
-    """EWMA of seconds from sending a generation to its first text."""
-    decode_tps: float | None = None
-    """EWMA of one sequence's decode speed, tokens per second after the first."""
-    avg_completion_tokens: float | None = None
-    """EWMA of completion tokens per generation."""
-    avg_duration_s: float | None = None
-    """EWMA of whole requests, admission to end (loading included); None until one ended."""
-    load_s: float | None = None
-    """Seconds the last successful load took."""
-    nice: int | None = None
-    """Niceness requested for the worker's threads; None: the gateway's own (baseline)."""
-    loads: int = 0
-    """Successful loads since the pool started (a new worker after a crash counts)."""
-    load_failures: int = 0
-    """Loads that failed (a bad GGUF, a worker that died or timed out loading); refusals
-    for lack of room and abandoned loads are not counted."""
-    unloads: int = 0
-    """Workers the pool stopped (idle, making room, host memory pressure, shutdown)."""
-    crashes: int = 0
-    """Ready workers that exited on their own (crash, SIGKILL, out of memory); the next
-    request starts a new one."""
 
 
 @dataclass(eq=False)
