@@ -183,7 +183,7 @@ class Server:
 
 
 def server_command(name: str, model: Path, port: int, threads: int,
-                   llama_server: Path | None) -> list[str]:
+                   llama_server: Path | None, config: Path | None = None) -> list[str]:
     if name == "llama_cpp.server":
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
                 "--model_alias", MODEL_NAME, "--n_ctx", str(N_CTX_SEQ),
@@ -197,8 +197,10 @@ def server_command(name: str, model: Path, port: int, threads: int,
                 "--no-webui", "--host", "127.0.0.1", "--port", str(port)]
     if name == "sidecar":
         # No config: the embedded default model "smollm2" (n_ctx 2048 x n_parallel 8), one
-        # llama.cpp thread per physical core.
-        return [sys.executable, "-m", "sidecar", "serve", "--port", "0", "--grpc-port", "0"]
+        # llama.cpp thread per physical core; benchmarks/prefix.py passes a config.
+        more = ["--config", str(config)] if config is not None else []
+        return [sys.executable, "-m", "sidecar", "serve", "--port", "0", "--grpc-port", "0",
+                *more]
     raise ValueError(name)
 
 
@@ -226,14 +228,15 @@ def wait_ready(name: str, proc: subprocess.Popen[bytes], log_path: Path, port: i
 
 @contextlib.contextmanager
 def running_server(name: str, model: Path, workdir: Path, threads: int,
-                   llama_server: Path | None) -> Iterator[Server]:
+                   llama_server: Path | None, config: Path | None = None,
+                   label: str | None = None) -> Iterator[Server]:
     port = free_port()
-    log_path = workdir / f"{name}.log"
+    log_path = workdir / f"{label or name}.log"
     env = dict(os.environ)
     env.pop("SIDECAR_CONFIG", None)  # the sidecar must run with no config
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            server_command(name, model, port, threads, llama_server),
+            server_command(name, model, port, threads, llama_server, config),
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
             cwd=workdir, start_new_session=True,
         )

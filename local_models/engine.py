@@ -17,6 +17,14 @@ Contract:
   first, whose KV cache is then copied to the others (one copy, no second prefill), and every
   choice draws its first token from the same logits with its own seed (``seed + index``).
   It is answered with one :class:`~local_models.protocol.Done` once every choice has ended.
+* Prompt-prefix reuse (``Load.prefix_cache``, on by default), as llama-server's
+  ``cache_prompt``: a slot keeps its KV cache when its sequence ends, and a request whose
+  prompt is tokenized takes the free slot that shares the longest prefix with it
+  (:mod:`local_models.slots`; ties: the lowest slot). The cache is cut at the common length
+  and only the rest is prefilled; a prompt matched whole re-decodes its last token, for its
+  logits. ``Done.cached_tokens`` counts the reused tokens. Memory that cannot be cut there
+  (recurrent models) or that lost early positions (sliding-window attention) is cleared and
+  the prompt prefilled whole. The other choices of ``n > 1`` take the lowest free slots.
 * A cancelled sequence is freed at the start of the next step. Requests beyond the free
   sequences wait in arrival order (the pool bounds how many it sends; this only absorbs the
   moment between a cancel and the slot being freed).
@@ -39,10 +47,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
-import heapq
-import os
 import queue
-import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +56,9 @@ from typing import Any
 from local_models import protocol as p
 from local_models.chat_template import ChatTemplate, TemplateError
 from local_models.embedder import Embedder
+from local_models.loading import LoadError, load_model, meta, quiet_logs
 from local_models.sampling import GrammarError, SeqSampler, Vocab, top_logprobs
+from local_models.slots import Slots
 from local_models.text_cuts import cut, cut_at_stop, held_back
 
 __all__ = ["TOKENIZE_SLICE_CHARS", "Engine", "LoadError", "Send"]
@@ -61,10 +68,6 @@ __all__ = ["TOKENIZE_SLICE_CHARS", "Engine", "LoadError", "Send"]
 TOKENIZE_SLICE_CHARS = 8192
 
 Send = Callable[[p.FromWorker], None]
-
-
-class LoadError(Exception):
-    """The model cannot be loaded; ``str(err)`` names the file and why."""
 
 
 class _RequestError(Exception):
@@ -94,6 +97,8 @@ class _Request:
     seqs: list[_Seq] = field(default_factory=list)
     reasons: list[p.FinishReason | None] = field(default_factory=list)
     generated: int = 0
+    cached: int = 0
+    """Prompt tokens whose KV cache the first choice's slot already held."""
 
     @property
     def id(self) -> int:
@@ -110,8 +115,9 @@ class _Seq:
 
     request: _Request
     index: int
-    slot: int
     sampler: SeqSampler
+    slot: int = -1
+    """-1 while the prompt is being tokenized (the request holds a reservation)."""
     n_past: int = 0
     n_generated: int = 0
     next_token: int | None = None
@@ -144,13 +150,14 @@ class Engine:
     def __init__(self, load: p.Load) -> None:
         self.ll = ll = _llama()
         self._piece_buf = ctypes.create_string_buffer(256)
-        self._log_cb = _quiet_logs(ll)
+        self._log_cb = quiet_logs(ll)
         ll.llama_backend_init()
         self.gpu_offload = bool(ll.llama_supports_gpu_offload())
         self.n_parallel = load.n_parallel
         self.n_batch = max(load.n_batch, load.n_parallel)
         self.n_threads = self.load_threads = load.n_threads
-        self.model, self.ctx, self.n_gpu_layers = self._load(load)
+        self.model, self.ctx, self.n_gpu_layers = load_model(
+            ll, load, n_batch=self.n_batch, gpu_offload=self.gpu_offload)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_embd = ll.llama_model_n_embd(self.model)
@@ -158,12 +165,12 @@ class Engine:
         self.memory = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self.template = ChatTemplate(
-            _meta(ll, self.model, "tokenizer.chat_template"),
+            meta(ll, self.model, "tokenizer.chat_template"),
             bos_token=self._piece(ll.llama_vocab_bos(self.vocab), special=True),
             eos_token=self._piece(ll.llama_vocab_eos(self.vocab), special=True),
         )
         self.bos = ll.llama_vocab_bos(self.vocab)
-        self.free_slots = list(range(load.n_parallel))  # a heap: the lowest slot first
+        self.slots = Slots(load.n_parallel, keep=load.prefix_cache)
         self.vocab_info = Vocab(ll, self.vocab, self.n_vocab)
         self.requests: dict[int, _Request] = {}
         self.seqs: list[_Seq] = []
@@ -174,43 +181,6 @@ class Engine:
         self.embedder = Embedder(ll, self.model, n_ctx=self.n_ctx_seq, n_embd=self.n_embd,
                                  n_vocab=self.n_vocab, n_threads=self.n_threads,
                                  tokenize=self._tokens_within)
-
-    def _load(self, load: p.Load) -> tuple[Any, Any, int]:
-        """Load the weights and create the batch context; returns (model, context, layers
-        offloaded). With a GPU build and no n_gpu_layers, offload what fits: all layers
-        first, then fewer, then none, until both the weights and the context fit."""
-        ll = self.ll
-        if not self.gpu_offload:
-            candidates = [0]
-        elif load.n_gpu_layers is not None:
-            candidates = [load.n_gpu_layers]
-        else:
-            n = max(load.n_layers, 1)
-            candidates = [-1, *sorted({n * 3 // 4, n // 2, n // 4} - {0}, reverse=True), 0]
-        why = "llama.cpp could not load the model"
-        for layers in candidates:
-            mparams = ll.llama_model_default_params()
-            mparams.n_gpu_layers = layers
-            model = ll.llama_model_load_from_file(load.path.encode(), mparams)
-            if not model:
-                continue
-            n_ctx_seq = min(load.n_ctx, ll.llama_model_n_ctx_train(model) or load.n_ctx)
-            params = ll.llama_context_default_params()
-            params.n_ctx = n_ctx_seq * load.n_parallel
-            params.n_batch = self.n_batch
-            params.n_ubatch = min(self.n_batch, 512)
-            params.n_seq_max = load.n_parallel
-            params.n_threads = params.n_threads_batch = load.n_threads
-            params.kv_unified = False  # one KV stream per sequence, n_ctx_seq cells each
-            params.no_perf = True
-            ctx = ll.llama_init_from_model(model, params)
-            if ctx:
-                total = ll.llama_model_n_layer(model)
-                return model, ctx, total if layers < 0 else min(layers, total)
-            ll.llama_model_free(model)
-            why = (f"llama.cpp could not create a context of {params.n_ctx} tokens "
-                   f"({load.n_parallel} x {n_ctx_seq}); lower n_ctx or n_parallel")
-        raise LoadError(f"{load.path}: {why}")
 
     # --- requests -----------------------------------------------------------------------
 
@@ -333,7 +303,8 @@ class Engine:
             return
         r = _Request(req, req.max_tokens, pieces, reasons=[None] * req.n)
         for i, sampler in enumerate(samplers):
-            r.seqs.append(_Seq(r, i, heapq.heappop(self.free_slots), sampler))
+            r.seqs.append(_Seq(r, i, sampler))
+        self.slots.reserve(req.n)
         self.requests[req.id] = r
         self.seqs.extend(r.seqs)
 
@@ -354,6 +325,35 @@ class Engine:
             if not r.pieces:
                 room = self.n_ctx_seq - len(r.prompt)
                 r.max_tokens = room if r.max_tokens is None else min(r.max_tokens, room)
+                self._place(r)
+
+    def _place(self, r: _Request) -> None:
+        """``r``'s prompt is whole: its first choice takes the free slot whose KV cache
+        shares the longest prefix with it, cut there; the other choices the lowest free
+        slots (their KV cache is replaced by the first's at the fork)."""
+        first = r.seqs[0]
+        first.slot, common = self.slots.take_best(r.prompt)
+        reuse = min(common, len(r.prompt) - 1)  # at least the last token, for its logits
+        if not self._cut(first.slot, reuse):
+            reuse = 0
+        first.n_past = r.cached = reuse
+        for seq in r.seqs[1:]:
+            seq.slot = self.slots.take_lowest()
+
+    def _cut(self, slot: int, keep: int) -> bool:
+        """Remove ``slot``'s KV cache from position ``keep`` on; False (and the slot's
+        whole cache removed) when that cannot keep the first ``keep`` positions: recurrent
+        memory refuses partial removal, sliding-window attention has dropped early cells."""
+        ll, kept = self.ll, self.slots.kept[slot]
+        if not kept:
+            return keep == 0
+        if keep > 0 and ll.llama_memory_seq_pos_min(self.memory, slot) == 0 and (
+                len(kept) == keep or ll.llama_memory_seq_rm(self.memory, slot, keep, -1)):
+            del kept[keep:]
+            return True
+        ll.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        kept.clear()
+        return keep == 0
 
     def cancel(self, request_id: int, send: Send) -> None:
         r = self.requests.get(request_id)
@@ -384,15 +384,20 @@ class Engine:
         if all(why is not None for why in r.reasons):
             reasons = tuple(why for why in r.reasons if why is not None)
             out.append(p.Done(r.id, reasons[0], len(r.prompt), r.generated,
-                              reasons if len(reasons) > 1 else ()))
+                              reasons if len(reasons) > 1 else (), r.cached))
             del self.requests[r.id]
 
     def _release(self, seq: _Seq) -> None:
-        """Free ``seq``'s KV cells, sampler and slot."""
-        self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        """Free ``seq``'s sampler and slot (or its reservation), and its KV cells unless
+        the slot keeps them for prefix reuse."""
+        if seq.slot < 0:
+            self.slots.unreserve(1)
+        else:
+            if not self.slots.keep:
+                self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            self.slots.release(seq.slot)
         seq.sampler.free()
         self.seqs.remove(seq)
-        heapq.heappush(self.free_slots, seq.slot)
 
     def _drop(self, r: _Request) -> None:
         """Forget a failed request and free all its sequences."""
@@ -444,13 +449,16 @@ class Engine:
         ll, batch = self.ll, self.batch
         for seq in [s for s in self.seqs if s.cancelled]:
             self._finish(seq, "cancelled", out)
-        while self.waiting and len(self.free_slots) >= min(self.waiting[0].n, self.n_parallel):
+        while self.waiting and self.slots.available() >= min(self.waiting[0].n,
+                                                             self.n_parallel):
             self.admit(self.waiting.popleft(), out.append)
         self._tokenize_slice(out)
         n = 0
+        kept = self.slots.kept
 
         def add(token: int, pos: int, slot: int, logits: bool) -> None:
             nonlocal n
+            kept[slot].append(token)
             batch.token[n] = token
             batch.pos[n] = pos
             batch.n_seq_id[n] = 1
@@ -486,6 +494,9 @@ class Engine:
         self.fed += n
         rc = ll.llama_decode(self.ctx, batch)
         if rc != 0:
+            ll.llama_memory_clear(self.memory, True)  # what it holds is not known now
+            for tokens in kept:
+                tokens.clear()
             for r in list(self.requests.values()):
                 out.append(p.Failed(r.id, "internal", f"llama_decode failed ({rc})"))
                 self._drop(r)
@@ -504,6 +515,7 @@ class Engine:
             if seq not in self.seqs or not seq.forking:
                 continue
             self.ll.llama_memory_seq_cp(self.memory, first.slot, seq.slot, -1, -1)
+            self.slots.kept[seq.slot][:] = self.slots.kept[first.slot]
             seq.n_past = first.n_past
             seq.batch_index = first.batch_index
             self._accept(seq, seq.sampler.sample(self.ctx, first.batch_index), out)
@@ -557,31 +569,3 @@ def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append({"role": role, "content": m["content"]})
     return out
-
-
-def _meta(ll: Any, model: Any, key: str) -> str | None:
-    buf = ctypes.create_string_buffer(1 << 16)
-    n = ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    if n < 0:
-        return None
-    if n >= len(buf):
-        buf = ctypes.create_string_buffer(n + 1)
-        ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    return bytes(buf.value).decode("utf-8", errors="replace")
-
-
-def _quiet_logs(ll: Any) -> Any:
-    """Route llama.cpp's log to stderr, errors only unless SIDECAR_LLAMA_LOG=1."""
-    verbose = os.environ.get("SIDECAR_LLAMA_LOG") == "1"
-
-    last = [0]
-
-    @ll.llama_log_callback  # type: ignore[untyped-decorator]
-    def callback(level: int, text: bytes, _user: Any) -> None:
-        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message
-            last[0] = level
-        if verbose or last[0] >= 4:  # GGML_LOG_LEVEL_ERROR
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-
-    ll.llama_log_set(callback, None)
-    return callback

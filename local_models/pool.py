@@ -507,6 +507,7 @@ class ModelPool:
             n_gpu_layers=entry.spec.n_gpu_layers,
             n_threads=self._threads,
             n_layers=entry.info.n_layers if entry.info is not None else 0,
+            prefix_cache=entry.spec.prefix_cache,
         )
         try:
             await worker.handshake(load, self.settings.load_timeout_s)

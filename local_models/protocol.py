@@ -48,6 +48,9 @@ class Load(_Msg, frozen=True):
     n_layers: int = 0
     """From the GGUF metadata; sizes the steps of partial GPU offload."""
     n_batch: int = 512
+    prefix_cache: bool = True
+    """Keep each sequence slot's KV cache after its request and reuse the longest common
+    prefix with a later prompt (False: every prompt is prefilled whole)."""
 
 
 class ChatMessage(msgspec.Struct, frozen=True, array_like=True):
@@ -164,6 +167,9 @@ class Done(_Msg, frozen=True):
     """All choices together."""
     finish_reasons: tuple[FinishReason, ...] = ()
     """Each choice's, by index, when n > 1."""
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, those whose KV cache was kept from an earlier request (not
+    prefilled again)."""
 
 
 class Embeddings(_Msg, frozen=True):

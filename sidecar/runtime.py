@@ -77,7 +77,8 @@ def build_catalog(config: Config) -> Catalog:
     """Read the GGUF headers of every configured and scanned local model (no weights)."""
     specs = [
         ModelSpec(name=m.name, path=m.path, package=m.package, n_ctx=m.n_ctx,
-                  n_parallel=m.n_parallel, n_gpu_layers=m.n_gpu_layers)
+                  n_parallel=m.n_parallel, n_gpu_layers=m.n_gpu_layers,
+                  prefix_cache=m.prefix_cache)
         for m in config.local_models
     ]
     local = config.local

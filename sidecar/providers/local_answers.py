@@ -32,6 +32,7 @@ from sidecar.types import (
     ChunkChoice,
     Delta,
     Meter,
+    PromptTokensDetails,
     ResponseMessage,
     TextChoice,
     TextCompletion,
@@ -46,8 +47,11 @@ _encoder = msgspec.json.Encoder()
 
 
 def usage_of(done: Done) -> Usage:
+    """OpenAI's usage; prompt tokens the worker's KV cache already held (prefix reuse) as
+    ``prompt_tokens_details.cached_tokens``, when there were some."""
+    details = PromptTokensDetails(done.cached_tokens) if done.cached_tokens else None
     return Usage(done.prompt_tokens, done.completion_tokens,
-                 done.prompt_tokens + done.completion_tokens)
+                 done.prompt_tokens + done.completion_tokens, details)
 
 
 def _reasons(done: Done, n: int) -> list[str]:

@@ -133,16 +133,19 @@ def test_streamed_tool_calls_concatenate_to_valid_json(client: openai.OpenAI) ->
 
 
 def test_streamed_text_answer_in_tool_mode_streams_as_content(client: openai.OpenAI) -> None:
-    # tool_choice auto and a question without a tool: a text answer, streamed as content
+    # tool_choice auto and a question without a tool: a text answer, streamed as content.
+    # Judged on the stream itself, not against a second, non-streamed request with the
+    # same seed: with prompt-prefix reuse the repeat's prompt is cut into other batches
+    # than the first's, and llama.cpp's logits (so a seeded draw) may differ slightly
+    # (docs/local-api.md, "Prompt-prefix reuse").
     for seed in range(6):
         kw: dict[str, Any] = dict(model="local", tools=[WEATHER], temperature=1.0, seed=seed,
                                   max_tokens=60,
                                   messages=[{"role": "user", "content": "Tell me a joke."}])
-        whole = client.chat.completions.create(**kw).choices[0]
-        if whole.finish_reason != "stop" or whole.message.tool_calls:
-            continue
         content, calls, reason = streamed(client, **kw)
-        assert (content, calls, reason) == (whole.message.content, {}, "stop")
+        if reason != "stop" or calls:
+            continue
+        assert content.strip() and not content.lstrip().startswith("{\"tool_calls\"")
         return
     pytest.skip("no seed gave a complete text answer")
 

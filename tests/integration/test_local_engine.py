@@ -62,6 +62,7 @@ out = run(p.Generate(5, ask, None, 10, n=3, sampling=hot))
 d = done(out, 5)
 facts["n_texts"] = texts(out, 5, 3)
 facts["n_done"] = [d.prompt_tokens, d.completion_tokens, list(d.finish_reasons)]
+facts["n_cached"] = d.cached_tokens
 facts["n_fed"] = e.fed - before
 facts["prompt_len"] = prompt_len
 facts["n_again"] = texts(run(p.Generate(6, ask, None, 10, n=3, sampling=hot)), 6, 3)
@@ -130,8 +131,10 @@ def test_n_choices_share_one_prefill(facts: dict[str, Any]) -> None:
     prompt_tokens, completion_tokens, reasons = facts["n_done"]
     assert prompt_tokens == facts["prompt_len"]
     assert completion_tokens == 30 and reasons == ["length"] * 3
-    # the prompt decoded once, then each choice's tokens but its last
-    assert facts["n_fed"] == facts["prompt_len"] + 3 * (10 - 1)
+    # the prompt decoded once (what earlier requests left in the slot reused), then each
+    # choice's tokens but its last
+    assert 0 < facts["n_cached"] < facts["prompt_len"]
+    assert facts["n_fed"] == facts["prompt_len"] - facts["n_cached"] + 3 * (10 - 1)
     assert len(set(facts["n_texts"])) == 3  # seed + index: three different choices
     assert facts["n_again"] == facts["n_texts"]  # and reproducible
     assert "n = 5" in facts["n_too_many"]

@@ -1,0 +1,101 @@
+"""The engine's sequence slots: which are free, and which tokens each one's KV cache holds.
+
+Pure bookkeeping for :mod:`local_models.engine` (no llama.cpp call, no I/O); the engine
+makes the matching KV cache changes.
+
+Contract:
+
+* ``n`` slots, numbered 0 to ``n - 1``. A request is first *reserved* (its prompt is still
+  being tokenized, so which slot suits it is not known yet) and gets its slots once its
+  prompt is whole: :meth:`Slots.available` counts the free slots not reserved.
+* :meth:`Slots.take_best` gives the free slot whose kept tokens share the longest common
+  prefix with the prompt; ties go to the lowest slot, so slots stay packed from 0
+  (llama.cpp splits a batch at every gap between sequence ids). A prompt that matches no
+  slot at all goes to the lowest slot that holds nothing, when one does, rather than
+  evicting what another slot keeps.
+  :meth:`Slots.take_lowest` gives the lowest free slot (the other choices of ``n > 1``).
+* ``kept[slot]`` is, token for token, what the slot's KV cache holds from position 0 on:
+  the engine appends every token it puts in a batch for the slot and cuts or clears the
+  list exactly where it removes KV cells. With ``keep=False`` (no prefix reuse) nothing
+  is kept past a sequence's end and every match is empty.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+__all__ = ["Slots", "common_prefix"]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b`` (slice compares in C,
+    bisected, rather than a Python loop over every token)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class Slots:
+    """Free slots (a heap: the lowest first), reservations, and each slot's kept tokens."""
+
+    def __init__(self, n: int, *, keep: bool) -> None:
+        if n < 1:
+            raise ValueError(f"n_parallel must be at least 1, not {n}")
+        self.keep = keep
+        """Whether a slot's tokens outlive its sequence (prefix reuse on)."""
+        self.free = list(range(n))
+        self.reserved = 0
+        self.kept: list[list[int]] = [[] for _ in range(n)]
+
+    def available(self) -> int:
+        """Free slots that no request still tokenizing has reserved."""
+        return len(self.free) - self.reserved
+
+    def reserve(self, n: int) -> None:
+        if n > self.available():
+            raise ValueError(f"{n} slots asked, {self.available()} available")
+        self.reserved += n
+
+    def unreserve(self, n: int) -> None:
+        if n > self.reserved:
+            raise ValueError(f"{n} reservations given back, {self.reserved} held")
+        self.reserved -= n
+
+    def take_best(self, prompt: Sequence[int]) -> tuple[int, int]:
+        """Take a reserved slot for ``prompt``: (slot, length of the prefix its kept tokens
+        share with ``prompt``), the longest match first, then the lowest slot."""
+        self.unreserve(1)
+        slot, best = min(self.free), 0
+        empty = min((s for s in self.free if not self.kept[s]), default=None)
+        if self.keep:
+            for s in sorted(self.free):
+                length = common_prefix(self.kept[s], prompt)
+                if length > best:
+                    slot, best = s, length
+        if best == 0 and empty is not None:
+            slot = empty
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        return slot, best
+
+    def take_lowest(self) -> int:
+        """Take a reserved slot: the lowest free one."""
+        self.unreserve(1)
+        return heapq.heappop(self.free)
+
+    def release(self, slot: int) -> None:
+        """Give ``slot`` back; its kept tokens stay only when ``keep``."""
+        if slot in self.free:
+            raise ValueError(f"slot {slot} is already free")
+        if not self.keep:
+            self.kept[slot].clear()
+        heapq.heappush(self.free, slot)
