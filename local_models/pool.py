@@ -326,8 +326,7 @@ class ModelPool:
         """The vectors of ``inputs`` (texts, or token ids used as they are), pooled as
         ``pooling`` says (last: at most :data:`~local_models.embedder.LAST_N_CTX` tokens)."""
         n_ctx = self._n_ctx(name) if pooling == "mean" else min(self._n_ctx(name), LAST_N_CTX)
-        refusal = limits.embed_refusal(n_ctx, inputs)
-        if refusal is not None:
+        if (refusal := limits.embed_refusal(n_ctx, inputs)) is not None:
             raise InvalidRequest(refusal)
         async with self._request(name, 0) as (_, worker, rid, answers):
             try:
