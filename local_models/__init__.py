@@ -13,7 +13,7 @@ process, and by :func:`gpu_offload_supported` when called).
                       (``schema_grammar``, ``SchemaError``); llama_cpp imported on first use
     limits.py         pure bounds on one request's work, checked before a worker sees it
     eviction.py       ``plan_load``: pure choice of the idle models to unload for a load
-    state.py          ``ModelState`` and ``next_state``: one model's life, a pure machine
+    state.py          ``ModelState``, ``next_state`` (one model's life, pure), ``ModelStatus``
     priority.py       niceness / CPU set / autogroup of worker processes
     protocol.py       the frames between the pool and a worker (``ChatMessage``,
                       ``Sampling``, ``Done``, ...)
@@ -51,9 +51,9 @@ from local_models.errors import (
     WorkerLost,
 )
 from local_models.grammar import SchemaError, check_schema, schema_grammar
-from local_models.pool import ModelPool, ModelStatus, PoolSettings
+from local_models.pool import ModelPool, PoolSettings
 from local_models.protocol import ChatMessage, Done, Embeddings, Sampling, TokenLogprob, Tokens
-from local_models.state import ModelState
+from local_models.state import ModelState, ModelStatus
 
 __all__ = [
     "Catalog",

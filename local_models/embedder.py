@@ -1,11 +1,13 @@
-"""Embeddings of one model: a second llama.cpp context with mean pooling, one input per turn.
+"""Embeddings of one model: llama.cpp contexts of their own, one input per turn.
 
 Used by the engine on its one llama.cpp thread (:mod:`local_models.engine`), between decode
 steps: :meth:`Embedder.turn` embeds one input of the oldest request, so a large request never
-holds up generations for more than one input. The context is made on first use, as long as
-a generation's context (its compute buffer grows with the square of that). Vectors are
-L2-normalised. An input is a text (tokenized as plain text) or token ids (used as they are,
-each checked against the vocabulary).
+holds up generations for more than one input. Each pooling has its own context, made on
+first use: mean pooling (the embeddings API) as long as a generation's context (its compute
+buffer grows with the square of that), last-token pooling (the semantic cache's short
+prompts) at most :data:`LAST_N_CTX` tokens. Vectors are L2-normalised. An input is a text
+(tokenized as plain text) or token ids (used as they are, each checked against the
+vocabulary).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any
 
 from local_models import protocol as p
 
-__all__ = ["Embedder", "Tokenize"]
+__all__ = ["LAST_N_CTX", "Embedder", "Tokenize"]
+
+LAST_N_CTX = 512
+"""The longest input last-token pooling takes."""
 
 Tokenize = Callable[[str, int], tuple[list[int], bool]]
 """(text, at most this many tokens) -> (tokens, whether the whole text fit)."""
@@ -49,7 +54,7 @@ class Embedder:
         self.n_threads = n_threads
         self.tokenize = tokenize
         self.jobs: deque[_Job] = deque()
-        self.ctx: Any = None
+        self.contexts: dict[p.Pooling, Any] = {}
 
     def submit(self, req: p.Embed) -> None:
         self.jobs.append(_Job(req))
@@ -64,8 +69,8 @@ class Embedder:
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n
-        if self.ctx is not None:
-            self.ll.llama_set_n_threads(self.ctx, n, n)
+        for ctx in self.contexts.values():
+            self.ll.llama_set_n_threads(ctx, n, n)
 
     def turn(self, out: list[p.FromWorker]) -> None:
         """Embed one input of the oldest request; its answer (or failure) once done."""
@@ -82,41 +87,48 @@ class Embedder:
             out.append(done)
             self.jobs.popleft()
 
-    def _context(self) -> Any:
+    def _n_ctx(self, pooling: p.Pooling) -> int:
+        return self.n_ctx if pooling == "mean" else min(self.n_ctx, LAST_N_CTX)
+
+    def _context(self, pooling: p.Pooling) -> Any:
         ll = self.ll
-        if self.ctx is None:
+        ctx = self.contexts.get(pooling)
+        if ctx is None:
             params = ll.llama_context_default_params()
-            params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
+            params.n_ctx = params.n_batch = params.n_ubatch = self._n_ctx(pooling)
             params.n_seq_max = 1
             params.n_threads = params.n_threads_batch = self.n_threads
             params.embeddings = True
-            params.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
+            params.pooling_type = (ll.LLAMA_POOLING_TYPE_MEAN if pooling == "mean"
+                                   else ll.LLAMA_POOLING_TYPE_LAST)
             params.no_perf = True
-            self.ctx = ll.llama_init_from_model(self.model, params) or None
-            if self.ctx is None:
+            ctx = ll.llama_init_from_model(self.model, params) or None
+            if ctx is None:
                 raise _Refused("internal", "llama.cpp could not create an embedding context")
-        return self.ctx
+            self.contexts[pooling] = ctx
+        return ctx
 
-    def _tokens(self, i: int, item: str | tuple[int, ...]) -> list[int]:
+    def _tokens(self, i: int, item: str | tuple[int, ...], n_ctx: int) -> list[int]:
         if isinstance(item, str):
-            tokens, whole = self.tokenize(item, self.n_ctx)
+            tokens, whole = self.tokenize(item, n_ctx)
         else:
             tokens, whole = list(item), True
             bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
             if bad is not None:
                 raise _Refused("invalid", f"input[{i}] has token {bad}; this model's "
                                f"vocabulary has tokens 0 to {self.n_vocab - 1}")
-        if not tokens or len(tokens) > self.n_ctx or not whole:
+        if not tokens or len(tokens) > n_ctx or not whole:
             raise _Refused("invalid", f"input[{i}] is {len(tokens)}{'' if whole else '+'} "
-                           f"tokens; embeddings take 1 to {self.n_ctx}")
+                           f"tokens; embeddings take 1 to {n_ctx}")
         return tokens
 
     def _embed_one(self, job: _Job) -> p.Embeddings | None:
         ll = self.ll
-        ctx = self._context()
+        ctx = self._context(job.req.pooling)
+        n_ctx = self._n_ctx(job.req.pooling)
         i = len(job.vectors)
-        tokens = self._tokens(i, job.req.inputs[i])
-        batch = ll.llama_batch_init(self.n_ctx, 0, 1)
+        tokens = self._tokens(i, job.req.inputs[i], n_ctx)
+        batch = ll.llama_batch_init(n_ctx, 0, 1)
         try:
             ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
             for j, token in enumerate(tokens):

@@ -14,7 +14,8 @@ Contract:
   lack of room is not remembered as a failed load: the next request tries again.
 * Admission: at most ``n_parallel`` generations of a model are in its worker at once; up to
   ``max_queue`` more wait here in arrival order; beyond that :class:`Overloaded` (with a
-  Retry-After estimate) is raised at once.
+  Retry-After estimate) is raised at once. Embeddings count toward that bound but hold no
+  sequence (the worker embeds between decode steps), so they never wait for one.
 * Requests beyond :mod:`local_models.limits` (messages, characters against the model's
   context, embedding inputs) raise :class:`InvalidRequest` naming the limit before anything
   is queued or sent; seeds are masked to 32 bits and ``max_tokens`` clamped, so any integer
@@ -66,6 +67,7 @@ import psutil
 from local_models import limits, priority, process
 from local_models import protocol as p
 from local_models.catalog import CatalogEntry
+from local_models.embedder import LAST_N_CTX
 from local_models.errors import (
     InvalidRequest,
     LocalError,
@@ -77,9 +79,9 @@ from local_models.errors import (
 from local_models.eviction import LoadPlan, Resident, plan_load
 from local_models.priority import Baseline, Priority
 from local_models.process import Answer, Worker
-from local_models.state import Event, ModelState, next_state
+from local_models.state import Event, ModelState, ModelStatus, next_state
 
-__all__ = ["ModelPool", "ModelStatus", "PoolSettings"]
+__all__ = ["ModelPool", "PoolSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -100,43 +102,6 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True):
     retry_failed_load_s: float = 10.0
     worker_command: tuple[str, ...] = ()
     """argv of a worker; empty means ``python -m local_models.worker``."""
-
-
-class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    state: ModelState
-    loaded: bool
-    """``state`` is ready: a live worker serves the model."""
-    pid: int | None
-    """The worker's, while the pool holds one (a dead one until it is reaped)."""
-    in_flight: int
-    queued: int
-    estimated_bytes: int
-    last_error: str | None
-    n_parallel: int = 1
-    """Generations the worker decodes together (admission allows this many at once)."""
-    ttft_s: float | None = None
-    """EWMA of seconds from sending a generation to its first text."""
-    decode_tps: float | None = None
-    """EWMA of one sequence's decode speed, tokens per second after the first."""
-    avg_completion_tokens: float | None = None
-    """EWMA of completion tokens per generation."""
-    avg_duration_s: float | None = None
-    """EWMA of whole requests, admission to end (loading included); None until one ended."""
-    load_s: float | None = None
-    """Seconds the last successful load took."""
-    nice: int | None = None
-    """Niceness requested for the worker's threads; None: the gateway's own (baseline)."""
-    loads: int = 0
-    """Successful loads since the pool started (a new worker after a crash counts)."""
-    load_failures: int = 0
-    """Loads that failed (a bad GGUF, a worker that died or timed out loading); refusals
-    for lack of room and abandoned loads are not counted."""
-    unloads: int = 0
-    """Workers the pool stopped (idle, making room, host memory pressure, shutdown)."""
-    crashes: int = 0
-    """Ready workers that exited on their own (crash, SIGKILL, out of memory); the next
-    request starts a new one."""
 
 
 @dataclass(eq=False)
@@ -356,14 +321,17 @@ class ModelPool:
                 if not finished:
                     worker.send(p.Cancel(rid))
 
-    async def embed(self, name: str, inputs: Sequence[str | tuple[int, ...]]) -> p.Embeddings:
-        """The vectors of ``inputs`` (texts, or token ids used as they are)."""
-        refusal = limits.embed_refusal(self._n_ctx(name), inputs)
+    async def embed(self, name: str, inputs: Sequence[str | tuple[int, ...]],
+                    pooling: p.Pooling = "mean") -> p.Embeddings:
+        """The vectors of ``inputs`` (texts, or token ids used as they are), pooled as
+        ``pooling`` says (last: at most :data:`~local_models.embedder.LAST_N_CTX` tokens)."""
+        n_ctx = self._n_ctx(name) if pooling == "mean" else min(self._n_ctx(name), LAST_N_CTX)
+        refusal = limits.embed_refusal(n_ctx, inputs)
         if refusal is not None:
             raise InvalidRequest(refusal)
-        async with self._request(name) as (_, worker, rid, answers):
+        async with self._request(name, 0) as (_, worker, rid, answers):
             try:
-                worker.send(p.Embed(rid, tuple(inputs)))
+                worker.send(p.Embed(rid, tuple(inputs), pooling))
                 _, msg = process.unpack(await answers.get())
             except BaseException:  # cancelled or past its deadline: stop the worker's part
                 worker.send(p.Cancel(rid))
@@ -383,8 +351,8 @@ class ModelPool:
     @contextlib.asynccontextmanager
     async def _request(self, name: str, slots: int = 1) -> AsyncIterator[
             tuple[_Model, Worker, int, asyncio.Queue[Answer | None]]]:
-        """Admission for ``slots`` sequences, a loaded worker, a request id and the queue
-        of its answers; the slots are freed and the queue dropped however it ends."""
+        """Admission for ``slots`` sequences (0: holds none, counted as one), a loaded
+        worker, a request id and its answers' queue; all freed however it ends."""
         model = self._model(name)
         await self._admit(model, slots)
         started = time.monotonic()
@@ -400,7 +368,7 @@ class ModelPool:
         finally:
             for _ in range(slots):
                 model.slots.release()
-            model.in_flight -= slots
+            model.in_flight -= max(slots, 1)
             model.last_used = time.monotonic()
             model.avg_duration_s = _ewma(model.avg_duration_s, model.last_used - started)
 
@@ -413,12 +381,13 @@ class ModelPool:
         return model
 
     async def _admit(self, model: _Model, slots: int = 1) -> None:
-        """Wait for ``slots`` of the model's sequences, or raise Overloaded at once when
-        the queue is full (every sequence asked for counts, running or waiting)."""
+        """Wait for ``slots`` of the model's sequences (0: none, counted as one), or raise
+        Overloaded at once when the queue is full (running or waiting, every one counts)."""
         n_parallel = model.n_parallel
         # Count who is present, not the semaphore: a waiter woken by a freed slot is still
         # counted as queued until it runs, and a newcomer then is within the bound.
-        if model.in_flight + model.queued + slots > n_parallel + self.settings.max_queue:
+        counted = max(slots, 1)
+        if model.in_flight + model.queued + counted > n_parallel + self.settings.max_queue:
             duration = model.avg_duration_s if model.avg_duration_s is not None else 1.0
             wait = duration * (model.queued + n_parallel) / n_parallel
             raise Overloaded(
@@ -426,6 +395,9 @@ class ModelPool:
                 f"{model.queued} queued)",
                 retry_after_s=max(1.0, round(wait, 1)),
             )
+        if slots == 0:
+            model.in_flight += 1
+            return
         model.queued += slots
         taken = 0
         try:

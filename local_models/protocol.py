@@ -86,10 +86,16 @@ class Generate(_Msg, frozen=True):
     """None: no log-probabilities; k: each token's, with the k most likely alternatives."""
 
 
+Pooling = Literal["mean", "last"]
+
+
 class Embed(_Msg, frozen=True):
     id: int
     inputs: tuple[str | tuple[int, ...], ...]
     """Texts, or token ids as they are (no BOS added)."""
+    pooling: Pooling = "mean"
+    """mean: the average of every token's state (the embeddings API); last: the last
+    token's state (for prompts written to end in their meaning, as the semantic cache's)."""
 
 
 class Cancel(_Msg, frozen=True):

@@ -9,14 +9,16 @@ Contract: :func:`next_state` is a total function of (state, event) over the tran
 drawn above and raises :class:`InvalidTransition` for any other pair (a bug in the caller,
 never a condition of the host). No I/O, no clock. ``FAILED`` is also where a model whose
 catalog entry has an error starts (it never loads). The pool keeps one :class:`ModelState`
-per model and reports it in its status views.
+per model and reports it in its status views (:class:`ModelStatus`).
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["Event", "InvalidTransition", "ModelState", "next_state"]
+import msgspec
+
+__all__ = ["Event", "InvalidTransition", "ModelState", "ModelStatus", "next_state"]
 
 
 class ModelState(enum.StrEnum):
@@ -72,3 +74,40 @@ def next_state(state: ModelState, event: Event) -> ModelState:
         return _TRANSITIONS[state, event]
     except KeyError:
         raise InvalidTransition(f"{event.value} cannot happen while {state.value}") from None
+
+
+class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    state: ModelState
+    loaded: bool
+    """``state`` is ready: a live worker serves the model."""
+    pid: int | None
+    """The worker's, while the pool holds one (a dead one until it is reaped)."""
+    in_flight: int
+    queued: int
+    estimated_bytes: int
+    last_error: str | None
+    n_parallel: int = 1
+    """Generations the worker decodes together (admission allows this many at once)."""
+    ttft_s: float | None = None
+    """EWMA of seconds from sending a generation to its first text."""
+    decode_tps: float | None = None
+    """EWMA of one sequence's decode speed, tokens per second after the first."""
+    avg_completion_tokens: float | None = None
+    """EWMA of completion tokens per generation."""
+    avg_duration_s: float | None = None
+    """EWMA of whole requests, admission to end (loading included); None until one ended."""
+    load_s: float | None = None
+    """Seconds the last successful load took."""
+    nice: int | None = None
+    """Niceness requested for the worker's threads; None: the gateway's own (baseline)."""
+    loads: int = 0
+    """Successful loads since the pool started (a new worker after a crash counts)."""
+    load_failures: int = 0
+    """Loads that failed (a bad GGUF, a worker that died or timed out loading); refusals
+    for lack of room and abandoned loads are not counted."""
+    unloads: int = 0
+    """Workers the pool stopped (idle, making room, host memory pressure, shutdown)."""
+    crashes: int = 0
+    """Ready workers that exited on their own (crash, SIGKILL, out of memory); the next
+    request starts a new one."""

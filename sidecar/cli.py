@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 import msgspec
 
 from sidecar import __version__
+from sidecar.cache import CacheUnavailable
 from sidecar.config import Config, ConfigError, default_config, load_config
 from sidecar.logs import LEVELS
 from sidecar.money import LedgerUnavailable
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: invalid config: {e}", file=sys.stderr)
         return 1
-    except LedgerUnavailable as e:
+    except (LedgerUnavailable, CacheUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -149,7 +149,45 @@ class TargetConfig(_Base, frozen=True):
         return f"{self.provider}/{self.model}"
 
 
-Strategy = Literal["priority", "weighted", "least-busy", "latency", "cost"]
+Strategy = Literal["priority", "weighted", "least-busy", "latency", "cost", "cascade"]
+
+Logprob = Annotated[float, Meta(le=0)]
+
+
+class CascadeConfig(_Base, frozen=True):
+    """When a step of a ``strategy = "cascade"`` route has answered well enough (see
+    docs/routing.md). A step is judged only while a later one could still answer; the last
+    one's answer is served as it is."""
+
+    min_mean_logprob: Logprob | None = -0.5
+    """Escalate when the answer's mean token log-probability is below this (unset: never)."""
+    min_token_logprob: Logprob | None = None
+    """Escalate when any one token's log-probability is below this (unset: never)."""
+    no_logprobs: Literal["accept", "escalate"] = "accept"
+    """What an answer without log-probabilities gets (a target that does not give them)."""
+    check_schema: bool = True
+    """Escalate when a request with ``response_format`` json_object / json_schema gets an
+    answer that is not JSON or does not match the schema."""
+
+
+Pooling = Literal["last", "mean"]
+
+
+class SemanticCacheConfig(_Base, frozen=True):
+    """A route's semantic cache: a question that means what a cached one meant gets its
+    answer (docs/caching.md)."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    """The local model whose embeddings compare questions (a ``[[local_models]]`` name)."""
+    min_similarity: Annotated[float, Meta(gt=0, le=1)] = 0.97
+    """How alike (cosine) two questions must be; 1: in effect only exact matches."""
+    timeout_s: PositiveFloat = 0.5
+    """The longest a lookup waits for the question's embedding (a busy or unloaded model):
+    past it the request is only looked up exactly."""
+    pooling: Pooling = "last"
+    """last: the last token's state of the question put in a summing-up prompt (for chat
+    models, as the default SmolLM2); mean: the mean of the question's token states (for an
+    embedding model you bring as a ``[[local_models]]`` entry)."""
 
 
 class RouteConfig(_Base, frozen=True):
@@ -163,13 +201,26 @@ class RouteConfig(_Base, frozen=True):
     strategy: Strategy = "priority"
     """priority: as listed; weighted: random by weight; least-busy: fewest requests in
     flight; latency: lowest moving average of time to first token (streams) or total time;
-    cost: cheapest for the request's estimated tokens."""
+    cost: cheapest for the request's estimated tokens; cascade: cheapest first, the next one
+    only when an answer's own confidence is low (``cascade``)."""
     prefer: Literal["local", "remote"] | None = None
     """local: local targets first (privacy or cost first), offloaded to remote ones while
     the host is under pressure; remote: remote targets first, local only when it can answer
     within the deadline. Unset: the strategy's order."""
     retries: NonNegativeInt | None = None
     """Overrides ``[routing].retries`` for this route."""
+    cache: bool = False
+    """Answer repeated requests from the response cache (``[cache]``): exact matches of
+    deterministic requests (temperature 0, a seed, or embeddings) per client key."""
+    cache_ttl_s: PositiveFloat | None = None
+    """How long this route's answers are kept; unset: ``[cache].ttl_s``."""
+    cache_nondeterministic: bool = False
+    """Cache this route's sampled requests too (any temperature, no seed): a repeated
+    question gets the first answer again instead of a new sample."""
+    cache_semantic: SemanticCacheConfig | None = None
+    """Also answer a chat question that means what a cached one meant (needs ``cache``)."""
+    cascade: CascadeConfig | None = None
+    """The thresholds of ``strategy = "cascade"`` (unset: the defaults)."""
 
 
 class LocalModelConfig(_Base, frozen=True):
@@ -303,6 +354,30 @@ class StateConfig(_Base, frozen=True):
     """When shared rate-limit state cannot be reached: open admits, closed answers 503."""
 
 
+#: Where the SQLite response cache lives when ``[cache].path`` is not set.
+DEFAULT_CACHE_PATH = "${XDG_CACHE_HOME:-~/.cache}/sidecar/responses.sqlite3"
+
+
+class CacheConfig(_Base, frozen=True):
+    """Where the response cache keeps answers (used by routes with ``cache = true``)."""
+
+    backend: Literal["memory", "sqlite", "redis"] = "memory"
+    """memory: this process, lost on restart; sqlite: this host, kept across restarts;
+    redis: shared by a fleet (``redis_url``, else ``[state].redis_url``)."""
+    path: str = DEFAULT_CACHE_PATH
+    """The SQLite file (backend = "sqlite"); a leading ``~`` is the home directory."""
+    redis_url: str | None = None
+    redis_prefix: str = "sidecar:cache:"
+    redis_timeout_s: PositiveFloat = 0.25
+    ttl_s: PositiveFloat = 3600.0
+    """How long an answer is kept (a route's ``cache_ttl_s`` overrides it)."""
+    max_bytes: Annotated[int, Meta(ge=1024, le=2**40)] = 64 * 2**20
+    """All answers together; the least recently used (SQLite, memory) or the soonest to
+    expire (Redis) go first."""
+    max_entry_bytes: Annotated[int, Meta(ge=256, le=2**30)] = 2**20
+    """A larger answer (body, or a stream's frames together) is served but not kept."""
+
+
 class Config(_Base, frozen=True):
     server: ServerConfig = ServerConfig()
     routing: RoutingConfig = RoutingConfig()
@@ -315,6 +390,7 @@ class Config(_Base, frozen=True):
     prices: dict[str, PriceConfig] = {}
     budgets: tuple[BudgetConfig, ...] = ()
     state: StateConfig = StateConfig()
+    cache: CacheConfig = CacheConfig()
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -367,24 +443,31 @@ def _validation_message(err: msgspec.ValidationError) -> str:
     return f"{path}: {m.group('msg')}" if path else m.group("msg")
 
 
+_DEFAULT_PATHS = {"state": DEFAULT_LEDGER_PATH, "cache": DEFAULT_CACHE_PATH}
+"""Tables whose ``path`` defaults hold ``${...}`` and a leading ``~``."""
+
+
 def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with the defaults that hold ``${...}`` filled in where the file has none."""
-    state = data.get("state", {})
-    if not isinstance(state, dict) or "path" in state:
-        return data  # a state that is not a table is reported by the decoding
-    return {**data, "state": {**state, "path": DEFAULT_LEDGER_PATH}}
+    for section, default in _DEFAULT_PATHS.items():
+        table = data.get(section, {})
+        if isinstance(table, dict) and "path" not in table:  # not a table: decoding says so
+            data = {**data, section: {**table, "path": default}}
+    return data
 
 
 def _expand_home(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """``data`` with a leading ``~`` of the ledger path replaced by the home directory."""
-    state = data.get("state")
-    if not isinstance(state, dict):
-        return data
-    path = state.get("path")
-    if not isinstance(path, str) or not (path == "~" or path.startswith("~/")):
-        return data
-    home = env.get("HOME") or os.path.expanduser("~")
-    return {**data, "state": {**state, "path": home.rstrip("/") + path[1:]}}
+    """``data`` with a leading ``~`` of the ledger's and the cache's paths replaced by the
+    home directory."""
+    for section in _DEFAULT_PATHS:
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        path = table.get("path")
+        if isinstance(path, str) and (path == "~" or path.startswith("~/")):
+            home = env.get("HOME") or os.path.expanduser("~")
+            data = {**data, section: {**table, "path": home.rstrip("/") + path[1:]}}
+    return data
 
 
 def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
@@ -451,6 +534,13 @@ def _check_references(config: Config) -> None:
         if r.model in routes:
             raise ConfigError(f"routes[{i}].model: duplicate route '{r.model}'")
         routes.add(r.model)
+        _check_cascade(r, i)
+        if r.cache_semantic is not None:
+            if not r.cache:
+                raise ConfigError(f"routes[{i}].cache_semantic: needs cache = true")
+            if r.cache_semantic.model not in local and not config.local.model_dirs:
+                raise ConfigError(f"routes[{i}].cache_semantic.model: unknown local model "
+                                  f"'{r.cache_semantic.model}'")
         for j, t in enumerate(r.targets):
             if t.provider == LOCAL_PROVIDER:
                 # Scanned directories are only read at startup; their names are checked then.
@@ -462,6 +552,23 @@ def _check_references(config: Config) -> None:
                 raise ConfigError(
                     f"routes[{i}].targets[{j}].provider: unknown provider '{t.provider}'"
                 )
+
+
+def _check_cascade(r: RouteConfig, i: int) -> None:
+    if r.strategy != "cascade":
+        if r.cascade is not None:
+            raise ConfigError(f'routes[{i}].cascade: only for strategy = "cascade"')
+        return
+    if len(r.targets) < 2:
+        raise ConfigError(f"routes[{i}].targets: a cascade needs at least two targets")
+    if r.prefer is not None:
+        raise ConfigError(f"routes[{i}].prefer: a cascade orders its targets by price, "
+                          "cheapest first; leave prefer unset")
+    c = r.cascade
+    if c is not None and c.min_mean_logprob is None and c.min_token_logprob is None \
+            and not c.check_schema and c.no_logprobs == "accept":
+        raise ConfigError(f"routes[{i}].cascade: every check is off, so no answer would "
+                          "ever escalate (set a threshold, or use strategy = \"cost\")")
 
 
 def _check_money(config: Config, providers: set[str]) -> None:
@@ -492,3 +599,9 @@ def _check_money(config: Config, providers: set[str]) -> None:
         raise ConfigError('state.redis_url: required when backend = "redis"')
     if state.redis_url is not None and not re.match(r"^(rediss?|unix)://", state.redis_url):
         raise ConfigError("state.redis_url: must be a redis://, rediss:// or unix:// URL")
+    cache = config.cache
+    if cache.redis_url is not None and not re.match(r"^(rediss?|unix)://", cache.redis_url):
+        raise ConfigError("cache.redis_url: must be a redis://, rediss:// or unix:// URL")
+    if cache.backend == "redis" and not (cache.redis_url or state.redis_url):
+        raise ConfigError('cache.redis_url: required when backend = "redis" (or set '
+                          "state.redis_url)")

@@ -110,6 +110,6 @@ class RequestLog:
             status=o.status, error=o.error, stream=o.stream, attempts=o.attempts,
             retries=o.retries, reasons=list(o.reasons), prompt_tokens=o.prompt_tokens,
             completion_tokens=o.completion_tokens,
-            cost_micro_usd=o.cost,
+            cost_micro_usd=o.cost, cache=o.cache,
             duration_ms=round(o.duration_s * 1000, 1),
             ttft_ms=None if o.ttft_s is None else round(o.ttft_s * 1000, 1)))

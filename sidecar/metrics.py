@@ -9,7 +9,7 @@ in the library's global registry and nothing happens at import. Two kinds of ser
   in Prometheus' spelling (``gen_ai_client_token_usage``, and the server's request
   duration, time to first token and time per output token, in seconds), with the
   conventions' bucket boundaries, and the sidecar's own counters (``sidecar_requests_total``,
-  route reasons, attempts, retries, rate-limit rejections, cost).
+  route reasons, attempts, retries, rate-limit rejections, cost, cascade escalations).
 * State series, read at scrape time through :meth:`~sidecar.gateway.Gateway.state` of the
   gateway given to :meth:`Metrics.watch`: circuits, local models (queue, slots, state,
   loads, unloads, crashes), host pressure, CPU and memory, GPUs when NVML sees one; and the
@@ -200,8 +200,21 @@ class Metrics:
         self._cost = _Counter(
             "sidecar_cost_microdollars_total",
             "Cost recorded for answered requests, in micro-dollars (1e-6 US dollars); free "
-            "targets add 0, targets of unknown price nothing.",
+            "targets add 0, targets of unknown price nothing; a cascade's escalated answers "
+            "count for the target that gave them.",
             ("route", "target"))
+        self._cache = _Counter(
+            "sidecar_cache_requests_total",
+            "Requests on routes with the response cache, by result: hit (answered from it, "
+            "no provider call, no cost), miss (answered and kept, or kept once its stream "
+            "ends well) or bypass (not cacheable, or the client opted out).",
+            ("route", "result"))
+        self._escalations = _Counter(
+            "sidecar_cascade_escalations_total",
+            "Answers of a cascade route's step judged not good enough (billed, and the next "
+            "step tried), by step (its index in the plan) and why (low_mean_logprob, "
+            "low_min_logprob, schema, empty, no_logprobs).",
+            ("route", "step", "why"))
         self._budget_failures = _Counter(
             "sidecar_budget_read_failures_total",
             "Scrapes whose budget figures could not be read from the ledger (left out).", ())
@@ -225,8 +238,9 @@ class Metrics:
             "(gen_ai.server.time_per_output_token).", _GEN_AI, TPOT_BUCKETS)
         self._families: tuple[_Counter | _Histogram, ...] = (
             self._requests, self._reasons, self._attempts, self._retries, self._limited,
-            self._cost, self._budget_failures, self._tokens, self._duration, self._ttft,
-            self._tpot)
+            self._cost, self._cache, self._escalations, self._budget_failures, self._tokens,
+            self._duration,
+            self._ttft, self._tpot)
         self.registry.register(_Collector(self))
 
     def watch(self, gateway: Gateway) -> None:
@@ -245,6 +259,9 @@ class Metrics:
         self._requests.inc((route, target, op, str(o.status)))
         for reason in o.reasons:
             self._reasons.inc((route, target, reason))
+        for escalation in o.escalations:
+            step, _, why = escalation.partition(":")
+            self._escalations.inc((route, step, why))
         if o.attempts:
             self._attempts.inc((route,), o.attempts)
         if o.retries:
@@ -257,6 +274,10 @@ class Metrics:
             self._limited.inc((route, error))
         if o.cost is not None and target:
             self._cost.inc((route, target), o.cost)
+        if o.cache is not None:
+            self._cache.inc((route, o.cache))
+        for escalated, cost in o.escalated_costs:  # a cascade's billed, unserved answers
+            self._cost.inc((route, _wildcard(escalated) if o.direct else escalated), cost)
         gen_ai = (op, provider, route)
         if o.prompt_tokens is not None:
             self._tokens.observe((*gen_ai, "input"), o.prompt_tokens)

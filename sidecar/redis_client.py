@@ -118,6 +118,11 @@ class RedisClient:
                 f"invalid Redis URL {self._where} for the {what}: {self._scrub(e)}"
             ) from None
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The pool's client, for single commands (run them inside :meth:`call`)."""
+        return self._redis
+
     def script(self, source: str) -> AsyncScript:
         """Register a Lua script (run it inside :meth:`call`)."""
         return self._redis.register_script(source)

@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Mapping
 
-from sidecar.gateway import Served
+from sidecar.gateway import Completed, Streaming
 from sidecar.money import format_usd
 
 MAX_HEADERS = 100
@@ -72,9 +72,10 @@ def header_safe(value: str) -> str:
     return _UNSAFE.sub("?", value)
 
 
-def served_meta(request_id: str, served: Served) -> dict[str, str]:
+def served_meta(request_id: str, served: Completed | Streaming) -> dict[str, str]:
     """Who served it and why there; ``x-sidecar-cost-usd`` when the cost is known now (a
-    paid stream's cost comes at its end). Every value is :func:`header_safe`."""
+    paid stream's cost comes at its end); ``x-sidecar-cache`` on a route with the response
+    cache. Every value is :func:`header_safe`."""
     out = {
         "x-request-id": header_safe(request_id),
         "x-sidecar-target": header_safe(served.target),
@@ -83,6 +84,8 @@ def served_meta(request_id: str, served: Served) -> dict[str, str]:
     }
     if served.cost is not None:
         out["x-sidecar-cost-usd"] = format_usd(served.cost)
+    if served.cache is not None:
+        out["x-sidecar-cache"] = served.cache
     return out
 
 

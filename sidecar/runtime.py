@@ -27,6 +27,7 @@ import uvicorn
 
 from local_models import Catalog, ModelPool, ModelSpec, PoolSettings
 from local_models import build_catalog as _build_catalog
+from sidecar.cache import build_store
 from sidecar.config import (
     LOCAL_PROVIDER,
     AnthropicProvider,
@@ -36,6 +37,7 @@ from sidecar.config import (
     ProviderConfig,
 )
 from sidecar.gateway import Current, Gateway, Observer
+from sidecar.gateway.cached import ResponseCache
 from sidecar.host import HostWatch, memory_floor_bytes
 from sidecar.http.app import create_app
 from sidecar.http.protocol import CappedHttpToolsProtocol
@@ -135,7 +137,7 @@ class Built:
 
     def __init__(self, config: Config, gateway: Gateway, providers: dict[str, Provider],
                  local: LocalProvider | None, store: BudgetStore | None, limiter: RateLimiter,
-                 host: HostWatch) -> None:
+                 host: HostWatch, cache: ResponseCache | None = None) -> None:
         self.config = config
         self.gateway = gateway
         self.providers = providers
@@ -144,6 +146,8 @@ class Built:
         self.store = store
         self.limiter = limiter
         self.host = host
+        self.cache = cache
+        """The response cache (None: no route has one)."""
 
 
 def _local_provider(config: Config, previous: Built | None) -> tuple[LocalProvider | None,
@@ -202,6 +206,7 @@ def build_gateway(config: Config, redactor: Redactor | None = None,
         host = HostWatch(config.resources) if local is None else HostWatch(
             config.resources, workers=local.pool.worker_pids,
             set_priority=local.pool.set_priority, unload_idle=local.pool.unload_idle)
+    cache = _response_cache(config, previous)
     observers: list[Observer] = [RequestLog()]
     if metrics is not None:
         observers.append(metrics.observe)
@@ -211,11 +216,30 @@ def build_gateway(config: Config, redactor: Redactor | None = None,
     gateway = Gateway(config, everything, local_models=names,
                       accountant=Accountant(config, store, limiter),
                       local_load=None if local is None else local.load, host=host,
-                      redactor=redactor, observers=observers,
+                      redactor=redactor, observers=observers, cache=cache,
                       previous=previous.gateway if previous is not None else None)
     if metrics is not None:
         metrics.watch(gateway)
-    return Built(config, gateway, providers, local, store, limiter, host)
+    return Built(config, gateway, providers, local, store, limiter, host, cache)
+
+
+def build_cache(config: Config) -> ResponseCache | None:
+    """The response cache of ``[cache]`` when a route uses it. Raises
+    :class:`~sidecar.cache.CacheUnavailable` when its store cannot be opened."""
+    if not any(r.cache for r in config.routes):
+        return None
+    return ResponseCache(build_store(config.cache, config.state))
+
+
+def _response_cache(config: Config, previous: Built | None) -> ResponseCache | None:
+    """The previous response cache when ``[cache]`` (and the Redis URL it may borrow from
+    ``[state]``) is unchanged and still used, else a new one."""
+    if (previous is not None and previous.cache is not None
+            and previous.config.cache == config.cache
+            and previous.config.state.redis_url == config.state.redis_url
+            and any(r.cache for r in config.routes)):
+        return previous.cache
+    return build_cache(config)
 
 
 async def retire(old: Built, new: Built) -> None:
@@ -233,6 +257,8 @@ async def retire(old: Built, new: Built) -> None:
         closing.append(old.store.aclose())
     if old.limiter is not new.limiter:
         closing.append(old.limiter.aclose())
+    if old.cache is not None and old.cache is not new.cache:
+        closing.append(old.cache.aclose())
     await asyncio.gather(*closing)
 
 

@@ -1,6 +1,10 @@
 """The request pipeline every front end calls.
 
-    pipeline.py  Gateway: authenticate -> route -> limits -> attempts with failover/retries
+    pipeline.py  Gateway: authenticate -> route -> cache -> admission -> attempts -> observers
+    attempts.py  the attempt loop: a plan's targets tried with failover, retries, a cascade
+    answers.py   Served / Completed / Streaming: who served a call, and its reply or stream
+    context.py   Context: what a front end says of a request besides its body
+    cached.py    the response cache's lookups and recordings (failures are misses)
     relay.py     relay(): a committed stream's frames -> typed events; Cut (shutdown grace)
     events.py    Relayed / Ended / Failed: what Streaming.events yields, in that order
     outcome.py   Outcome: what one request came to, for observers (metrics, request logs)
@@ -33,15 +37,13 @@ Every error raised to a front end is a redacted :class:`~sidecar.errors.SidecarE
 a stream's failure after it committed comes as :class:`Failed` instead.
 """
 
+from sidecar.gateway.answers import Completed, Served, Streaming
+from sidecar.gateway.context import Context
 from sidecar.gateway.events import Ended, Failed, Relayed, StreamEvent
 from sidecar.gateway.outcome import Observer, Outcome
 from sidecar.gateway.pipeline import (
-    Completed,
-    Context,
     Current,
     Gateway,
-    Served,
-    Streaming,
     error_body,
 )
 from sidecar.gateway.relay import shut_down

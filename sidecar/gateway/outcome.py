@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from sidecar.cache import Result
+
 
 class Trace(msgspec.Struct):
     """Filled in as one request goes through the pipeline (mutable, one per request)."""
@@ -24,6 +26,9 @@ class Trace(msgspec.Struct):
     retries: int = 0
     target: str | None = None
     reasons: tuple[str, ...] = ()
+    cache: Result | None = None
+    escalations: tuple[str, ...] = ()
+    escalated_costs: tuple[tuple[str, int], ...] = ()
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,6 +49,11 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     """Of those, retries of the same target."""
     reasons: tuple[str, ...]
     """Why it went where it did (``primary``, ``fallback:upstream_5xx``, ...)."""
+    escalations: tuple[str, ...] = ()
+    """A cascade's steps judged not good enough, as ``<step>:<why>`` (``0:schema``)."""
+    escalated_costs: tuple[tuple[str, int], ...] = ()
+    """(target, µ$) recorded for those steps' answers (billed, not served): ``cost`` is the
+    served answer's only."""
     stream: bool
     status: int
     """The HTTP status it came to: 200, the error's status (a stream that failed after it
@@ -57,6 +67,8 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float
     ttft_s: float | None
     """Streams: seconds until the first frame was relayed."""
+    cache: Result | None = None
+    """``hit`` | ``miss`` | ``bypass`` on a route with the response cache (None: none)."""
 
 
 Observer = Callable[[Outcome], None]

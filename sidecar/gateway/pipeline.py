@@ -1,12 +1,7 @@
 """The one request pipeline, shared by every front end.
 
-    authenticate -> resolve route -> plan (strategy, host pressure, deadline: routing.planner)
-    -> for each target:
-        local deadline check -> circuit check -> budget reserve -> outbound limit
-        -> provider call (bounded by the request deadline; by ``[routing].attempt_share`` of the
-           time left when a later target could still answer, so a hung one fails over)
-        -> on retryable failure: record health, retry with backoff (within the retry
-           budget, honouring Retry-After) or fail over to the next target
+    authenticate -> resolve route -> response cache -> admission (budgets)
+    -> the attempt loop (:mod:`sidecar.gateway.attempts`) -> redaction -> observers
 
 Why a request went where it did is collected on the way: ``offload:<cpu|memory|queue>``
 when local targets were moved behind remote ones, ``fallback:<reason>`` for each kind of
@@ -34,7 +29,6 @@ import logging
 import random
 from collections.abc import (
     AsyncGenerator,
-    Awaitable,
     Callable,
     Iterable,
     Mapping,
@@ -44,17 +38,21 @@ from typing import TypeVar
 import msgspec
 
 from local_models import ModelStatus
-from sidecar.config import LOCAL_PROVIDER, Config
+from sidecar.cache import CachePlan, MemoryCacheStore
+from sidecar.cache import plan as cache_plan
+from sidecar.config import LOCAL_PROVIDER, Config, Pooling
 from sidecar.errors import (
-    CutAttempt,
     InvalidRequest,
-    LocalTooSlow,
     SidecarError,
     Unauthenticated,
     Unavailable,
     UpstreamError,
     UpstreamMalformed,
 )
+from sidecar.gateway.answers import Completed, Streaming
+from sidecar.gateway.attempts import Attempts, Judge
+from sidecar.gateway.cached import MISS, Lookup, ResponseCache, replay
+from sidecar.gateway.context import Context
 from sidecar.gateway.events import Ended, Failed, StreamEvent
 from sidecar.gateway.outcome import Observer, Outcome, Trace
 from sidecar.gateway.relay import Cut, relay
@@ -64,70 +62,24 @@ from sidecar.gateway.status import (
     readiness_document,
     status_document,
 )
-from sidecar.gateway.verdict import deadline_passed, exhausted
-from sidecar.health import Circuit, Health, RetryBudget
+from sidecar.health import Health, RetryBudget
 from sidecar.host import HostWatch, LocalLoad
 from sidecar.limits import MemoryRateLimiter
-from sidecar.money import FREE, Accountant, Estimate, Ticket, estimate
-from sidecar.money import cost as cost_of
+from sidecar.money import FREE, Accountant, Estimate, estimate
 from sidecar.providers.anthropic import AnthropicMessages
 from sidecar.providers.base import Provider, Reply
 from sidecar.providers.local import LocalProvider
 from sidecar.redact import Redactor
-from sidecar.routing import CALM, Plan, Route, Router, Target, TargetTracker, plan
-from sidecar.types import Call, Meter, Usage
+from sidecar.routing import Route, Router, Target, TargetTracker, cascade
+from sidecar.types import Call, Meter, Op, Usage
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar.gateway")
 
-
-class Context(msgspec.Struct):
-    """Per-request facts from the front end. ``deadline`` is in ``loop.time()`` seconds;
-    ``identity`` is the client key's name from :meth:`Gateway.authenticate`."""
-
-    request_id: str
-    deadline: float
-    identity: str | None = None
-
-
-class Served(msgspec.Struct):
-    """Who served a request, after how many attempts and why there (for response headers)."""
-
-    target: str
-    attempts: int
-    reason: str
-    """``primary``, or ``offload:*`` / ``fallback:*`` reasons joined by commas."""
-    cost: int | None
-    """µ$ recorded for this answer (None: the target's price is unknown, or, for a paid
-    stream, not known until it ends)."""
-
-
-class Completed(Served):
-    reply: Reply
-
-
-class Streaming(Served):
-    """A committed stream: its first frame has arrived. Iterate ``events`` to the end (or
-    close it): :class:`~sidecar.gateway.events.Relayed` frames, then one
-    :class:`~sidecar.gateway.events.Ended` (its cost recorded) or
-    :class:`~sidecar.gateway.events.Failed`. ``cost`` is known now only for free targets
-    (0), else None (the cost comes with ``Ended``). ``native``: the frames are Anthropic's
-    own events (``Call.messages`` served by a provider that speaks the Messages API), not
-    OpenAI chunks."""
-
-    events: AsyncGenerator[StreamEvent, None]
-    native: bool = False
-
-
-class _Attempt(msgspec.Struct):
-    """The successful attempt of :meth:`Gateway._run`."""
-
-    target: Target
-    attempts: int
-    ticket: Ticket
-    meter: Meter
-    reason: str
-    started: float
+CACHE_HIT = "cache:hit"
+"""The route reason of an answer from the response cache."""
+CACHE_SEMANTIC = "cache:semantic"
+"""The route reason of an answer from the cache found by meaning (another question's)."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -157,6 +109,7 @@ class Gateway:
         redactor: Redactor | None = None,
         observers: Iterable[Observer] = (),
         previous: Gateway | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         """``providers`` by name (``local`` included when there are local models, whose
         names are ``local_models`` and whose queues ``local_load`` reports); ``accountant``
@@ -167,7 +120,9 @@ class Gateway:
         ``config``); ``observers`` hear of every request's :class:`Outcome` when it ends.
         ``previous``: the gateway this one replaces after a config reload; this one takes
         over its shutdown cut, its targets' latency figures and route reasons, and its
-        circuits when the circuit settings are the same."""
+        circuits when the circuit settings are the same. ``cache``: the response cache of
+        the routes with ``cache = true`` (by default an in-memory one of ``[cache]``'s
+        size, when a route has the cache), closed by :meth:`aclose`."""
         self._config = config
         self._observers = tuple(observers)
         self.redact = redactor if redactor is not None else Redactor.from_config(config)
@@ -175,6 +130,10 @@ class Gateway:
         self.providers = dict(providers)
         self.router = Router(config, self.providers, local_models)
         self._configured = frozenset(r.model for r in self.router.routes)
+        if cache is None and any(r.cache for r in config.routes):
+            cache = ResponseCache(MemoryCacheStore(max_bytes=config.cache.max_bytes,
+                                                   max_entry_bytes=config.cache.max_entry_bytes))
+        self.cache = cache
         self._clock = clock or asyncio.get_running_loop().time
         same_circuits = previous is not None and (
             (previous._routing.circuit_failures, previous._routing.circuit_cooldown_s)
@@ -199,6 +158,10 @@ class Gateway:
         self.reasons: collections.Counter[str] = (
             previous.reasons if previous is not None else collections.Counter())
         """Served requests per route reason (a request with several counts in each)."""
+        self._attempts = Attempts(
+            config.routing, self.providers, health=self.health, accountant=self.accountant,
+            tracker=self.tracker, retry_budget=self._retry_budget, reasons=self.reasons,
+            clock=self._clock, rng=self._rng, local_load=local_load, host=host)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -247,11 +210,27 @@ class Gateway:
     async def complete(self, call: Call, ctx: Context) -> Completed:
         """Serve a non-stream call. Its cost is recorded before this returns. Raises
         :class:`SidecarError`. Secrets are redacted from the error or the reply body.
-        Observers hear of it once it ends, however it ends."""
+        Observers hear of it once it ends, however it ends. On a route with the response
+        cache, a hit is answered without a provider call or a charge."""
         trace, started = Trace(), self._clock()
         self._enter()
         try:
-            done = await self._complete(call, ctx, trace)
+            route = self._route(call, trace)
+            cache = self._cache_plan(call, route, ctx, trace)
+            found = await self._cached(cache, call, trace)
+            entry = found.entry
+            if entry is not None:
+                assert entry.body is not None
+                reply = Reply(entry.body, entry.usage, entry.native)
+                done = Completed(entry.target, 0, trace.reasons[0], 0, reply, trace.cache)
+            else:
+                done = await self._complete(call, ctx, trace, route)
+                body = self.redact.data(done.reply.body)
+                if body is not done.reply.body:
+                    done.reply = msgspec.structs.replace(done.reply, body=body)
+                if cache is not None and self.cache is not None:
+                    await self.cache.keep_reply(cache, found, done.target, done.reply)
+                done.cache = trace.cache
         except SidecarError as e:
             self.redact.error(e)  # in place: the same exception goes on, redacted
             self._observe(call, ctx, trace, started, e.status, e)
@@ -261,21 +240,32 @@ class Gateway:
             raise
         finally:
             self._leave()
-        body = self.redact.data(done.reply.body)
-        if body is not done.reply.body:
-            done.reply = msgspec.structs.replace(done.reply, body=body)
-        self._observe(call, ctx, trace, started, 200, usage=done.reply.usage, cost=done.cost)
+        self._observe(call, ctx, trace, started, 200,
+                      usage=None if entry is not None else done.reply.usage, cost=done.cost)
         return done
 
     async def stream(self, call: Call, ctx: Context) -> Streaming:
         """Serve a stream call; returns once the first frame has arrived, so a target that
         fails before its first token is replaced without the client seeing it. Secrets
         are redacted from the error or from each frame. Observers hear of it when its
-        events end (or here, when it fails before it commits)."""
+        events end (or here, when it fails before it commits). On a route with the
+        response cache, a hit replays the stream that was kept."""
         trace, started = Trace(), self._clock()
         self._enter()
         try:
-            streaming = await self._stream(call, ctx, trace)
+            route = self._route(call, trace)
+            cache = self._cache_plan(call, route, ctx, trace)
+            found = await self._cached(cache, call, trace)
+            entry = found.entry
+            if entry is not None:
+                streaming = Streaming(entry.target, 0, trace.reasons[0], 0, cache="hit",
+                                      events=replay(entry), native=entry.native)
+            else:
+                streaming = await self._stream(call, ctx, trace, route)
+                if cache is not None and self.cache is not None:
+                    streaming.events = self.cache.recording(
+                        cache, found, streaming.target, streaming.native, streaming.events)
+                streaming.cache = trace.cache
         except SidecarError as e:
             self._leave()
             self.redact.error(e)  # in place: the same exception goes on, redacted
@@ -305,7 +295,8 @@ class Gateway:
             await events.aclose()
             self._leave()
             self._observe(call, ctx, trace, started, status, error,
-                          usage=ended.usage if ended is not None else None,
+                          usage=ended.usage if ended is not None and trace.cache != "hit"
+                          else None,
                           cost=ended.cost if ended is not None else None, ttft=ttft)
 
     def _enter(self) -> None:
@@ -336,11 +327,12 @@ class Gateway:
             request_id=ctx.request_id, op=call.op.value, model=call.request.model,
             route=trace.route, direct=trace.direct, target=trace.target,
             attempts=trace.attempts, retries=trace.retries, reasons=trace.reasons,
+            escalations=trace.escalations, escalated_costs=trace.escalated_costs,
             stream=call.stream, status=status,
             error=None if error is None else (error.code or error.type),
             prompt_tokens=None if usage is None else usage.prompt_tokens,
             completion_tokens=None if usage is None else usage.completion_tokens,
-            cost=cost, duration_s=self._clock() - started, ttft_s=ttft)
+            cost=cost, duration_s=self._clock() - started, ttft_s=ttft, cache=trace.cache)
         for observer in self._observers:
             try:
                 observer(outcome)
@@ -447,28 +439,82 @@ class Gateway:
         if self.host is not None:
             await self.host.start()
 
-    async def _complete(self, call: Call, ctx: Context, trace: Trace) -> Completed:
-        route, est = await self._admit(call, ctx, trace)
+    def _route(self, call: Call, trace: Trace) -> Route:
+        if self.draining:
+            raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
+        route = self.router.resolve(call.request.model)
+        trace.route = route.model
+        trace.direct = route.model not in self._configured
+        return route
+
+    def _cache_plan(self, call: Call, route: Route, ctx: Context, trace: Trace
+                    ) -> CachePlan | None:
+        """The response cache's plan for ``call`` (None: not used), ``trace.cache`` set to
+        what the client is told unless it is a hit (``miss`` or ``bypass``; None on a
+        route without the cache)."""
+        if route.cache_ttl_s is None or self.cache is None:
+            return None
+        found = cache_plan(call, route, ctx.identity, ctx.cache)
+        trace.cache = "bypass" if found is None else "miss"
+        return found
+
+    async def _cached(self, cache: CachePlan | None, call: Call, trace: Trace) -> Lookup:
+        """What the response cache finds for ``cache`` (never raises: a cache that fails is
+        a miss); a hit sets the trace's target and its one reason."""
+        if cache is None or self.cache is None:
+            return MISS
+        found = await self.cache.lookup(cache, call.stream, self._embed)
+        entry = found.entry
+        if entry is not None:
+            reason = CACHE_HIT if found.similarity is None else CACHE_SEMANTIC
+            trace.cache, trace.target, trace.reasons = "hit", entry.target, (reason,)
+            self.reasons[reason] += 1
+        return found
+
+    async def _embed(self, model: str, text: str, pooling: Pooling) -> list[float]:
+        """The local ``model``'s embedding of ``text`` (for the semantic cache). Raises what
+        the local provider raises (:class:`KeyError` without one)."""
+        local = self.providers.get(LOCAL_PROVIDER)
+        if not isinstance(local, LocalProvider):
+            raise KeyError("no local models")
+        vectors = (await local.pool.embed(model, [text], pooling=pooling)).vectors
+        return list(vectors[0])
+
+    async def _complete(self, call: Call, ctx: Context, trace: Trace, route: Route
+                        ) -> Completed:
+        est = await self._admit(call, ctx, route)
 
         async def attempt(provider: Provider, target: Target, timeout_s: float, call: Call,
-                          meter: Meter) -> Reply:
+                          meter: Meter, whole: bool) -> Reply:
             return await provider.send(call, target.model, timeout_s, meter)
 
-        reply, done = await self._run(call, route, ctx, est, attempt, trace)
-        self._finished(done, completed=True)
+        judge: Judge[Reply] | None = None
+        settings = route.cascade
+        if settings is not None and call.op is not Op.EMBEDDINGS:
+            def judge(target: Target, reply: Reply) -> tuple[cascade.Verdict, Reply]:
+                verdict, body = cascade.judge_reply(call, reply.body, settings,
+                                                    native=reply.native)
+                return verdict, msgspec.structs.replace(reply, body=body)
+
+        reply, done = await self._attempts.run(call, route, ctx, est, attempt, trace, judge)
+        self._attempts.finished(done, completed=True)
         # Shielded: the provider has billed this; a client leaving now must not lose it.
-        cost = await asyncio.shield(self._settle(ctx, route, est, done, reply))
+        cost = await asyncio.shield(self._attempts.settle(ctx, route, est, done, reply))
         return Completed(done.target.key, done.attempts, done.reason, cost, reply)
 
-    async def _stream(self, call: Call, ctx: Context, trace: Trace) -> Streaming:
-        route, est = await self._admit(call, ctx, trace)
+    async def _stream(self, call: Call, ctx: Context, trace: Trace, route: Route) -> Streaming:
+        est = await self._admit(call, ctx, route)
 
         async def attempt(
-            provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter
+            provider: Provider, target: Target, timeout_s: float, call: Call, meter: Meter,
+            whole: bool,
         ) -> tuple[bytes, AsyncGenerator[bytes, None]]:
             frames = provider.stream(call, target.model, timeout_s, meter)
             try:
                 first = await anext(frames)
+                if whole:  # a cascade judges the whole answer: read to its end, then replayed
+                    first += b"".join([frame async for frame in frames])
+                    frames = _ended()
             except StopAsyncIteration:
                 raise UpstreamMalformed(
                     f"{target.key} sent an empty stream", target=target.key
@@ -478,17 +524,28 @@ class Gateway:
                 raise
             return first, frames
 
-        (first, frames), done = await self._run(call, route, ctx, est, attempt, trace)
+        judge: Judge[tuple[bytes, AsyncGenerator[bytes, None]]] | None = None
+        settings = route.cascade
+        if settings is not None:
+            def judge(target: Target, got: tuple[bytes, AsyncGenerator[bytes, None]]
+                      ) -> tuple[cascade.Verdict, tuple[bytes, AsyncGenerator[bytes, None]]]:
+                native = (call.messages is not None
+                          and self.providers[target.provider].native_messages)
+                verdict, data = cascade.judge_stream(call, got[0], settings, native=native)
+                return verdict, (data, got[1])
+
+        (first, frames), done = await self._attempts.run(call, route, ctx, est, attempt, trace,
+                                                         judge)
         circuit = self.health.circuit(done.target.key)
 
         async def upstream_failed(e: UpstreamError) -> None:
             if e.counts_against_health:
-                await self._failed(done.target, circuit, e)
+                await self._attempts.failed(done.target, circuit, e)
 
         events = relay(
             first, frames, deadline=ctx.deadline, cut=self._cut, meter=done.meter,
-            redact=self.redact, settle=lambda: self._settle(ctx, route, est, done, None),
-            upstream_failed=upstream_failed, finished=lambda ok: self._finished(done, ok))
+            redact=self.redact, settle=lambda: self._attempts.settle(ctx, route, est, done, None),
+            upstream_failed=upstream_failed, finished=lambda ok: self._attempts.finished(done, ok))
         free = done.ticket.price == FREE
         native = call.messages is not None and self.providers[done.target.provider].native_messages
         return Streaming(done.target.key, done.attempts, done.reason, 0 if free else None,
@@ -496,227 +553,19 @@ class Gateway:
 
     # --- the pipeline ---------------------------------------------------------------------
 
-    async def _admit(self, call: Call, ctx: Context, trace: Trace) -> tuple[Route, Estimate]:
-        if self.draining:
-            raise Unavailable("The sidecar is shutting down.", retry_after_s=1.0)
-        route = self.router.resolve(call.request.model)
-        trace.route = route.model
-        trace.direct = route.model not in self._configured
+    async def _admit(self, call: Call, ctx: Context, route: Route) -> Estimate:
         est = estimate(call)
         await self.accountant.admit(ctx.identity, route, est)
         self._retry_budget.record_request()
-        return route, est
-
-    async def _run(
-        self,
-        call: Call,
-        route: Route,
-        ctx: Context,
-        est: Estimate,
-        attempt: Callable[[Provider, Target, float, Call, Meter], Awaitable[T]],
-        trace: Trace,
-    ) -> tuple[T, _Attempt]:
-        attempts = 0
-        failures: list[UpstreamError] = []
-        next_open: float | None = None
-        order = self._order(call, route, ctx, est)
-        reasons = list(order.reasons)
-        for i, target in enumerate(order.targets):
-            provider = self.providers[target.provider]
-            if not provider.supports(call.op):
-                continue
-            # The plan says which targets are tried only when they can answer in time.
-            slow = self._too_slow(order, i, ctx.deadline - self._clock())
-            if slow is not None:
-                failures.append(slow)
-                _note(reasons, f"fallback:{slow.route_reason}")
-                continue
-            circuit = self.health.circuit(target.key)
-            tries = 0
-            while True:
-                now = self._clock()
-                if not circuit.try_acquire(now):
-                    at = circuit.available_at(now)
-                    next_open = at if next_open is None else min(next_open, at)
-                    _note(reasons, "fallback:circuit_open")
-                    break
-                remaining = ctx.deadline - now
-                if remaining <= 0:
-                    circuit.release()
-                    raise deadline_passed(failures)
-                # A target with others after it gets a share of what is left, so a hung
-                # one cannot use up the whole deadline; the last one gets all of it.
-                cut = (None if not self._others_after(order, i, call, ctx, now)
-                       else now + remaining * self._routing.attempt_share)
-                ticket: Ticket | None = None
-                meter = Meter()
-                try:
-                    async with asyncio.timeout_at(ctx.deadline):
-                        await self.accountant.check_retry_after(target)  # RetryAfterHeld
-                        ticket = await self.accountant.reserve(call, target, ctx.identity, est)
-                        await self.accountant.outbound(target, est)
-                        attempts += 1
-                        trace.attempts = attempts
-                        this_call = (call if ticket.cap is None
-                                     else msgspec.structs.replace(call, token_cap=ticket.cap))
-                        started = self._clock()
-                        self.tracker.started(target.key)
-                        try:
-                            result = await _cut_at(
-                                cut, target, attempt(provider, target, remaining, this_call,
-                                                     meter))
-                        except BaseException:
-                            self.tracker.finished(target.key)
-                            raise
-                except TimeoutError:
-                    circuit.release()
-                    await self.accountant.release(ticket)
-                    raise deadline_passed(failures) from None
-                except UpstreamError as e:
-                    if meter.usage_invalid and ticket is not None:  # billed, amount unknown
-                        with contextlib.suppress(SidecarError):
-                            await self.accountant.settle(ticket, est, None, meter)
-                    else:
-                        await self.accountant.release(ticket)
-                    self._note_limits(target, meter)
-                    if not e.retryable:
-                        circuit.success()  # it answered; the request itself was refused
-                        raise
-                    failures.append(e)
-                    _note(reasons, f"fallback:{e.route_reason}")
-                    if not e.counts_against_health:
-                        circuit.release()  # no verdict on its health; move on
-                        break
-                    await self._failed(target, circuit, e)
-                    delay = self._retry_delay(e, tries, route, ctx)
-                    if delay is None:
-                        break
-                    tries += 1
-                    trace.retries += 1
-                    await asyncio.sleep(delay)
-                    continue
-                except BaseException:
-                    circuit.release()
-                    await asyncio.shield(self.accountant.release(ticket))
-                    raise
-                circuit.success()
-                self._note_limits(target, meter)
-                if call.stream:
-                    self.tracker.first_byte(target.key, self._clock() - started)
-                reason = ",".join(reasons) or "primary"
-                self.reasons.update(reasons or ["primary"])
-                trace.target, trace.reasons = target.key, tuple(reasons or ["primary"])
-                return result, _Attempt(target, attempts, ticket, meter, reason, started)
-        trace.reasons = tuple(reasons)
-        raise exhausted(call, route, failures, next_open, self._clock())
-
-    async def _failed(self, target: Target, circuit: Circuit, e: UpstreamError) -> None:
-        """``target`` failed in a way that counts against its health: the circuit's verdict,
-        and its Retry-After held before anything else is tried (for every sidecar sharing
-        the limiter)."""
-        circuit.failure(self._clock())
-        await self.accountant.retry_after(target, e.retry_after_s)
-
-    def _others_after(self, order: Plan, i: int, call: Call, ctx: Context, now: float
-                      ) -> bool:
-        """Whether a target after step ``i`` may be tried now: it serves the operation,
-        its circuit lets calls through and the plan does not rule it out for the time
-        left."""
-        for j in range(i + 1, len(order.steps)):
-            t = order.steps[j].target
-            if (self.providers[t.provider].supports(call.op)
-                    and self.health.circuit(t.key).available_at(now) <= now
-                    and self._too_slow(order, j, ctx.deadline - now) is None):
-                return True
-        return False
-
-    def _order(self, call: Call, route: Route, ctx: Context, est: Estimate) -> Plan:
-        """The planner's plan for this request, from what is measured now: target stats or
-        costs for the strategy, the host's pressure, the local targets' loads."""
-        stats = costs = None
-        if route.strategy in ("least-busy", "latency"):
-            stats = self.tracker.stats()
-        elif route.strategy == "cost":
-            prices = self.accountant.prices
-            completion = (est.max_tokens or est.prompt_guess) * est.choices
-            costs = {}
-            for t in route.targets:
-                price = prices.lookup(t.provider, t.model)
-                costs[t.key] = None if price is None else cost_of(price, est.prompt_guess,
-                                                                  completion)
-        known = self._local_load
-        loads = {} if known is None else {
-            t.key: load for t in route.targets
-            if t.provider == LOCAL_PROVIDER and (load := known(t.model)) is not None}
-        pressure = self.host.pressure if self.host is not None else CALM
-        return plan(route, self._rng, stats=stats, costs=costs, stream=call.stream,
-                    pressure=pressure, loads=loads, left_s=ctx.deadline - self._clock(),
-                    max_tokens=est.max_tokens)
-
-    def _too_slow(self, order: Plan, i: int, left_s: float) -> LocalTooSlow | None:
-        """The error of step ``i`` when the plan rules it out with ``left_s`` seconds left
-        and its model's load now (:meth:`~sidecar.routing.planner.Plan.too_slow`)."""
-        step = order.steps[i]
-        if not step.in_time_only or self._local_load is None:
-            return None
-        late = order.too_slow(i, self._local_load(step.target.model), left_s)
-        if late is None:
-            return None
-        speed = f", {late.decode_tps:.0f} tokens/s" if late.decode_tps else ""
-        return LocalTooSlow(
-            f"{late.target.key} cannot answer before the deadline: it needs about "
-            f"{late.eta_s:.1f} s ({late.in_flight} running, {late.queued} queued{speed}) and "
-            f"{max(late.left_s, 0):.1f} s are left",
-            target=late.target.key, retry_after_s=max(1.0, round(late.eta_s - late.left_s, 1)),
-        )
-
-    async def _settle(self, ctx: Context, route: Route, est: Estimate, done: _Attempt,
-                      reply: Reply | None) -> int | None:
-        """Record the cost of the attempt that answered: a non-stream ``reply``'s usage
-        (or its reservation, when it has none), else what the stream's meter saw."""
-        usage = reply.usage if reply is not None else done.meter.usage
-        meter = None if reply is not None else done.meter
-        cost = await self.accountant.settle(done.ticket, est, usage, meter)
-        await self.accountant.used(ctx.identity, route, done.target, est, usage)
-        return cost
-
-    def _finished(self, done: _Attempt, completed: bool) -> None:
-        key = done.target.key
-        self.tracker.finished(key)
-        if completed:
-            self.tracker.completed(key, self._clock() - done.started)
-
-    def _note_limits(self, target: Target, meter: Meter) -> None:
-        """Remember when a provider's headers said its limit is used up (x-ratelimit-*);
-        a failure's Retry-After is held where the failure is handled. Both are holds in the
-        rate limiter (:mod:`sidecar.limits.holds`)."""
-        if meter.limited_for_s:
-            self.accountant.provider_limited(target, meter.limited_for_s)
-
-    def _retry_delay(self, err: UpstreamError, tries: int, route: Route, ctx: Context
-                     ) -> float | None:
-        """Seconds to wait before retrying the same target, or None to move on."""
-        if tries >= route.retries or not err.retry_same_target:
-            return None
-        if err.retry_after_s is not None:
-            if err.retry_after_s > self._routing.max_retry_after_s:
-                return None
-            delay = err.retry_after_s
-        else:
-            cap = min(self._routing.backoff_max_s, self._routing.backoff_base_s * 2**tries)
-            delay = self._rng.uniform(0, cap)  # full jitter
-        if self._clock() + delay >= ctx.deadline:
-            return None
-        if not self._retry_budget.try_spend():
-            return None
-        return delay
+        return est
 
     async def aclose(self) -> None:
-        """Stop the host watch, close every provider and the accountant."""
+        """Stop the host watch, close every provider, the accountant and the cache."""
         if self.host is not None:
             await self.host.aclose()
         await asyncio.gather(*(p.aclose() for p in self.providers.values()),
-                             self.accountant.aclose())
+                             self.accountant.aclose(),
+                             *([self.cache.aclose()] if self.cache is not None else []))
 
 
 class Current:
@@ -729,26 +578,7 @@ class Current:
         self.gateway = gateway
 
 
-def _note(reasons: list[str], reason: str) -> None:
-    if reason not in reasons:
-        reasons.append(reason)
-
-
-async def _cut_at(cut: float | None, target: Target, attempt: Awaitable[T]) -> T:
-    """Await ``attempt``; at loop time ``cut`` (None: never) abandon it as a
-    :class:`CutAttempt` of ``target``, which then counts against a remote one's health."""
-    if cut is None:
-        return await attempt
-    try:
-        async with asyncio.timeout_at(cut):
-            return await attempt
-    except TimeoutError:
-        err = CutAttempt(
-            f"{target.key} did not answer within its share of the request deadline",
-            target=target.key,
-        )
-        if target.provider == LOCAL_PROVIDER:
-            # A local model that is slow to start is busy, not hung (its pool watches its
-            # workers): no verdict on its health.
-            err.counts_against_health = False
-        raise err from None
+async def _ended() -> AsyncGenerator[bytes, None]:
+    """A stream with no frame left (a cascade's answer, read whole and replayed)."""
+    return
+    yield

@@ -49,6 +49,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
+from sidecar.cache import directive_of
 from sidecar.errors import SidecarError
 from sidecar.gateway import (
     Completed,
@@ -203,7 +204,7 @@ class SidecarServicer:
             deadline = gateway.deadline(None)
         else:
             deadline = gateway.deadline(min(max(remaining, 1e-3), self._max_timeout_s))
-        return gateway, Context(request_id, deadline, identity)
+        return gateway, Context(request_id, deadline, identity, directive_of(meta))
 
 
 def _metadata(context: ServicerContext) -> dict[str, str]:

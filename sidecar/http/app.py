@@ -22,6 +22,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
+from sidecar.cache import directive_of
 from sidecar.config import ConfigError
 from sidecar.errors import (
     InvalidRequest,
@@ -142,7 +143,8 @@ def create_app(current: Current, *, max_body_bytes: int, metrics: Metrics | None
         request.state.request_id = request_id
         # Authentication comes before anything else looks at the request.
         identity = gateway.authenticate(api_key(request.headers))
-        ctx = Context(request_id, gateway.deadline(_timeout(request)), identity)
+        ctx = Context(request_id, gateway.deadline(_timeout(request)), identity,
+                      directive_of(request.headers))
         body = await request.body()
         # Checking a big body's every value takes a while (~0.1 s per MB of tiny arrays):
         # off the event loop, which the GIL then still lets run every few milliseconds.

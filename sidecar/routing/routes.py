@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from sidecar.config import LOCAL_PROVIDER, Config, Strategy
+from sidecar.config import LOCAL_PROVIDER, CascadeConfig, Config, SemanticCacheConfig, Strategy
 from sidecar.errors import ModelNotFound
 
 
@@ -33,6 +33,14 @@ class Route(msgspec.Struct, frozen=True):
     targets: tuple[Target, ...]
     retries: int
     prefer: str | None = None
+    cache_ttl_s: float | None = None
+    """Answers are cached for this long (None: this route is not cached)."""
+    cache_nondeterministic: bool = False
+    """Sampled requests are cached too (see ``RouteConfig.cache_nondeterministic``)."""
+    cascade: CascadeConfig | None = None
+    """Set exactly when ``strategy`` is ``cascade``: its thresholds."""
+    cache_semantic: SemanticCacheConfig | None = None
+    """Set when cached answers are also found by meaning (``RouteConfig.cache_semantic``)."""
 
 
 class Router:
@@ -52,6 +60,10 @@ class Router:
                 tuple(Target(t.provider, t.model, t.weight) for t in r.targets),
                 self._retries if r.retries is None else r.retries,
                 r.prefer,
+                (r.cache_ttl_s or config.cache.ttl_s) if r.cache else None,
+                r.cache_nondeterministic,
+                (r.cascade or CascadeConfig()) if r.strategy == "cascade" else None,
+                r.cache_semantic if r.cache else None,
             )
             for r in config.routes
         }

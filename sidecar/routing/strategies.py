@@ -14,6 +14,8 @@ been measured yet).
 - :func:`by_latency`: lowest latency EWMA first (time to first byte for stream requests,
   total latency otherwise); never-measured targets go first so each is measured once.
 - :func:`by_cost`: cheapest estimated cost (integer micro-dollars) first; unknown prices last.
+  The ``cascade`` strategy orders its targets the same way (its escalation is the
+  gateway's, judged by :mod:`sidecar.routing.cascade`).
 
 :class:`TargetTracker` is the state behind the snapshots: in-flight counts and latency
 EWMAs per target key (``provider/model``). It is a plain object driven from one event loop
@@ -89,9 +91,10 @@ def by_strategy(route: Route, rng: random.Random, *,
                 stream: bool = False) -> list[Target]:
     """``route``'s targets in the order its strategy gives for one request: ``stats`` feed
     the least-busy and latency strategies, ``costs`` (µ$ of this request per target key)
-    the cost strategy; missing measurements leave the listed order. ``weighted`` draws from
-    ``rng`` (one draw per target, for routes of two targets or more): weighted sampling
-    without replacement, so every target stays in the order as a fallback."""
+    the cost and cascade strategies; missing measurements leave the listed order.
+    ``weighted`` draws from ``rng`` (one draw per target, for routes of two targets or
+    more): weighted sampling without replacement, so every target stays in the order as
+    a fallback."""
     targets = route.targets
     if len(targets) < 2:
         return list(targets)
@@ -103,7 +106,7 @@ def by_strategy(route: Route, rng: random.Random, *,
             return least_busy(targets, stats or {})
         case "latency":
             return by_latency(targets, stats or {}, stream=stream)
-        case "cost":
+        case "cost" | "cascade":
             return by_cost(targets, costs or {})
     return list(targets)
 

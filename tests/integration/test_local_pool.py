@@ -39,6 +39,7 @@ from local_models import (
 )
 from local_models import protocol as p
 from local_models.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+from local_models.embedder import LAST_N_CTX
 from local_models.gguf import read_gguf
 from tests.support.gguf_files import short_by, write_model, write_not_gguf
 from tests.support.process import gone, local_workers, model_with_chat_template, wait_until
@@ -913,6 +914,21 @@ async def test_embeddings(make_pool: Callable[..., ModelPool], vocab: Any) -> No
         await pool.embed("m", ["fine", ""])
     with pytest.raises(InvalidRequest, match=r"input\[0\] is \d+ tokens"):
         await pool.embed("m", ["word " * 600])
+    assert status(pool).in_flight == 0
+
+
+async def test_last_token_pooling(make_pool: Callable[..., ModelPool]) -> None:
+    """The semantic cache's pooling: its own context, the same vector length, normalised,
+    not the mean; inputs past LAST_N_CTX tokens are refused before they are sent."""
+    pool = make_pool()
+    text = 'This sentence: "What is the capital of France?" means in one word: "'
+    mean = (await pool.embed("m", [text])).vectors[0]
+    last = (await pool.embed("m", [text, text], pooling="last")).vectors
+    assert len(last[0]) == len(mean) and last[0] == last[1] != mean
+    assert abs(sum(x * x for x in last[0]) - 1.0) < 1e-4
+    with pytest.raises(InvalidRequest, match=r"input\[0\] is \d+ tokens"):
+        await pool.embed("m", ["word " * (LAST_N_CTX + 10)], pooling="last")
+    assert (await pool.embed("m", [text])).vectors[0] == mean  # the mean context is unchanged
     assert status(pool).in_flight == 0
 
 

