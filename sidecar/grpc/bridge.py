@@ -14,8 +14,9 @@ sync one; the servicer is unchanged, and keeps running on the loop. Its context 
 :class:`BridgedContext`: the part of ``grpc.aio.ServicerContext`` the servicer uses, over the
 sync call's context.
 
-* **Unary**: the pool thread submits the coroutine (``asyncio.run_coroutine_threadsafe``) and
-  waits for its result, which grpc then serialises and sends with the status.
+* **Unary**: the pool thread hands the coroutine to the loop (:class:`_UnaryCall`: a task
+  started with ``call_soon_threadsafe``) and waits for its result, which grpc then serialises
+  and sends with the status.
 * **Server streaming**: the coroutine's ``send_initial_metadata`` and ``write`` put the
   metadata and messages on a queue that the pool thread's response iterator takes them from;
   each ``write`` returns once grpc has sent its message (as grpc.aio's does), so a client that
@@ -39,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -146,22 +148,66 @@ def bridged(handler: grpc.RpcMethodHandler[Any, Any], loop: asyncio.AbstractEven
 def _unary(behavior: AioBehavior, loop: asyncio.AbstractEventLoop
            ) -> Callable[[Any, grpc.ServicerContext], Any]:
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
-        done = asyncio.run_coroutine_threadsafe(
-            behavior(request, BridgedContext(context, loop)), loop)
-        def ended() -> None:
-            done.cancel()
-
-        if not context.add_callback(ended):  # the call already ended
-            ended()
+        call = _UnaryCall(loop, behavior(request, BridgedContext(context, loop)))
+        if not context.add_callback(call.cancel):  # the call already ended
+            call.cancel()
         try:
-            return done.result()
+            return call.result()
         except Aborted as aborted:
             _end_with(context, aborted)
-        except concurrent.futures.CancelledError:
+        except asyncio.CancelledError:
             # The call ended (cancelled, its deadline, the server's stop): grpc sends nothing.
             context.abort(grpc.StatusCode.CANCELLED, "The call was cancelled.")
 
     return unary
+
+
+class _UnaryCall:
+    """One unary call's coroutine, run as a task on ``loop``; :meth:`result` (the pool
+    thread) waits for it. Lighter than ``asyncio.run_coroutine_threadsafe``: one lock, no
+    concurrent future chained to the task."""
+
+    __slots__ = ("_coro", "_done", "_error", "_loop", "_task", "_value")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]
+                 ) -> None:
+        self._loop, self._coro = loop, coro
+        self._task: asyncio.Task[Any] | None = None
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released (on the loop) once the task is done
+        loop.call_soon_threadsafe(self._start)
+
+    def _start(self) -> None:
+        self._task = self._loop.create_task(self._coro)
+        self._task.add_done_callback(self._finish)
+
+    def _finish(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self._error = asyncio.CancelledError()
+        elif (error := task.exception()) is not None:
+            self._error = error
+        else:
+            self._value = task.result()
+        self._done.release()
+
+    def cancel(self) -> None:
+        """From any thread: cancel the task (once it runs; a done one is left alone). The
+        call's callbacks run it once the call ended."""
+        self._loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:  # after _start: call_soon_threadsafe keeps the order
+        assert self._task is not None
+        self._task.cancel()
+
+    def result(self) -> Any:
+        """Waits for the task; its result, or raises its exception (``CancelledError``
+        when it was cancelled)."""
+        self._done.acquire()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _stream(behavior: AioBehavior, loop: asyncio.AbstractEventLoop
