@@ -52,6 +52,9 @@ class ServerConfig(_Base, frozen=True):
     grpc_port: Port = 50051
     """0 turns the gRPC front door off."""
     uds: str | None = None
+    grpc_max_calls: PositiveInt = 256
+    """gRPC calls served at once (streams and health watches included), one pool thread
+    each; one more is refused at once with RESOURCE_EXHAUSTED."""
     api_keys: tuple[Annotated[str, Meta(min_length=1)], ...] = ()
     """Non-empty: every request needs ``Authorization: Bearer <key>``."""
     max_body_bytes: PositiveInt = 4 * 1024 * 1024

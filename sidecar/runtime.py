@@ -288,7 +288,7 @@ class Reloader:
         async with self._lock:
             config = self._load()
             before = self.built.config.server
-            listen = ("host", "port", "grpc_port", "uds", "max_body_bytes")
+            listen = ("host", "port", "grpc_port", "uds", "grpc_max_calls", "max_body_bytes")
             changed = [k for k in listen if getattr(config.server, k) != getattr(before, k)]
             if changed:
                 log.warning("reload: server.%s changed; the listeners keep the old values "

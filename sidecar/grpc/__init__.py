@@ -1,6 +1,7 @@
 """The gRPC front end (``protos/sidecar/v1/sidecar.proto``, service ``sidecar.v1.Sidecar``).
 
-    server.py       GrpcServer: the grpc.aio server, health and reflection, start/drain/stop
+    server.py       GrpcServer: grpc's sync server, health and reflection, start/drain/stop
+    bridge.py       the sync server's handlers: the servicer's coroutines run on the loop
     servicer.py     SidecarServicer: metadata, deadlines, errors -> status codes, the gateway
     translation.py  proto <-> the OpenAI shapes the gateway speaks
     v1/             code generated from the .proto by scripts/gen_protos.py (do not edit)

@@ -1,12 +1,23 @@
-"""The gRPC front end's server: one ``grpc.aio`` server on the running event loop.
+"""The gRPC front end's server: grpc's sync server, its calls bridged to the event loop.
 
-It serves ``sidecar.v1.Sidecar`` (:class:`~sidecar.grpc.servicer.SidecarServicer`), the
-standard ``grpc.health.v1.Health`` service and server reflection, both
-``grpc.reflection.v1.ServerReflection`` (what current clients, grpcurl included, try first)
-and the older ``grpc.reflection.v1alpha.ServerReflection`` (what older ones use), on TCP
-``host:grpc_port`` and, when configured, a Unix domain socket. It runs in the same process
-and event loop as the HTTP front end (uvloop included: grpc.aio schedules its work on
-whatever loop is running) and calls the same :class:`~sidecar.gateway.Gateway`.
+It serves ``sidecar.v1.Sidecar`` (:class:`~sidecar.grpc.servicer.SidecarServicer`, through
+:mod:`sidecar.grpc.bridge`), the standard ``grpc.health.v1.Health`` service and server
+reflection, both ``grpc.reflection.v1.ServerReflection`` (what current clients, grpcurl
+included, try first) and the older ``grpc.reflection.v1alpha.ServerReflection`` (what older
+ones use), on TCP ``host:grpc_port`` and, when configured, a Unix domain socket. It runs in
+the same process as the HTTP front end; grpc's work (HTTP/2, its completion queue,
+(de)serialising) runs in grpc's threads and a pool of ``grpc_max_calls`` threads, while the
+servicer and the gateway run on the serving event loop (uvloop included), as HTTP's do. Health
+and reflection run in the pool threads alone.
+
+Threads: each call holds one pool thread while it runs (a stream until its last message, a
+health ``Watch`` none: it is non-blocking), and at most ``grpc_max_calls`` calls run at once
+(``maximum_concurrent_rpcs``): one more is refused at once with RESOURCE_EXHAUSTED, "Concurrent
+RPC limit exceeded!", rather than queued behind the others; calls in flight are not
+affected. So slow or stalled clients hold only their own calls' threads, each call bounded by
+its deadline. The pool threads and grpc's own run at ``SCHED_BATCH`` (Linux): woken, they wait
+for the running thread's time slice instead of preempting the event loop, which halves the
+context switches per call (docs/benchmarks.md, gRPC).
 
 Reflection v1: grpcio-reflection only ships v1alpha. The two protos differ only in their
 package name (every message and field number is the same, so the messages are identical on
@@ -20,12 +31,15 @@ Lifecycle: :meth:`GrpcServer.start` binds and starts serving (raises :class:`OSE
 naming the address it could not listen on); :meth:`GrpcServer.drain` turns the health
 status NOT_SERVING (pushed to ``Watch`` streams at once; new calls are then refused by
 the gateway with UNAVAILABLE); :meth:`GrpcServer.stop` refuses new calls, gives calls in
-flight ``grace`` seconds to finish and cancels the rest.
+flight ``grace`` seconds to finish and cancels the rest (which cancels their coroutines).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -35,6 +49,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sidecar.config import ServerConfig
 from sidecar.gateway import Current
+from sidecar.grpc.bridge import bridged
 from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 from sidecar.request_meta import MAX_HEAD_BYTES
 
@@ -45,14 +60,20 @@ _V1_PACKAGE = "grpc.reflection.v1"
 
 class GrpcServer:
     """Not started by construction; one :meth:`start`, then :meth:`drain` and
-    :meth:`stop`. Must be built and used inside the serving event loop."""
+    :meth:`stop`. Must be built and used inside the serving event loop, whose coroutines
+    the calls run as."""
 
     def __init__(self, current: Current, config: ServerConfig) -> None:
         self._config = config
         host = f"[{config.host}]" if ":" in config.host else config.host
         self._tcp = f"{host}:{config.grpc_port}" if config.grpc_port else None
         self._uds = "unix:" + os.path.abspath(config.uds) if config.uds else None
-        self._server = grpc.aio.server(options=[
+        loop = asyncio.get_running_loop()
+        self._threads_before = _thread_ids()
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=config.grpc_max_calls, thread_name_prefix="sidecar-grpc",
+            initializer=_batch_scheduling)
+        self._server = grpc.server(self._pool, options=[
             # Without this a second sidecar could bind the same port and steal half the
             # connections.
             ("grpc.so_reuseport", 0),
@@ -60,12 +81,14 @@ class GrpcServer:
             # The same cap as HTTP heads.
             ("grpc.max_metadata_size", MAX_HEAD_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_HEAD_BYTES),
-        ])
+        ], maximum_concurrent_rpcs=config.grpc_max_calls)
         servicer = SidecarServicer(current, max_timeout_s=config.max_request_timeout_s)
-        self._add(SERVICE_NAME, servicer.handlers())
-        self._health = health.aio.HealthServicer()
+        self._add(SERVICE_NAME,
+                  {name: bridged(h, loop) for name, h in servicer.handlers().items()})
+        # Watch is non-blocking: a watcher holds no thread between its messages.
+        self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflecting = reflection.aio.ReflectionServicer(
+        reflecting = reflection.ReflectionServicer(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1),
             pool=descriptor_pool.DescriptorPool(_ReflectedFiles()))
         # The v1alpha messages serve v1 too: they are the same on the wire.
@@ -92,8 +115,11 @@ class GrpcServer:
             self._bind(self._uds)
             addresses.append(self._uds)
         for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        await self._server.start()
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)  # no watchers yet
+        self._server.start()
+        # grpc's own threads (its completion queue's, its executor's), started by now.
+        for tid in _thread_ids() - self._threads_before:
+            _batch_scheduling(tid)
         return addresses
 
     def _bind(self, address: str) -> int:
@@ -107,12 +133,31 @@ class GrpcServer:
 
     async def drain(self) -> None:
         """Report NOT_SERVING from now on (for good)."""
-        await self._health.enter_graceful_shutdown()
+        # In a thread: pushing the status to a Watch waits until grpc sent it.
+        await asyncio.to_thread(self._health.enter_graceful_shutdown)
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls, wait up to ``grace`` seconds for calls in flight, then
         cancel them (which cancels their gateway calls)."""
-        await self._server.stop(grace)
+        stopped = self._server.stop(grace)
+        await asyncio.to_thread(stopped.wait)
+        self._pool.shutdown(wait=False)
+
+
+def _thread_ids() -> set[int]:
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:  # not Linux
+        return set()
+
+
+def _batch_scheduling(tid: int = 0) -> None:
+    """Thread ``tid`` (0: this one) to SCHED_BATCH, where the platform has it."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None:
+        return
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(tid, policy, os.sched_param(0))
 
 
 class _ReflectedFiles:
