@@ -65,7 +65,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     n_gpu_layers: int | None = None
     """Layers to offload to a GPU: None offloads what fits when the build has a GPU backend
     (else 0); -1 means all."""
-    prefix_cache: bool = True
+    prefix_cache: bool = False
     """Reuse the KV cache of a prompt's longest prefix that a sequence slot still holds."""
 
 

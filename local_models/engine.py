@@ -17,7 +17,7 @@ Contract:
   first, whose KV cache is then copied to the others (one copy, no second prefill), and every
   choice draws its first token from the same logits with its own seed (``seed + index``).
   It is answered with one :class:`~local_models.protocol.Done` once every choice has ended.
-* Prompt-prefix reuse (``Load.prefix_cache``, on by default), as llama-server's
+* Prompt-prefix reuse (``Load.prefix_cache``, off by default), as llama-server's
   ``cache_prompt``: a slot keeps its KV cache when its sequence ends, and a request whose
   prompt is tokenized takes the free slot that shares the longest prefix with it
   (:mod:`local_models.slots`; ties: the lowest slot). The cache is cut at the common length

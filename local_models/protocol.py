@@ -48,7 +48,7 @@ class Load(_Msg, frozen=True):
     n_layers: int = 0
     """From the GGUF metadata; sizes the steps of partial GPU offload."""
     n_batch: int = 512
-    prefix_cache: bool = True
+    prefix_cache: bool = False
     """Keep each sequence slot's KV cache after its request and reuse the longest common
     prefix with a later prompt (False: every prompt is prefilled whole)."""
 

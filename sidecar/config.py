@@ -244,10 +244,11 @@ class LocalModelConfig(_Base, frozen=True):
     preload: bool = False
     """Load it when the sidecar starts, in parallel with the servers, so that no first
     request waits for the load (it still unloads when idle, if ``idle_unload_s`` says so)."""
-    prefix_cache: bool = True
+    prefix_cache: bool = False
     """Keep each sequence's KV cache after its request and prefill only what a later prompt
-    does not share with it (a system prompt, the chat so far); false prefills every prompt
-    whole."""
+    does not share with it (a system prompt, the chat so far). Off by default: with it a
+    greedy or seeded answer can differ from the one the same request gets with nothing
+    cached (docs/local-api.md)."""
 
 
 class LocalConfig(_Base, frozen=True):

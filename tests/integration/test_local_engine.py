@@ -20,7 +20,8 @@ from local_models import protocol as p
 from local_models.engine import Engine
 from local_models.grammar import schema_grammar
 
-e = Engine(p.Load(path=sys.argv[1], n_ctx=1024, n_parallel=4, n_gpu_layers=0, n_threads=2))
+e = Engine(p.Load(path=sys.argv[1], n_ctx=1024, n_parallel=4, n_gpu_layers=0, n_threads=2,
+                  prefix_cache=True))
 
 def run(*reqs):
     out = []

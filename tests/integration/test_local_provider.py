@@ -185,7 +185,9 @@ async def test_chat_send_body(provider: LocalProvider) -> None:
     assert 0 < usage["completion_tokens"] <= 8
 
 
-async def test_messages_translation(provider: LocalProvider) -> None:
+async def test_messages_translation(make_provider: Callable[..., LocalProvider]) -> None:
+    provider = make_provider(local_spec(prefix_cache=True))
+
     async def answer(messages: list[dict[str, Any]], **raw: Any) -> dict[str, Any]:
         c = chat_call(messages=messages, max_tokens=6, **raw)
         return json.loads((await provider.send(c, "m", 30)).body)  # type: ignore[no-any-return]

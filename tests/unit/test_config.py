@@ -164,11 +164,11 @@ def test_local_models_config() -> None:
     }, env={})
     assert config.local_models[0].n_gpu_layers == -1
     assert config.local_models[0].n_parallel == 4
-    assert config.local_models[0].prefix_cache is True
+    assert config.local_models[0].prefix_cache is False
     assert config.local.memory_budget_mb == 2048
-    off = parse_config({"local_models": [{"name": "t", "path": "/t.gguf",
-                                          "prefix_cache": False}]}, env={})
-    assert off.local_models[0].prefix_cache is False
+    on = parse_config({"local_models": [{"name": "t", "path": "/t.gguf",
+                                         "prefix_cache": True}]}, env={})
+    assert on.local_models[0].prefix_cache is True
 
 
 @pytest.mark.parametrize(
