@@ -43,6 +43,10 @@ def check_references(config: Config) -> None:
         if m.name in local:
             raise ConfigError(f"local_models[{i}].name: duplicate local model '{m.name}'")
         local.add(m.name)
+    def unknown_local(name: str) -> bool:
+        # Scanned directories are only read at startup; their names are checked then.
+        return name not in local and not config.local.model_dirs
+
     routes: set[str] = set()
     for i, r in enumerate(config.routes):
         if r.model in routes:
@@ -52,13 +56,12 @@ def check_references(config: Config) -> None:
         if r.cache_semantic is not None:
             if not r.cache:
                 raise ConfigError(f"routes[{i}].cache_semantic: needs cache = true")
-            if r.cache_semantic.model not in local and not config.local.model_dirs:
+            if unknown_local(r.cache_semantic.model):
                 raise ConfigError(f"routes[{i}].cache_semantic.model: unknown local model "
                                   f"'{r.cache_semantic.model}'")
         for j, t in enumerate(r.targets):
             if t.provider == LOCAL_PROVIDER:
-                # Scanned directories are only read at startup; their names are checked then.
-                if t.model not in local and not config.local.model_dirs:
+                if unknown_local(t.model):
                     raise ConfigError(
                         f"routes[{i}].targets[{j}].model: unknown local model '{t.model}'"
                     )

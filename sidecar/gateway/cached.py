@@ -51,7 +51,7 @@ Embed = Callable[[str, str, Pooling], Awaitable[Sequence[float]]]
 """(local model, text, pooling) -> the model's embedding of the text."""
 
 
-class Lookup(msgspec.Struct):
+class Lookup(msgspec.Struct, frozen=True):
     """What :meth:`ResponseCache.lookup` found."""
 
     entry: Entry | None = None
