@@ -446,6 +446,13 @@ async def run(config: Config, *, log_format: LogFormat = "text", log_level: str 
         await reloader.aclose()
         await gateway.aclose()
         log.info("stopped", extra=fields(event="stopped"))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            # The drain is done and only the exit is left (the loop closing, threads
+            # joined, the interpreter finalized, which puts back the default action of
+            # any Python handler): a repeated stop signal must not turn it into death by
+            # signal. SIGKILL still ends a process whose exit would hang.
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def serve(config: Config, *, log_format: LogFormat = "text", log_level: str = "info",

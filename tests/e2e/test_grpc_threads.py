@@ -6,6 +6,9 @@ through the bridge."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +149,33 @@ def test_streams_many_at_once_up_to_the_limit(stub: sidecar_pb2_grpc.SidecarStub
         if sidecar_threads is None:
             sidecar_threads = threads
         assert threads <= sidecar_threads + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_signals_repeated_through_shutdown_still_exit_cleanly(
+        fake: FakeProvider, tmp_path: Path, stream: bool) -> None:
+    """An operator (or a supervisor) that sends SIGTERM again and again while the sidecar
+    shuts down gets a clean exit, 0, whichever step of the shutdown each signal lands in:
+    the drain, the cut, closing the gateway, or the process's own exit (threads joined)."""
+    fake.script("only", slow_drip(interval_s=0.2, chunks=200) if stream else ok("hi"))
+    proc = Sidecar(CONFIG.format(url=fake.url, max_calls=MAX_CALLS), tmp_path)
+    try:
+        with grpc.insecure_channel(proc.grpc_address) as ch:
+            stub = sidecar_pb2_grpc.SidecarStub(ch)
+            if stream:
+                call = stub.ChatStream(REQUEST, timeout=30)
+                assert next(call).choices
+            else:
+                assert stub.Chat(REQUEST, timeout=10).choices
+            deadline = time.monotonic() + 20
+            sent = 0
+            while proc.proc.poll() is None and time.monotonic() < deadline:
+                proc.proc.send_signal(signal.SIGTERM)
+                sent += 1
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.proc.wait(0.005)
+        assert sent > 1
+    finally:
+        code = proc.stop()
+    assert code == 0, "".join(proc.output)
+    assert "Traceback" not in "".join(proc.output)
