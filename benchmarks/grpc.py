@@ -14,7 +14,10 @@ With two or more cores the sidecar is pinned to core 0 and the fake provider and
 load client to core 1, so the sidecar has a core to itself (on a 2-core machine the
 client and the fake share one, which caps the highest rates: compare the two protocols'
 ratio, not absolute numbers across machines). Traffic goes only to 127.0.0.1. Prints a
-Markdown table on stdout, progress on stderr.
+Markdown table on stdout, progress on stderr. Two ratios: of req/s (per core where the
+sidecar's core is saturated, as at c=32), and of requests per CPU-second of the sidecar
+(its user + system time; per core at every concurrency, including c=1, where the run is
+bound by latency, not by the sidecar's core).
 """
 
 from __future__ import annotations
@@ -227,7 +230,7 @@ async def bench(sidecar: psutil.Process, http_port: int, grpc_port: int,
 def markdown_table(rows: Sequence[Row]) -> str:
     header = ["concurrency", "HTTP req/s", "HTTP p50 ms", "HTTP p99 ms", "HTTP sidecar CPU µs/req",
               "gRPC req/s", "gRPC p50 ms", "gRPC p99 ms", "gRPC sidecar CPU µs/req",
-              "gRPC / HTTP req/s"]
+              "gRPC / HTTP req/s", "gRPC / HTTP req per CPU-second"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r.concurrency),
@@ -235,7 +238,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
                  f"{r.http.sidecar_cpu_us:,.0f}",
                  f"{r.grpc.requests_per_s:,.0f}", f"{r.grpc.p50_ms:.3f}", f"{r.grpc.p99_ms:.3f}",
                  f"{r.grpc.sidecar_cpu_us:,.0f}",
-                 f"{r.grpc.requests_per_s / max(r.http.requests_per_s, 1e-9):.2f}"]
+                 f"{r.grpc.requests_per_s / max(r.http.requests_per_s, 1e-9):.2f}",
+                 f"{r.http.sidecar_cpu_us / max(r.grpc.sidecar_cpu_us, 1e-9):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     errors = [(r.concurrency, r.http.errors, r.grpc.errors) for r in rows
               if r.http.errors or r.grpc.errors]
