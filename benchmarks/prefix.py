@@ -1,5 +1,5 @@
 """Prompt-prefix KV reuse: time to first token at concurrency 1, the sidecar with its
-``prefix_cache`` off and on, next to llama-server (whose ``cache_prompt`` is on by default).
+``prefix_cache`` off, exact and on, next to llama-server (whose ``cache_prompt`` is on by default).
 
 Two workloads, each at concurrency 1 (one request after another), greedy, streamed:
 
@@ -13,11 +13,13 @@ Servers, one after another on the same model file and machine (never two at once
 
 * ``sidecar-off``: ``sidecar serve`` with the default model's settings and
   ``prefix_cache = false`` (every prompt prefilled whole);
-* ``sidecar-on``: the same with ``prefix_cache = true``;
+* ``sidecar-exact``: the same with ``prefix_cache = "exact"`` (the default: the part
+  before the last message, reused only whole);
+* ``sidecar-on``: the same with ``prefix_cache = true`` (the longest common prefix);
 * ``llama-server``: llama.cpp's server, 8 slots (``cache_prompt`` on, its default);
 * ``llama-server-nocache``: the same server with ``"cache_prompt": false`` in every request.
 
-    python benchmarks/prefix.py [--servers sidecar-off,sidecar-on,llama-server]
+    python benchmarks/prefix.py [--servers sidecar-off,sidecar-exact,sidecar-on,llama-server]
                                 [--requests 16] [--conversations 3] [--turns 6]
                                 [--max-tokens 32]
 
@@ -59,8 +61,11 @@ from local import (
 )
 from system_prompt import SYSTEM
 
-SERVERS = ("sidecar-off", "sidecar-on", "llama-server", "llama-server-nocache")
-DEFAULT_SERVERS = ("sidecar-off", "sidecar-on", "llama-server")
+SERVERS = ("sidecar-off", "sidecar-exact", "sidecar-on", "llama-server",
+           "llama-server-nocache")
+DEFAULT_SERVERS = ("sidecar-off", "sidecar-exact", "sidecar-on", "llama-server")
+PREFIX_CACHE: dict[str, bool | str] = {"sidecar-off": False, "sidecar-exact": "exact",
+                                       "sidecar-on": True}
 
 QUESTIONS = (
     "How much is a croissant?", "Do you sell rye bread?", "Can I bring my dog inside?",
@@ -177,7 +182,7 @@ async def workloads(base_url: str, requests: int, conversations: int, turns: int
 def bench(name: str, model: Path, workdir: Path, threads: int, llama_server: Path | None,
           args: argparse.Namespace) -> Run:
     kind = "sidecar" if name.startswith("sidecar") else "llama-server"
-    config = sidecar_config(workdir, name == "sidecar-on") if kind == "sidecar" else None
+    config = sidecar_config(workdir, PREFIX_CACHE[name]) if kind == "sidecar" else None
     cache_prompt = False if name == "llama-server-nocache" else None
     with running_server(kind, model, workdir, threads, llama_server, config,
                         label=name) as server:
@@ -234,7 +239,9 @@ def markdown(runs: Sequence[Run]) -> str:
                 _n(_median([s.cached_tokens for s in ok])),
                 str(len(samples) - len(ok)), f"{run.other_cores:.2f}"]) + " |")
     by = {r.server: r for r in runs}
-    pairs = [(a, b) for a, b in (("sidecar-on", "sidecar-off"), ("sidecar-on", "llama-server"),
+    pairs = [(a, b) for a, b in (("sidecar-exact", "sidecar-off"),
+                                 ("sidecar-exact", "llama-server"),
+                                 ("sidecar-on", "sidecar-off"), ("sidecar-on", "llama-server"),
                                  ("llama-server", "llama-server-nocache"))
              if a in by and b in by]
     if pairs:

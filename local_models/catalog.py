@@ -34,6 +34,7 @@ from pathlib import Path
 import msgspec
 
 from local_models.gguf import GGUFError, GGUFInfo, check_supported, read_gguf
+from local_models.protocol import PrefixCache
 
 __all__ = [
     "Catalog",
@@ -65,8 +66,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     n_gpu_layers: int | None = None
     """Layers to offload to a GPU: None offloads what fits when the build has a GPU backend
     (else 0); -1 means all."""
-    prefix_cache: bool = False
-    """Reuse the KV cache of a prompt's longest prefix that a sequence slot still holds."""
+    prefix_cache: PrefixCache = "exact"
+    """How a sequence slot's KV cache is reused (:data:`~local_models.protocol.PrefixCache`)."""
 
 
 class MemoryEstimate(msgspec.Struct, frozen=True):

@@ -17,12 +17,14 @@ Contract:
   first, whose KV cache is then copied to the others (one copy, no second prefill), and every
   choice draws its first token from the same logits with its own seed (``seed + index``).
   It is answered with one :class:`~local_models.protocol.Done` once every choice has ended.
-* Prompt-prefix reuse (``Load.prefix_cache``, off by default), as llama-server's
-  ``cache_prompt``: a slot keeps its KV cache when its sequence ends, and a request whose
-  prompt is tokenized takes the free slot that shares the longest prefix with it
-  (:mod:`local_models.slots`; ties: the lowest slot). The cache is cut at the common length
-  and only the rest is prefilled; a prompt matched whole re-decodes its last token, for its
-  logits. ``Done.cached_tokens`` counts the reused tokens. Memory that cannot be cut there
+* Prompt-prefix reuse (``Load.prefix_cache``; :mod:`local_models.slots`): a slot keeps its
+  KV cache when its sequence ends. ``"exact"`` (default): a chat prompt's part before its
+  last message is prefilled in batches of its own, always cut the same way, and a later
+  prompt with the very same part reuses a slot holding it, so its answer is the one it gets
+  with nothing cached. ``True`` (llama-server's ``cache_prompt``): the free slot with the
+  longest common prefix (ties: the lowest), cut there, the rest prefilled (a prompt matched
+  whole re-decodes its last token); answers can differ, as llama.cpp's results depend on
+  the batches. ``Done.cached_tokens`` counts the reused tokens. Memory that cannot be cut there
   (recurrent models) or that lost early positions (sliding-window attention) is cleared and
   the prompt prefilled whole. The other choices of ``n > 1`` take the lowest free slots.
 * A cancelled sequence is freed at the start of the next step. Requests beyond the free
@@ -58,7 +60,7 @@ from local_models.chat_template import ChatTemplate, TemplateError
 from local_models.embedder import Embedder
 from local_models.loading import LoadError, load_model, meta, quiet_logs
 from local_models.sampling import GrammarError, SeqSampler, Vocab, top_logprobs
-from local_models.slots import Slots
+from local_models.slots import Slots, canonical_take
 from local_models.text_cuts import cut, cut_at_stop, held_back
 
 __all__ = ["TOKENIZE_SLICE_CHARS", "Engine", "LoadError", "Send"]
@@ -68,6 +70,9 @@ __all__ = ["TOKENIZE_SLICE_CHARS", "Engine", "LoadError", "Send"]
 TOKENIZE_SLICE_CHARS = 8192
 
 Send = Callable[[p.FromWorker], None]
+
+SPLIT: tuple[str, bool] = ("", False)  # a piece of its own, compared by identity
+"""In a prompt's pieces (exact prefix reuse): the last message starts here."""
 
 
 class _RequestError(Exception):
@@ -99,6 +104,9 @@ class _Request:
     generated: int = 0
     cached: int = 0
     """Prompt tokens whose KV cache the first choice's slot already held."""
+    marks: list[int] = field(default_factory=list)
+    """Exact reuse: where the prompt's last message starts, in tokens (its split)."""
+    split = property(lambda self: self.marks[0] if self.marks else 0)
 
     @property
     def id(self) -> int:
@@ -170,7 +178,9 @@ class Engine:
             eos_token=self._piece(ll.llama_vocab_eos(self.vocab), special=True),
         )
         self.bos = ll.llama_vocab_bos(self.vocab)
-        self.slots = Slots(load.n_parallel, keep=load.prefix_cache)
+        self.prefix_cache = load.prefix_cache
+        self.slots = Slots(load.n_parallel, keep=load.prefix_cache is not False)
+        self.chunk = self.n_batch - self.n_parallel  # room for it beside every decode row
         self.vocab_info = Vocab(ll, self.vocab, self.n_vocab)
         self.requests: dict[int, _Request] = {}
         self.seqs: list[_Seq] = []
@@ -203,14 +213,20 @@ class Engine:
         return tokens
 
     def tokenize_some(self, prompt: list[int], pieces: deque[tuple[str, bool]],
-                      budget: int) -> int:
+                      budget: int, marks: list[int] | None = None) -> int:
         """Tokenize about ``budget`` characters of ``pieces`` (``(text, special)``, consumed
         from the left) onto ``prompt``; returns the characters used (at most one slice more
         than ``budget``). Only a text longer than a slice is cut (at whitespace when it can),
-        so the template's markers stay whole. BOS goes before the first text only. Raises
-        :class:`_RequestError` once the prompt fills the context."""
+        so the template's markers stay whole. BOS goes before the first text only. The
+        :data:`SPLIT` piece is not text: it appends the prompt's length so far to ``marks``.
+        Raises :class:`_RequestError` once the prompt fills the context."""
         used = 0
         while pieces and used < budget:
+            if pieces[0] is SPLIT:
+                pieces.popleft()
+                if marks is not None:
+                    marks.append(len(prompt))
+                continue
             text, special = pieces[0]
             if used and len(text) > budget - used:
                 break  # the next slice takes it whole: a cut would change its tokens
@@ -246,7 +262,11 @@ class Engine:
                 parts = self.template.render_parts(_without_tool_role(messages))
         except TemplateError as e:
             raise _RequestError("invalid", str(e)) from None
-        return deque((text, not is_content) for text, is_content in parts)
+        pieces = deque((text, not is_content) for text, is_content in parts)
+        if self.prefix_cache == "exact":
+            last = max((i for i, (_, is_content) in enumerate(parts) if is_content), default=0)
+            pieces.insert(last, SPLIT)
+        return pieces
 
     def tokenize_all(self, pieces: deque[tuple[str, bool]], tokens: list[int]) -> None:
         """Tokenize all of ``pieces`` onto ``tokens``, slice by slice, at once; raises like
@@ -315,7 +335,7 @@ class Engine:
             if budget <= 0:
                 return
             try:
-                budget -= self.tokenize_some(r.prompt, r.pieces, budget)
+                budget -= self.tokenize_some(r.prompt, r.pieces, budget, r.marks)
                 if not r.pieces and not r.prompt:
                     raise _RequestError("invalid", "the prompt is empty")
             except _RequestError as e:
@@ -332,7 +352,10 @@ class Engine:
         shares the longest prefix with it, cut there; the other choices the lowest free
         slots (their KV cache is replaced by the first's at the fork)."""
         first = r.seqs[0]
-        first.slot, common = self.slots.take_best(r.prompt)
+        if self.prefix_cache == "exact":
+            first.slot, common = self.slots.take_exact(r.prompt, r.split)
+        else:
+            first.slot, common = self.slots.take_best(r.prompt)
         reuse = min(common, len(r.prompt) - 1)  # at least the last token, for its logits
         if not self._cut(first.slot, reuse):
             reuse = 0
@@ -349,10 +372,10 @@ class Engine:
             return keep == 0
         if keep > 0 and ll.llama_memory_seq_pos_min(self.memory, slot) == 0 and (
                 len(kept) == keep or ll.llama_memory_seq_rm(self.memory, slot, keep, -1)):
-            del kept[keep:]
+            self.slots.cut(slot, keep)
             return True
         ll.llama_memory_seq_rm(self.memory, slot, -1, -1)
-        kept.clear()
+        self.slots.cut(slot, 0)
         return keep == 0
 
     def cancel(self, request_id: int, send: Send) -> None:
@@ -480,8 +503,12 @@ class Engine:
         for seq in ordered:
             if not seq.prefilling or n >= self.n_batch:
                 continue
-            prompt = seq.request.prompt
+            prompt, split = seq.request.prompt, seq.request.split
             take = min(len(prompt) - seq.n_past, self.n_batch - n)
+            if seq.n_past < split:
+                take = canonical_take(seq.n_past, split, self.chunk, self.n_batch - n)
+                if seq.n_past + take == split:
+                    self.slots.sealed[seq.slot] = split
             for i in range(seq.n_past, seq.n_past + take):
                 last = i == len(prompt) - 1
                 if last:
@@ -495,8 +522,8 @@ class Engine:
         rc = ll.llama_decode(self.ctx, batch)
         if rc != 0:
             ll.llama_memory_clear(self.memory, True)  # what it holds is not known now
-            for tokens in kept:
-                tokens.clear()
+            for slot in range(self.n_parallel):
+                self.slots.cut(slot, 0)
             for r in list(self.requests.values()):
                 out.append(p.Failed(r.id, "internal", f"llama_decode failed ({rc})"))
                 self._drop(r)
@@ -516,6 +543,7 @@ class Engine:
                 continue
             self.ll.llama_memory_seq_cp(self.memory, first.slot, seq.slot, -1, -1)
             self.slots.kept[seq.slot][:] = self.slots.kept[first.slot]
+            self.slots.sealed[seq.slot] = self.slots.sealed[first.slot]
             seq.n_past = first.n_past
             seq.batch_index = first.batch_index
             self._accept(seq, seq.sampler.sample(self.ctx, first.batch_index), out)

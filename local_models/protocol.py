@@ -29,6 +29,10 @@ MAX_FRAME = 64 * 1024 * 1024
 HEADER = struct.Struct(">I")
 
 
+PrefixCache = bool | Literal["exact"]
+"""How a model reuses a prompt's prefix: ``"exact"``, ``True`` (any) or ``False`` (none)."""
+
+
 class _Msg(msgspec.Struct, frozen=True, tag=True, array_like=True):
     pass
 
@@ -48,9 +52,11 @@ class Load(_Msg, frozen=True):
     n_layers: int = 0
     """From the GGUF metadata; sizes the steps of partial GPU offload."""
     n_batch: int = 512
-    prefix_cache: bool = False
-    """Keep each sequence slot's KV cache after its request and reuse the longest common
-    prefix with a later prompt (False: every prompt is prefilled whole)."""
+    prefix_cache: PrefixCache = "exact"
+    """Keep each sequence slot's KV cache after its request for a later prompt:
+    ``"exact"`` reuses only a prompt's part before its last message, prefilled the same way
+    whether it is reused or not (so answers do not depend on it); ``True`` the longest
+    common prefix (faster, answers may differ); ``False`` none."""
 
 
 class ChatMessage(msgspec.Struct, frozen=True, array_like=True):

@@ -14,6 +14,12 @@ Contract:
   slot at all goes to the lowest slot that holds nothing, when one does, rather than
   evicting what another slot keeps.
   :meth:`Slots.take_lowest` gives the lowest free slot (the other choices of ``n > 1``).
+* Exact reuse (:meth:`Slots.take_exact`): ``sealed[slot]`` is how many of the slot's kept
+  tokens were prefilled *canonically*: as a prompt's part before its last message (its
+  *split*), from position 0 in the chunks of :func:`canonical_take`, whatever else was in
+  the batches. A prompt reuses a slot only when the slot's sealed part is exactly its own
+  split (same length, same tokens): that KV cache is then what prefilling it again would
+  compute, bit for bit, so reuse does not change an answer.
 * ``kept[slot]`` is, token for token, what the slot's KV cache holds from position 0 on:
   the engine appends every token it puts in a batch for the slot and cuts or clears the
   list exactly where it removes KV cells. With ``keep=False`` (no prefix reuse) nothing
@@ -25,7 +31,16 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-__all__ = ["Slots", "common_prefix"]
+__all__ = ["Slots", "canonical_take", "common_prefix"]
+
+
+def canonical_take(n_past: int, split: int, chunk: int, room: int) -> int:
+    """How many prompt tokens a sequence at ``n_past`` prefills in this step while it is
+    before its ``split``: up to the next multiple of ``chunk`` (or the split), all of them
+    or none (0: not enough ``room`` left in this batch; it goes first in a later one), so
+    the canonical part is always cut into the same batches."""
+    want = min(split, (n_past // chunk + 1) * chunk) - n_past
+    return want if want <= room else 0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -55,6 +70,8 @@ class Slots:
         self.free = list(range(n))
         self.reserved = 0
         self.kept: list[list[int]] = [[] for _ in range(n)]
+        self.sealed = [0] * n
+        """Per slot: how many of its kept tokens were prefilled canonically (see above)."""
 
     def available(self) -> int:
         """Free slots that no request still tokenizing has reserved."""
@@ -87,6 +104,29 @@ class Slots:
         heapq.heapify(self.free)
         return slot, best
 
+    def take_exact(self, prompt: Sequence[int], split: int) -> tuple[int, int]:
+        """Take a reserved slot for ``prompt``, whose part before its last message is
+        ``prompt[:split]``: (slot, tokens to reuse), ``split`` from the lowest free slot
+        whose sealed part is exactly that, else 0 from the lowest empty slot, else from the
+        lowest free one."""
+        self.unreserve(1)
+        free = sorted(self.free)
+        slot = next((s for s in free if split and self.sealed[s] == split
+                     and self.kept[s][:split] == prompt[:split]), None)
+        reuse = split if slot is not None else 0
+        if slot is None:
+            slot = next((s for s in free if not self.kept[s]), free[0])
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        return slot, reuse
+
+    def cut(self, slot: int, keep: int) -> None:
+        """The slot's cache now holds its first ``keep`` tokens only; a sealed part that is
+        longer is no longer whole."""
+        del self.kept[slot][keep:]
+        if self.sealed[slot] > keep:
+            self.sealed[slot] = 0
+
     def take_lowest(self) -> int:
         """Take a reserved slot: the lowest free one."""
         self.unreserve(1)
@@ -98,4 +138,5 @@ class Slots:
             raise ValueError(f"slot {slot} is already free")
         if not self.keep:
             self.kept[slot].clear()
+            self.sealed[slot] = 0
         heapq.heappush(self.free, slot)

@@ -244,11 +244,13 @@ class LocalModelConfig(_Base, frozen=True):
     preload: bool = False
     """Load it when the sidecar starts, in parallel with the servers, so that no first
     request waits for the load (it still unloads when idle, if ``idle_unload_s`` says so)."""
-    prefix_cache: bool = False
-    """Keep each sequence's KV cache after its request and prefill only what a later prompt
-    does not share with it (a system prompt, the chat so far). Off by default: with it a
-    greedy or seeded answer can differ from the one the same request gets with nothing
-    cached (docs/local-api.md)."""
+    prefix_cache: bool | Literal["exact"] = "exact"
+    """Keep each sequence's KV cache after its request for later prompts. ``"exact"`` (the
+    default): reuse a chat prompt's whole part before its last message (a system prompt,
+    few-shot turns), prefilled so that an answer is the same with or without reuse.
+    ``true``: the longest common prefix, the chat so far included, as llama-server's
+    ``cache_prompt`` (an answer can differ from the one with nothing cached). ``false``:
+    none (docs/local-api.md)."""
 
 
 class LocalConfig(_Base, frozen=True):
