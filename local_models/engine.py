@@ -180,7 +180,7 @@ class Engine:
         self.bos = ll.llama_vocab_bos(self.vocab)
         self.prefix_cache = load.prefix_cache
         self.slots = Slots(load.n_parallel, keep=load.prefix_cache is not False)
-        self.chunk = self.n_batch - self.n_parallel  # room for it beside every decode row
+        self.chunk = max(1, self.n_batch - self.n_parallel)  # fits beside every decode row
         self.vocab_info = Vocab(ll, self.vocab, self.n_vocab)
         self.requests: dict[int, _Request] = {}
         self.seqs: list[_Seq] = []

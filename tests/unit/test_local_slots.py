@@ -1,10 +1,11 @@
-"""The engine's slot bookkeeping (pure): reservations, the longest-prefix choice, kept tokens."""
+"""The engine's slot bookkeeping (pure): reservations, the longest-prefix and exact choices,
+kept and sealed tokens, canonical chunks."""
 
 from __future__ import annotations
 
 import pytest
 
-from local_models.slots import Slots, common_prefix
+from local_models.slots import Slots, canonical_take, common_prefix
 
 
 @pytest.mark.parametrize(("a", "b", "n"), [
@@ -81,3 +82,38 @@ def test_kept_tokens_outlive_a_sequence_with_keep() -> None:
 def test_a_bad_size_is_refused() -> None:
     with pytest.raises(ValueError, match="n_parallel must be at least 1"):
         Slots(0, keep=True)
+
+
+def test_exact_reuse_takes_only_a_slot_sealed_at_the_very_same_split() -> None:
+    s = Slots(4, keep=True)
+    s.kept[1][:], s.sealed[1] = [7, 8, 9, 10, 11], 3  # sealed at 3: [7, 8, 9]
+    s.kept[2][:], s.sealed[2] = [7, 8, 9, 10, 11], 4  # sealed longer: not this prompt's
+    s.kept[3][:], s.sealed[3] = [7, 8, 5, 10], 3  # the same length, other tokens
+    s.reserve(4)
+    assert s.take_exact([7, 8, 9, 42, 43], 3) == (1, 3)
+    # No slot sealed at this split (2 holds [7, 8, 9, 10] but sealed at 4): the lowest
+    # empty slot, not a longer common prefix.
+    assert s.take_exact([7, 8, 9, 10, 99], 3) == (0, 0)
+    assert s.take_exact([7, 8, 9, 10, 99], 0) == (2, 0)  # no split: nothing is reused
+    assert s.take_exact([1], 1) == (3, 0)  # nothing empty left: the lowest free slot
+
+
+def test_a_cut_below_the_sealed_part_unseals_it() -> None:
+    s = Slots(1, keep=True)
+    s.kept[0][:], s.sealed[0] = [1, 2, 3, 4], 3
+    s.cut(0, 3)
+    assert s.kept[0] == [1, 2, 3] and s.sealed[0] == 3
+    s.cut(0, 2)
+    assert s.kept[0] == [1, 2] and s.sealed[0] == 0
+
+
+@pytest.mark.parametrize(("n_past", "split", "room", "take"), [
+    (0, 10, 50, 10),  # a short split: in one chunk
+    (0, 250, 50, 0),  # its first chunk (60) does not fit in 50 rows: wait, never cut
+    (0, 250, 60, 60),
+    (60, 250, 512, 60),  # the next chunk, never more than one per step
+    (240, 250, 512, 10),  # the last, partial chunk ends at the split
+])
+def test_canonical_chunks_start_at_zero_and_are_never_cut(n_past: int, split: int,
+                                                          room: int, take: int) -> None:
+    assert canonical_take(n_past, split, 60, room) == take
