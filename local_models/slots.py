@@ -107,11 +107,12 @@ class Slots:
     def take_exact(self, prompt: Sequence[int], split: int) -> tuple[int, int]:
         """Take a reserved slot for ``prompt``, whose part before its last message is
         ``prompt[:split]``: (slot, tokens to reuse), ``split`` from the lowest free slot
-        whose sealed part is exactly that, else 0 from the lowest empty slot, else from the
-        lowest free one."""
+        whose sealed part is exactly that (and is not the whole prompt, whose last token is
+        decoded for its logits), else 0 from the lowest empty slot, else from the lowest
+        free one."""
         self.unreserve(1)
         free = sorted(self.free)
-        slot = next((s for s in free if split and self.sealed[s] == split
+        slot = next((s for s in free if 0 < split < len(prompt) and self.sealed[s] == split
                      and self.kept[s][:split] == prompt[:split]), None)
         reuse = split if slot is not None else 0
         if slot is None:

@@ -117,3 +117,10 @@ def test_a_cut_below_the_sealed_part_unseals_it() -> None:
 def test_canonical_chunks_start_at_zero_and_are_never_cut(n_past: int, split: int,
                                                           room: int, take: int) -> None:
     assert canonical_take(n_past, split, 60, room) == take
+
+
+def test_exact_reuse_never_takes_a_whole_prompt() -> None:
+    s = Slots(2, keep=True)
+    s.kept[1][:], s.sealed[1] = [7, 8, 9], 3
+    s.reserve(1)
+    assert s.take_exact([7, 8, 9], 3) == (0, 0)  # its last token must be decoded again
