@@ -114,7 +114,7 @@ def test_sigterm_drains_then_cuts_streams_cleanly(fake: FakeProvider, tmp_path: 
         def refused() -> bool:
             try:
                 httpx.get(sc.url + "/healthz", timeout=5)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError):  # reset: closed under a connect
                 return True
             return False
         poll(refused, within=5)

@@ -164,7 +164,7 @@ def test_local_models_config() -> None:
     }, env={})
     assert config.local_models[0].n_gpu_layers == -1
     assert config.local_models[0].n_parallel == 4
-    assert config.local_models[0].prefix_cache is False
+    assert config.local_models[0].prefix_cache == "exact"
     assert config.local.memory_budget_mb == 2048
     on = parse_config({"local_models": [{"name": "t", "path": "/t.gguf",
                                          "prefix_cache": True}]}, env={})
@@ -182,7 +182,9 @@ def test_local_models_config() -> None:
         ({"local_models": [{"name": "a", "path": "x", "n_parallel": 0}]},
          "local_models[0].n_parallel: Expected `int` >= 1"),
         ({"local_models": [{"name": "a", "path": "x", "prefix_cache": "yes"}]},
-         "local_models[0].prefix_cache: Expected `bool`"),
+         "local_models[0].prefix_cache: Invalid enum value 'yes'"),
+        ({"local_models": [{"name": "a", "path": "x", "prefix_cache": 1}]},
+         "local_models[0].prefix_cache: Expected `bool | str`"),
         ({"local": {"model_dir": "x"}}, "local: Object contains unknown field `model_dir`"),
         ({"routes": [{"model": "c", "targets": [{"provider": "local", "model": "nope"}]}]},
          "routes[0].targets[0].model: unknown local model 'nope'"),
