@@ -25,7 +25,10 @@ process, and by :func:`gpu_offload_supported` when called).
                       on stdin/stdout around one ``engine.Engine``
     engine.py         ``Engine``: llama.cpp objects, continuous batching, n choices sharing
                       a prompt, stops (imports llama_cpp only when one is made)
-    sampling.py       one sequence's sampler chain, grammar and log-probabilities
+    sampling.py       one sequence's sampler chain, grammar (redraws from a shortlist where
+                      exact) and log-probabilities
+    slots.py          pure slot bookkeeping: kept tokens, prefix matches, exact (sealed)
+                      reuse and its canonical prefill chunks
     embedder.py       embeddings: a second context, one input per turn
     text_cuts.py      pure cuts of text: prompt slices, stop sequences
     backend.py        facts about the installed llama.cpp build
