@@ -5,8 +5,9 @@
 #   scripts/client-deps.sh [--venv DIR]
 #
 #   * LangChain's OpenAI chat model (langchain-openai, pinned here) into the venv;
-#   * the Vercel AI SDK (ai, @ai-sdk/openai-compatible, zod; pinned by the committed
-#     tests/clients/node/package-lock.json) into tests/clients/node/node_modules with `npm ci`.
+#   * the Vercel AI SDK (ai, @ai-sdk/openai-compatible, zod) and grpc-js (@grpc/grpc-js,
+#     @grpc/proto-loader, for tests/e2e/test_grpc_js.py), pinned by the committed
+#     tests/clients/node/package-lock.json, into tests/clients/node/node_modules with `npm ci`.
 #
 # Node.js 18 or newer is needed; when node or npm is missing and this runs as root, it installs
 # Debian's nodejs and npm with apt-get. Idempotent and quick when everything is already there.
