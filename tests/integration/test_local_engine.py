@@ -7,12 +7,12 @@ the child prints one JSON object of facts that the tests assert on."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.child import child_facts
 
 CHILD = r"""
 import json, sys
@@ -109,14 +109,7 @@ print("FACTS " + json.dumps(facts))
 
 @pytest.fixture(scope="module")
 def facts(default_model_path: Path) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "-c", CHILD, str(default_model_path)],
-                         capture_output=True, text=True, timeout=300, cwd=root,
-                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
-    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("FACTS ")), None)
-    assert line is not None, run.stderr[-3000:]
-    result: dict[str, Any] = json.loads(line[len("FACTS "):])
-    return result
+    return child_facts(CHILD, str(default_model_path))
 
 
 def test_each_sequence_follows_its_own_grammar_in_one_batch(facts: dict[str, Any]) -> None:

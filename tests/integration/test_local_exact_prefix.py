@@ -7,13 +7,12 @@ decode rows. Runs in a child process, whose one thread makes every llama.cpp cal
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.child import child_facts
 
 CHILD = r"""
 import json, sys
@@ -70,14 +69,7 @@ print("FACTS " + json.dumps(facts))
 
 @pytest.fixture(scope="module")
 def facts(default_model_path: Path) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "-c", CHILD, str(default_model_path)],
-                         capture_output=True, text=True, timeout=600, cwd=root,
-                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
-    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("FACTS ")), None)
-    assert line is not None, run.stderr[-3000:]
-    result: dict[str, Any] = json.loads(line[len("FACTS "):])
-    return result
+    return child_facts(CHILD, str(default_model_path), timeout=600)
 
 
 @pytest.mark.parametrize("n_batch", ["512", "64"])
