@@ -17,10 +17,9 @@ import pytest
 
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
-from tests.e2e.test_grpc import GrpcSidecar
 from tests.e2e.test_money_e2e import spent
 from tests.support.fake_provider import FakeProvider, ok
-from tests.support.process import SidecarProcess
+from tests.support.process import GrpcSidecar, SidecarProcess
 from tests.support.redis_server import RedisServer, redis_server_fixture
 
 KEY = "sk-cache-client-0123"

@@ -42,7 +42,7 @@ from sidecar.grpc.servicer import SERVICE_NAME, SidecarServicer
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
 from tests.support.fake_provider import FakeProvider, hang, ok, reset, slow_drip, status
-from tests.support.process import ROOT, SidecarProcess, closed_port, poll
+from tests.support.process import ROOT, GrpcSidecar, SidecarProcess, poll
 
 KEY = "sk-client-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -110,18 +110,6 @@ targets = [{{ provider = "p2", model = "priced" }}]
 
 HI = [pb.Message(role=pb.ROLE_USER, content="hi")]
 
-
-class GrpcSidecar(SidecarProcess):
-    """``sidecar serve`` with gRPC on a free loopback port (``--grpc-port 0`` turns gRPC
-    off, so the test picks the port) and optionally on a Unix socket. Both listen once
-    the HTTP ready line is printed."""
-
-    def __init__(self, config_text: str, tmp_path: Path, uds: Path | None = None) -> None:
-        self.grpc_port = closed_port()
-        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
-        self.uds = uds
-        args = ("--grpc-port", str(self.grpc_port))
-        super().__init__(config_text, tmp_path, args=(*args, "--uds", str(uds)) if uds else args)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.support.fake_provider import FakeProvider, hang, ok, slow_drip, status
-from tests.support.process import SidecarProcess, closed_port
+from tests.support.process import GrpcSidecar
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
 INSTALL = "run `make clients` (scripts/client-deps.sh)"
@@ -78,23 +78,16 @@ targets = [{{ provider = "p2", model = "unpriced" }}]
 """
 
 
-class Sidecar(SidecarProcess):
-    def __init__(self, config_text: str, tmp_path: Path) -> None:
-        self.grpc_port = closed_port()
-        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
-        super().__init__(config_text, tmp_path, args=("--grpc-port", str(self.grpc_port)))
-
-
 @pytest.fixture(scope="module")
 def sidecar(fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Sidecar]:
-    proc = Sidecar(CONFIG.format(url=fake_mod.url, key=KEY), tmp_path_factory.mktemp("grpc-js"))
+            ) -> Iterator[GrpcSidecar]:
+    proc = GrpcSidecar(CONFIG.format(url=fake_mod.url, key=KEY), tmp_path_factory.mktemp("grpc-js"))
     yield proc
     assert proc.stop() == 0
     assert "Traceback" not in "".join(proc.output)
 
 
-def grpc_js(sidecar: Sidecar, method: str, key: str = KEY, **options: Any) -> dict[str, Any]:
+def grpc_js(sidecar: GrpcSidecar, method: str, key: str = KEY, **options: Any) -> dict[str, Any]:
     """What grpc-js saw of one call of ``method`` (see grpc.mjs for ``options``)."""
     node = shutil.which("node")
     if node is None or not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
@@ -130,7 +123,7 @@ def detail(result: dict[str, Any], type_: str) -> dict[str, Any]:
 # --- answers --------------------------------------------------------------------------------
 
 
-def test_chat_unary_with_bearer_auth(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_chat_unary_with_bearer_auth(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     fp.script("only", ok(text="Hi from the fake, to Node", prompt_tokens=7, completion_tokens=5))
     out = grpc_js(sidecar, "Chat", request_id="js-1")
     assert out["code_name"] == "OK", out
@@ -156,7 +149,7 @@ def test_chat_unary_with_bearer_auth(sidecar: Sidecar, fp: FakeProvider) -> None
     assert sent["body"]["messages"] == [{"role": "user", "content": "hi"}]
 
 
-def test_chat_cost_and_its_absence(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_chat_cost_and_its_absence(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     fp.script("priced", ok(prompt_tokens=1000, completion_tokens=500))
     out = grpc_js(sidecar, "Chat", request={"model": "priced"})
     # 1000 tokens at $1/M + 500 at $2/M = $0.002
@@ -173,7 +166,7 @@ def test_chat_cost_and_its_absence(sidecar: Sidecar, fp: FakeProvider) -> None:
     assert "x-sidecar-cost-usd" not in out["trailers"]
 
 
-def test_chat_stream_in_order_then_ok(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_chat_stream_in_order_then_ok(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     fp.script("only", ok(text="one two three four", chunks=4))
     out = grpc_js(sidecar, "ChatStream", request={"include_usage": True}, request_id="js-s")
     assert out["code_name"] == "OK", out
@@ -194,7 +187,7 @@ def test_chat_stream_in_order_then_ok(sidecar: Sidecar, fp: FakeProvider) -> Non
     assert fp.requests()[0]["body"]["stream"] is True
 
 
-def test_embed_and_list_models(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_embed_and_list_models(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     out = grpc_js(sidecar, "Embed", request={"input": ["a", "b"], "dimensions": 16})
     assert out["code_name"] == "OK", out
     data = out["response"]["data"]
@@ -220,7 +213,7 @@ def test_embed_and_list_models(sidecar: Sidecar, fp: FakeProvider) -> None:
     ("", "authorization", "Missing API key."),
 ])
 @pytest.mark.parametrize("method", ["Chat", "ChatStream"])
-def test_bad_key_is_unauthenticated(sidecar: Sidecar, fp: FakeProvider, method: str, key: str,
+def test_bad_key_is_unauthenticated(sidecar: GrpcSidecar, fp: FakeProvider, method: str, key: str,
                                     auth: str, message: str) -> None:
     out = grpc_js(sidecar, method, key=key, auth=auth)
     assert (out["code_name"], out["details"]) == ("UNAUTHENTICATED", message)
@@ -229,7 +222,7 @@ def test_bad_key_is_unauthenticated(sidecar: Sidecar, fp: FakeProvider, method: 
     assert fp.requests() == []  # nothing reached a provider
 
 
-def test_x_api_key_is_accepted(sidecar: Sidecar) -> None:
+def test_x_api_key_is_accepted(sidecar: GrpcSidecar) -> None:
     out = grpc_js(sidecar, "Chat", auth="x-api-key")
     assert out["code_name"] == "OK" and out["response"]["target"] == "p1/only"
 
@@ -244,7 +237,7 @@ def test_x_api_key_is_accepted(sidecar: Sidecar) -> None:
     ({"model": "single", "messages": [{"content": "hi"}]}, {"messages": [{"content": "hi"}]}),
 ], ids=["unknown-model", "temperature", "max_tokens", "no-messages", "no-role"])
 @pytest.mark.parametrize("method", ["Chat", "ChatStream"])
-def test_invalid_requests_match_http(sidecar: Sidecar, fp: FakeProvider, method: str,
+def test_invalid_requests_match_http(sidecar: GrpcSidecar, fp: FakeProvider, method: str,
                                      body: dict[str, Any], request_: dict[str, Any]) -> None:
     r = httpx.post(sidecar.base_url + "/chat/completions", json=body,
                    headers={"authorization": f"Bearer {KEY}"}, timeout=30)
@@ -264,7 +257,7 @@ def test_invalid_requests_match_http(sidecar: Sidecar, fp: FakeProvider, method:
 
 @pytest.mark.parametrize(("method", "route", "model"), [
     ("Chat", "limited", "lim"), ("ChatStream", "limited-stream", "lim-s")])
-def test_upstream_rate_limit_carries_retry_trailers(sidecar: Sidecar, fp: FakeProvider,
+def test_upstream_rate_limit_carries_retry_trailers(sidecar: GrpcSidecar, fp: FakeProvider,
                                                     method: str, route: str, model: str
                                                     ) -> None:
     """A target of its own per method: the sidecar holds a target's Retry-After, so a second
@@ -286,7 +279,7 @@ def test_upstream_rate_limit_carries_retry_trailers(sidecar: Sidecar, fp: FakePr
     assert [r["body"]["model"] for r in fp.requests()] == [model]
 
 
-def test_every_target_failed_is_unavailable(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_every_target_failed_is_unavailable(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     fp.script("only", status(500))
     out = grpc_js(sidecar, "Chat", request_id="fail-js")
     assert out["code_name"] == "UNAVAILABLE", out
@@ -302,7 +295,7 @@ def test_every_target_failed_is_unavailable(sidecar: Sidecar, fp: FakeProvider) 
 # --- deadlines and cancellation -------------------------------------------------------------
 
 
-def test_deadline_shorter_than_a_hanging_upstream(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_deadline_shorter_than_a_hanging_upstream(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     fp.script("only", hang())
     out = grpc_js(sidecar, "Chat", timeout_ms=1000, then_chat=True)
     assert out["code_name"] == "DEADLINE_EXCEEDED", out
@@ -314,7 +307,7 @@ def test_deadline_shorter_than_a_hanging_upstream(sidecar: Sidecar, fp: FakeProv
     assert again["response"]["choices"][0]["message"]["content"] == "Hello from fake/only"
 
 
-def test_deadline_mid_stream(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_deadline_mid_stream(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     fp.script("only", hang(after_chunks=2))
     out = grpc_js(sidecar, "ChatStream", timeout_ms=1000, then_chat=True)
     assert out["code_name"] == "DEADLINE_EXCEEDED", out
@@ -324,7 +317,7 @@ def test_deadline_mid_stream(sidecar: Sidecar, fp: FakeProvider) -> None:
     assert out["then"]["code_name"] == "OK"
 
 
-def test_cancel_of_a_slow_drip_stream_mid_way(sidecar: Sidecar, fp: FakeProvider) -> None:
+def test_cancel_of_a_slow_drip_stream_mid_way(sidecar: GrpcSidecar, fp: FakeProvider) -> None:
     fp.script("only", slow_drip(interval_s=0.05, chunks=200))
     out = grpc_js(sidecar, "ChatStream", cancel_after=3, then_chat=True)
     assert out["code_name"] == "CANCELLED", out

@@ -20,7 +20,7 @@ import pytest
 from sidecar.grpc.v1 import sidecar_pb2 as pb
 from sidecar.grpc.v1 import sidecar_pb2_grpc
 from tests.support.fake_provider import FakeProvider, hang, ok, slow_drip
-from tests.support.process import SidecarProcess, closed_port, poll
+from tests.support.process import GrpcSidecar, poll
 
 MAX_CALLS = 4
 CONFIG = """
@@ -48,17 +48,10 @@ HI = [pb.Message(role=pb.ROLE_USER, content="hi")]
 REQUEST = pb.ChatRequest(model="single", messages=HI)
 
 
-class Sidecar(SidecarProcess):
-    def __init__(self, config_text: str, tmp_path: Path) -> None:
-        self.grpc_port = closed_port()
-        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
-        super().__init__(config_text, tmp_path, args=("--grpc-port", str(self.grpc_port)))
-
-
 @pytest.fixture(scope="module")
 def sidecar(fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Sidecar]:
-    proc = Sidecar(CONFIG.format(url=fake_mod.url, max_calls=MAX_CALLS),
+            ) -> Iterator[GrpcSidecar]:
+    proc = GrpcSidecar(CONFIG.format(url=fake_mod.url, max_calls=MAX_CALLS),
                    tmp_path_factory.mktemp("grpc-threads"))
     yield proc
     assert proc.stop() == 0
@@ -66,7 +59,7 @@ def sidecar(fake_mod: FakeProvider, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture
-def stub(sidecar: Sidecar) -> Iterator[sidecar_pb2_grpc.SidecarStub]:
+def stub(sidecar: GrpcSidecar) -> Iterator[sidecar_pb2_grpc.SidecarStub]:
     with grpc.insecure_channel(sidecar.grpc_address) as ch:
         grpc.channel_ready_future(ch).result(timeout=10)
         yield sidecar_pb2_grpc.SidecarStub(ch)
@@ -136,7 +129,7 @@ def test_a_unary_cancel_reaches_the_upstream(stub: sidecar_pb2_grpc.SidecarStub,
 
 
 def test_streams_many_at_once_up_to_the_limit(stub: sidecar_pb2_grpc.SidecarStub,
-                                             fp: FakeProvider, sidecar: Sidecar) -> None:
+                                             fp: FakeProvider, sidecar: GrpcSidecar) -> None:
     """Rounds of MAX_CALLS concurrent streams, read to their end: every one served in
     full, and the pool's threads are reused (the process does not grow a thread per call)."""
     fp.set_default("only", slow_drip(interval_s=0.005, chunks=5))
@@ -158,7 +151,7 @@ def test_stop_signals_repeated_through_shutdown_still_exit_cleanly(
     shuts down gets a clean exit, 0, whichever step of the shutdown each signal lands in:
     the drain, the cut, closing the gateway, or the process's own exit (threads joined)."""
     fake.script("only", slow_drip(interval_s=0.2, chunks=200) if stream else ok("hi"))
-    proc = Sidecar(CONFIG.format(url=fake.url, max_calls=MAX_CALLS), tmp_path)
+    proc = GrpcSidecar(CONFIG.format(url=fake.url, max_calls=MAX_CALLS), tmp_path)
     try:
         with grpc.insecure_channel(proc.grpc_address) as ch:
             stub = sidecar_pb2_grpc.SidecarStub(ch)

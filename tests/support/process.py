@@ -145,6 +145,19 @@ class SidecarProcess:
         return self.proc.returncode
 
 
+class GrpcSidecar(SidecarProcess):
+    """``sidecar serve`` with gRPC on a free loopback port (``--grpc-port 0`` turns gRPC
+    off, so the test picks the port) and optionally on a Unix socket. Both listen once
+    the HTTP ready line is printed."""
+
+    def __init__(self, config_text: str, tmp_path: Path, uds: Path | None = None) -> None:
+        self.grpc_port = closed_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        self.uds = uds
+        args = ("--grpc-port", str(self.grpc_port))
+        super().__init__(config_text, tmp_path, args=(*args, "--uds", str(uds)) if uds else args)
+
+
 def poll(pred: Callable[[], bool], within: float = 30.0, interval: float = 0.02) -> float:
     """Wait for a condition that has no event to wait on, with a deadline; returns the
     seconds it took."""
