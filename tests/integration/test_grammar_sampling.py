@@ -1,7 +1,8 @@
 """A grammar's second draw (after the grammar rejected the model's first choice) from the
 shortlist of the best-scored tokens is the same draw as over the whole vocabulary: the real
 model, the JSON grammar of a schema, llama.cpp's grammar sampler. Greedy decodes give the
-same tokens both ways; temperature alone (Gumbel-max) gives the same distribution. Runs in
+same tokens both ways; temperature alone (Gumbel-max) gives the same distribution; greedy
+alone read with numpy's argmax gives llama.cpp's greedy sampler's tokens. Runs in
 a child process, whose one thread makes every llama.cpp call."""
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def prompt(ask):
     return llm.tokenize(("<|im_start|>user\n" + ask + "<|im_end|>\n<|im_start|>assistant\n")
                         .encode(), add_bos=False, special=True)
 
-def decode(ask, sampling, shortlist, n=40):
-    s = SeqSampler(v, sampling, grammar)
+def decode(ask, sampling, shortlist, n=40, argmax=True, constrained=True):
+    s = SeqSampler(v, sampling, grammar if constrained else None)
     if not shortlist:
         s._short = None
+    if not argmax:  # llama.cpp's own greedy sampler instead of numpy's argmax
+        s._argmax = False
     used = 0
     redraw = s._redraw_short
     def counted(logits):
@@ -65,6 +68,15 @@ for ask in asks:
     fast, used, text = decode(ask, p.Sampling(temperature=0.0), True)
     slow, _, _ = decode(ask, p.Sampling(temperature=0.0), False)
     facts["greedy"].append({"same": fast == slow, "used": used, "text": text})
+
+# Greedy alone is read off the logits with numpy's argmax: the tokens llama.cpp's greedy
+# sampler gives, with the grammar and without, over longer answers.
+facts["argmax"] = []
+for ask in asks:
+    for constrained in (False, True):
+        fast, _, text = decode(ask, p.Sampling(temperature=0.0), True, 64, True, constrained)
+        slow, _, _ = decode(ask, p.Sampling(temperature=0.0), True, 64, False, constrained)
+        facts["argmax"].append({"same": fast == slow, "n": len(fast), "text": text})
 
 # Temperature alone: draws after a rejection, against the exact distribution (the softmax
 # of logits / T over the tokens the grammar allows at that point).
@@ -105,6 +117,13 @@ def test_greedy_shortlist_redraws_give_the_tokens_of_the_whole_vocabulary(
     # answers follow the schema's start.
     assert sum(r["used"] for r in runs) >= 3, runs
     assert all(r["text"].lstrip().startswith("{") for r in runs), runs
+
+
+def test_greedy_argmax_gives_the_tokens_of_llama_cpps_greedy_sampler(
+        facts: dict[str, Any]) -> None:
+    runs = facts["argmax"]
+    assert all(r["same"] for r in runs), runs
+    assert sum(r["n"] for r in runs) >= 200, runs  # real answers, not empty ones
 
 
 def test_temperature_redraws_follow_the_grammar_masked_softmax(facts: dict[str, Any]) -> None:
