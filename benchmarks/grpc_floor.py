@@ -6,7 +6,7 @@ the server's event loop, as the sidecar serves every call).
 
 The server is this file run with ``--_serve MODE`` in a child pinned to core 0 (uvloop in
 one thread, grpc's server with the sidecar's options in others); the client (grpc.aio, one
-channel, one call at a time, a 10 s deadline on each, like ``benchmarks/grpc.py``) runs
+channel, one call at a time, each with a deadline, as ``benchmarks/grpc.py`` sends them) runs
 here on core 1. Reports the server's CPU (user + system) per call, the modes alternated
 round by round, and the medians. Traffic goes only to 127.0.0.1.
 """
