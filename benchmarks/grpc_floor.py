@@ -5,10 +5,11 @@ the server's event loop, as the sidecar serves every call).
     python benchmarks/grpc_floor.py [--duration 3] [--rounds 3]
 
 The server is this file run with ``--_serve MODE`` in a child pinned to core 0 (uvloop in
-one thread, grpc's server with the sidecar's options in others); the client (grpc.aio, one
-channel, one call at a time, each with a deadline, as ``benchmarks/grpc.py`` sends them) runs
-here on core 1. Reports the server's CPU (user + system) per call, the modes alternated
-round by round, and the medians. Traffic goes only to 127.0.0.1.
+one thread, grpc's server with the sidecar's transport options in others). The client runs
+here on core 1 and measures with ``benchmarks/grpc.py``'s ``measure`` (grpc.aio, one
+channel, one call at a time with a deadline, a second's warm-up first). Reports the
+server's CPU (user + system) per call, the modes alternated round by round, and the
+medians. Traffic goes only to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import os  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 from concurrent import futures  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 
+from benchmarks.grpc import LOAD_CORE, SIDECAR_CORE, Result, can_pin, measure, pinned  # noqa: E402
 from benchmarks.harness import log, running  # noqa: E402
 from sidecar.grpc.bridge import bridged  # noqa: E402
+from sidecar.grpc.server import TRANSPORT_OPTIONS  # noqa: E402
 from sidecar.grpc.v1 import sidecar_pb2 as pb  # noqa: E402
 from sidecar.grpc.v1 import sidecar_pb2_grpc  # noqa: E402
 
@@ -63,8 +65,8 @@ def serve(mode: str) -> None:
             response_serializer=pb.ListModelsResponse.SerializeToString)
 
     method = bridged(handler(answer_async), loop) if mode == "bridged" else handler(answer)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=[
-        ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0)], maximum_concurrent_rpcs=64)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
+                         options=TRANSPORT_OPTIONS, maximum_concurrent_rpcs=64)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE, {"ListModels": method}),))
     server.add_registered_method_handlers(SERVICE, {"ListModels": method})
@@ -75,20 +77,17 @@ def serve(mode: str) -> None:
     server.wait_for_termination()
 
 
-async def measure(port: int, server: psutil.Process, duration_s: float) -> tuple[float, float]:
-    """(calls/s, server CPU µs per call) of one client calling for ``duration_s``."""
+async def one_client(port: int, server: psutil.Process, duration_s: float) -> Result:
+    """One client calling ListModels for ``duration_s``, after a second's warm-up."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = sidecar_pb2_grpc.SidecarStub(channel)
         request = pb.ListModelsRequest()
-        for _ in range(300):  # warm-up
-            await stub.ListModels(request, timeout=10)
-        before, start, n = server.cpu_times(), time.perf_counter(), 0
-        while time.perf_counter() - start < duration_s:
-            await stub.ListModels(request, timeout=10)
-            n += 1
-        after, elapsed = server.cpu_times(), time.perf_counter() - start
-    cpu = after.user + after.system - before.user - before.system
-    return n / elapsed, cpu / n * 1e6
+
+        def call() -> Any:
+            return stub.ListModels(request, timeout=10)
+
+        await measure([call], 1.0, server)
+        return await measure([call], duration_s, server)
 
 
 def main() -> int:
@@ -100,26 +99,26 @@ def main() -> int:
     if args._serve:
         serve(args._serve)
         return 0
-    pin = (os.cpu_count() or 1) >= 2
+    pin = can_pin()
     if pin:
-        os.sched_setaffinity(0, {1})
-    results: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+        os.sched_setaffinity(0, {LOAD_CORE})
+    results: dict[str, list[Result]] = {m: [] for m in MODES}
     for r in range(args.rounds):
         for mode in MODES:
-            command = [*(["taskset", "-c", "0"] if pin else []), sys.executable, __file__,
-                       "--_serve", mode]
+            command = [*pinned(SIDECAR_CORE, pin), sys.executable, __file__, "--_serve", mode]
             with running(command, READY, f"the {mode} server", timeout_s=30) as (ready, proc):
-                result = asyncio.run(measure(int(ready.group(1)), psutil.Process(proc.pid),
-                                             args.duration))
-            log(f"round {r + 1} {mode}: {result[0]:,.0f} calls/s, {result[1]:,.0f} µs/call")
+                result = asyncio.run(one_client(int(ready.group(1)), psutil.Process(proc.pid),
+                                                args.duration))
+            log(f"round {r + 1} {mode}: {result.requests_per_s:,.0f} calls/s, "
+                f"{result.sidecar_cpu_us:,.0f} µs/call")
             results[mode].append(result)
     print("| handler | calls/s (each round) | server CPU µs/call (each round) | median µs/call |")
     print("|---|---|---|---:|")
     for mode in MODES:
         rows = results[mode]
-        print(f"| {mode} | " + ", ".join(f"{rate:,.0f}" for rate, _ in rows) + " | "
-              + ", ".join(f"{cpu:,.0f}" for _, cpu in rows) + " | "
-              + f"{statistics.median(cpu for _, cpu in rows):,.0f} |")
+        print(f"| {mode} | " + ", ".join(f"{x.requests_per_s:,.0f}" for x in rows) + " | "
+              + ", ".join(f"{x.sidecar_cpu_us:,.0f}" for x in rows) + " | "
+              + f"{statistics.median(x.sidecar_cpu_us for x in rows):,.0f} |")
     return 0
 
 

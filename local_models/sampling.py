@@ -114,13 +114,12 @@ class SeqSampler:
                 raise ValueError(f"logit_bias names token {token}; this model's vocabulary "
                                  f"has tokens 0 to {v.n_vocab - 1}")
         self.grammar: Any = None
-        # How a rejected token's second draw may use the shortlist (see the module's
-        # contract): "greedy", "gumbel", or None (the whole vocabulary).
+        # Where a cheaper draw is the chain's own (see the module's contract): "greedy"
+        # (the chain is greedy alone: argmax, and a rejected token redrawn from the
+        # shortlist), "gumbel" (a rejected token redrawn from the shortlist), or None.
         plain = not s.logit_bias and not s.presence_penalty and not s.frequency_penalty
         self._short: str | None = None
-        self._argmax = plain and s.temperature <= 0
-        """The chain is greedy alone: the token is the first best logit, read here."""
-        if self._argmax:
+        if plain and s.temperature <= 0:
             self._short = "greedy"
         elif plain and s.top_k == 0 and s.top_p >= 1.0 and s.min_p <= 0:
             self._short = "gumbel"
@@ -159,7 +158,7 @@ class SeqSampler:
         the grammar, unless it ends the generation). None: the grammar allows no token at
         all (the sequence must end)."""
         ll, v = self.v.ll, self.v
-        if self._argmax:  # what llama.cpp's greedy picks, without its copy of the vocabulary
+        if self._short == "greedy":  # llama.cpp's greedy pick, without its vocabulary copy
             logits = v.logits(ctx, index)
             token = int(np.argmax(logits))
             if self.grammar is None:

@@ -57,6 +57,16 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
 _V1_PACKAGE = "grpc.reflection.v1"
 
+TRANSPORT_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Without this a second sidecar could bind the same port and steal half the connections.
+    ("grpc.so_reuseport", 0),
+    # No bandwidth-delay probing: its pings cost about 3% of a small unary call's CPU on
+    # loopback, where the default 64 KiB window is never the limit.
+    ("grpc.http2.bdp_probe", 0),
+)
+"""The server's options that do not depend on the config (``benchmarks/grpc_floor.py``
+serves with them too)."""
+
 
 class GrpcServer:
     """Not started by construction; one :meth:`start`, then :meth:`drain` and
@@ -74,12 +84,7 @@ class GrpcServer:
             max_workers=config.grpc_max_calls, thread_name_prefix="sidecar-grpc",
             initializer=_batch_scheduling)
         self._server = grpc.server(self._pool, options=[
-            # Without this a second sidecar could bind the same port and steal half the
-            # connections.
-            ("grpc.so_reuseport", 0),
-            # No bandwidth-delay probing: its pings cost about 3% of a small unary call's
-            # CPU on loopback, where the default 64 KiB window is never the limit.
-            ("grpc.http2.bdp_probe", 0),
+            *TRANSPORT_OPTIONS,
             ("grpc.max_receive_message_length", config.max_body_bytes),
             # The same cap as HTTP heads.
             ("grpc.max_metadata_size", MAX_HEAD_BYTES),

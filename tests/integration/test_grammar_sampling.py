@@ -42,7 +42,7 @@ def decode(ask, sampling, shortlist, n=40, argmax=True, constrained=True):
     if not shortlist:
         s._short = None
     if not argmax:  # llama.cpp's own greedy sampler instead of numpy's argmax
-        s._argmax = False
+        s._short = None
     used = 0
     redraw = s._redraw_short
     def counted(logits):
