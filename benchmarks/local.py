@@ -9,6 +9,11 @@ The same GGUF model file (the default model, SmolLM2-135M-Instruct Q4_1 from the
   (``scripts/build-llama-server.sh``),
 * ``sidecar``: ``sidecar serve`` with no config (the embedded default model, 8 sequences
   of 2048 tokens in one supervised worker process),
+* ``sidecar-on``: the same model with ``prefix_cache = true``: a slot's longest common
+  prefix with the prompt is reused, last message included, which is llama-server's
+  ``cache_prompt`` rule (the default ``"exact"`` stops at the last message, so that reuse
+  never changes an answer; here the one-line prompts all begin ``Request``, two tokens
+  llama-server reuses and the default prefills again),
 
 and loaded with streamed chat completions at several concurrency levels, in up to three
 workloads (``--workloads``):
@@ -77,7 +82,7 @@ MODEL_NAME = "smollm2"
 N_CTX_SEQ = 2048  # context per parallel sequence, every server
 N_PARALLEL = 8  # llama-server's slots (the sidecar's default model has 8 as well)
 CHAT_PATH = "/v1/chat/completions"
-SERVERS = ("raw", "llama_cpp.server", "llama-server", "sidecar")
+SERVERS = ("raw", "llama_cpp.server", "llama-server", "sidecar", "sidecar-on")
 WORKLOADS = ("plain", "grammar", "prefix")
 SCHEMA = {
     "type": "object",
@@ -285,7 +290,7 @@ def running_server(name: str, model: Path, workdir: Path, threads: int,
         )
     try:
         base_url = wait_ready(name, proc, log_path, port, timeout_s=120)
-        yield Server(name, base_url, log_path, proc)
+        yield Server(label or name, base_url, log_path, proc)
     finally:
         stop(proc, term_timeout_s=15)
 
@@ -394,7 +399,10 @@ def bench_server(name: str, model: Path, workdir: Path, threads: int,
                  llama_server: Path | None, plan: Plan) -> list[Level]:
     """Every workload of ``plan`` on server ``name``, one after another."""
     out: list[Level] = []
-    with running_server(name, model, workdir, threads, llama_server) as server:
+    kind = "sidecar" if name.startswith("sidecar") else name
+    config = sidecar_config(workdir, True) if name == "sidecar-on" else None
+    with running_server(kind, model, workdir, threads, llama_server, config,
+                        label=name) as server:
         log(f"{name}: ready at {server.base_url}")
         for workload in plan.workloads:
             try:
@@ -409,37 +417,9 @@ def bench_server(name: str, model: Path, workdir: Path, threads: int,
 def bench_workload(server: Server, workload: str, plan: Plan) -> list[Level]:
     name = server.name
     out: list[Level] = []
-    pids = [server.proc.pid]
-    log(f"{name} {workload}: warming up")
-    warm = asyncio.run(run_level(server.base_url, name, workload, 1, 1, plan.max_tokens))
-    if warm.errors:
-        raise RuntimeError(f"warm-up request failed: {warm.errors[0]}\n"
-                           f"{tail(server.log_path)}")
+    warm_up(server, workload, plan)
     for c in plan.levels:
-        n = requests_for(c, plan.requests_scale)
-        best: Level | None = None
-        for attempt in range(1, plan.retries + 2):
-            wait_quiet(pids, plan.quiet_cores, plan.quiet_wait_s)
-            log(f"{name} {workload} c={c}: {n} requests (load {load_avg()})")
-            meter = CpuMeter(pids)
-            level = asyncio.run(run_level(server.base_url, name, workload, c, n,
-                                          plan.max_tokens))
-            level.other_cores, level.attempts = meter.other_cores(), attempt
-            log(f"{name} {workload} c={c}: {level.tokens_per_s:.1f} tok/s, p50 TTFT "
-                f"{fmt_ms(level.ttft_ms(50))} ms, {len(level.errors)} errors, "
-                f"{level.other_cores:.2f} cores used elsewhere; cores used by "
-                f"{meter.ours()}")
-            for e in sorted(set(level.errors))[:5]:
-                log(f"  error: {e}")
-            if best is None or level.other_cores < best.other_cores:
-                best = level
-            if level.other_cores < plan.quiet_cores or server.proc.poll() is not None:
-                break
-            if attempt <= plan.retries:
-                log(f"{name} c={c}: other processes were busy; running it again")
-        assert best is not None
-        best.attempts = attempt
-        out.append(best)
+        out.append(measure_level(server, workload, c, plan, [server.proc.pid]))
         if server.proc.poll() is not None:
             log(f"{name} exited with status {server.proc.returncode}:\n"
                 f"{tail(server.log_path)}")
@@ -447,6 +427,46 @@ def bench_workload(server: Server, workload: str, plan: Plan) -> list[Level]:
     if any(lv.errors for lv in out):
         log(f"{name}: last lines of its log:\n{tail(server.log_path)}")
     return out
+
+
+def warm_up(server: Server, workload: str, plan: Plan) -> None:
+    """One request of ``workload``; raises RuntimeError when it fails."""
+    log(f"{server.name} {workload}: warming up")
+    warm = asyncio.run(run_level(server.base_url, server.name, workload, 1, 1, plan.max_tokens))
+    if warm.errors:
+        raise RuntimeError(f"warm-up request failed: {warm.errors[0]}\n"
+                           f"{tail(server.log_path)}")
+
+
+def measure_level(server: Server, workload: str, c: int, plan: Plan, pids: list[int]
+                  ) -> Level:
+    """``workload`` at concurrency ``c`` on ``server``, once the machine is quiet (other
+    than ``pids``), run again up to ``plan.retries`` times while other processes were busy
+    meanwhile; the quietest run."""
+    name = server.name
+    n = requests_for(c, plan.requests_scale)
+    best: Level | None = None
+    for attempt in range(1, plan.retries + 2):
+        wait_quiet(pids, plan.quiet_cores, plan.quiet_wait_s)
+        log(f"{name} {workload} c={c}: {n} requests (load {load_avg()})")
+        meter = CpuMeter(pids)
+        level = asyncio.run(run_level(server.base_url, name, workload, c, n, plan.max_tokens))
+        level.other_cores, level.attempts = meter.other_cores(), attempt
+        log(f"{name} {workload} c={c}: {level.tokens_per_s:.1f} tok/s, p50 TTFT "
+            f"{fmt_ms(level.ttft_ms(50))} ms, {len(level.errors)} errors, "
+            f"{level.other_cores:.2f} cores used elsewhere; cores used by "
+            f"{meter.ours()}")
+        for e in sorted(set(level.errors))[:5]:
+            log(f"  error: {e}")
+        if best is None or level.other_cores < best.other_cores:
+            best = level
+        if level.other_cores < plan.quiet_cores or server.proc.poll() is not None:
+            break
+        if attempt <= plan.retries:
+            log(f"{name} c={c}: other processes were busy; running it again")
+    assert best is not None
+    best.attempts = attempt
+    return best
 
 
 def requests_for(concurrency: int, scale: float) -> int:
@@ -534,18 +554,18 @@ def markdown(levels: Sequence[Level], raw: float | None, raw_other: float,
         out += ["", f"Raw decode (llama_cpp.Llama, no server, one stream, {raw_tokens} tokens): "
                     f"**{raw:.1f} tok/s** (other CPU {raw_other:.2f})"]
     by_key = {(lv.server, lv.workload, lv.concurrency): lv for lv in levels}
-    sidecar = [lv for lv in levels if lv.server == "sidecar"]
+    sidecar = [lv for lv in levels if lv.server.startswith("sidecar")]
     others = [s for s in ("llama-server", "llama_cpp.server")
               if any(lv.server == s for lv in levels)]
     if sidecar and (others or raw is not None):
-        header = ["workload", "concurrency"]
+        header = ["sidecar", "workload", "concurrency"]
         if raw is not None:
             header.append("sidecar decode / raw decode")
         for s in others:
             header += [f"sidecar / {s} tok/s", f"sidecar / {s} p50 TTFT"]
         out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for lv in sidecar:
-            cells = [lv.workload, str(lv.concurrency)]
+            cells = [lv.server, lv.workload, str(lv.concurrency)]
             if raw is not None:
                 cells.append(ratio(lv.decode_tok_s, raw) if lv.concurrency == 1 else "-")
             for s in others:
