@@ -4,7 +4,9 @@
 ratios move by a few percent from run to run, as much as the differences left between the
 servers. This script starts every server at once (an idle one uses no CPU) and then, for
 each workload and concurrency, measures each server in turn, ``--rounds`` times, the order
-rotated each round, so that a slow spell of the machine lands on every server alike. Each
+rotated each round, so that a slow spell of the machine lands on every server alike (the
+sidecars do not yield the CPU to the other servers, as they would to the host's app: see
+:func:`unyielding_config`). Each
 round gives a pair of measures taken minutes apart at most; the table gives each pair's
 ratio and their median, min and max.
 
@@ -118,6 +120,17 @@ def markdown(runs: dict[tuple[str, str, int], list[Level]], servers: Sequence[st
     return "\n".join(out)
 
 
+def unyielding_config(workdir: Path, name: str) -> Path:
+    """``local.py``'s config of sidecar ``name``, with its workers' threads and niceness left
+    as they are under host CPU pressure: the other servers, busy in their turns, are the
+    host's app to a sidecar, which would otherwise yield them the CPU (one decode thread,
+    niceness 10) for up to ``calm_after_s`` into its own turn."""
+    path = sidecar_config(workdir, True if name == "sidecar-on" else "exact")
+    unyielding = path.with_name(f"{name}.toml")
+    unyielding.write_text(path.read_text() + "\n[resources]\nthreads = 0\nnice = 0\n")
+    return unyielding
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     servers: list[str] = args.servers
@@ -135,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         running = {}
         for name in servers:
             kind = "sidecar" if name.startswith("sidecar") else name
-            config = sidecar_config(workdir, True) if name == "sidecar-on" else None
+            config = unyielding_config(workdir, name) if kind == "sidecar" else None
             running[name] = stack.enter_context(running_server(
                 kind, model, workdir, args.threads, llama_server, config, label=name))
         pids = [s.proc.pid for s in running.values()]
