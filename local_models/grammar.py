@@ -250,7 +250,7 @@ def _converter_class() -> Any:
         llama.cpp's whitespace (:data:`SPACE_RULE`)."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+            super().__init__(*args, **kwargs)
             self._rules["space"] = SPACE_RULE
 
         def visit(self, schema: Any, name: str) -> str:
