@@ -228,13 +228,6 @@ def _bounds(node: dict[str, Any], path: str) -> tuple[int, int]:
 JSON_CHAR = (r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
              r'[0-9a-fA-F] [0-9a-fA-F])')
 
-#: Whitespace after a JSON token: llama.cpp's C++ converter's rule, which llama-server
-#: enforces: none, one space, or one or two newlines and up to 20 spaces or tabs. The
-#: converter's own allows one space at most, which refuses the newlines and indentation
-#: small models write JSON with; each refused first choice costs a grammar pass over the
-#: whole vocabulary (about 11% of SmolLM2's decode speed, docs/benchmarks.md).
-SPACE_RULE = r'| " " | "\n"{1,2} [ \t]{0,20}'
-
 
 @functools.cache
 def _converter_class() -> Any:
@@ -245,13 +238,8 @@ def _converter_class() -> Any:
     )
 
     class Converter(SchemaConverter):
-        """The converter with four fixes: literals escaped for GBNF (backslash and quote
-        included), no raw control characters inside strings, integer bounds enforced, and
-        llama.cpp's whitespace (:data:`SPACE_RULE`)."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._rules["space"] = SPACE_RULE
+        """The converter with three fixes: literals escaped for GBNF (backslash and quote
+        included), no raw control characters inside strings, integer bounds enforced."""
 
         def visit(self, schema: Any, name: str) -> str:
             if isinstance(schema, dict) and any(k in schema for k in BOUNDS):

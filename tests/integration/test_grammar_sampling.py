@@ -2,8 +2,7 @@
 shortlist of the best-scored tokens is the same draw as over the whole vocabulary: the real
 model, the JSON grammar of a schema, llama.cpp's grammar sampler. Greedy decodes give the
 same tokens both ways; temperature alone (Gumbel-max) gives the same distribution; greedy
-alone read with numpy's argmax gives llama.cpp's greedy sampler's tokens; whitespace is
-llama.cpp's (newlines and indentation, bounded). Runs in
+alone read with numpy's argmax gives llama.cpp's greedy sampler's tokens. Runs in
 a child process, whose one thread makes every llama.cpp call."""
 
 from __future__ import annotations
@@ -101,27 +100,6 @@ facts["gumbel"] = {"allowed": int(allowed.sum()), "outside": int(counts[~allowed
                    "drawn": int(counts.sum()),
                    "support": int((exact > 0.01).sum())}
 s.free()
-
-# Whitespace between JSON tokens is llama.cpp's (llama-server's): newlines and indentation
-# pass, token by token, but no more than two newlines in one place.
-def refused_at(text):
-    s = SeqSampler(v, p.Sampling(temperature=0.0), grammar)
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
-    try:
-        for i, token in enumerate(tokens):
-            if not s._allows(token):
-                return i
-            ll.llama_sampler_accept(s.grammar, token)
-        return None
-    finally:
-        s.free()
-
-facts["space"] = {
-    "indented": refused_at('{\n  "title": "a",\n  "tags": [\n    "b"\n  ]\n}\n'),
-    "compact": refused_at('{"title":"a","tags":["b"]}'),
-    "tabs": refused_at('{\n\t"title" : "a" ,\n\n\t"tags" : [ ]\n}'),
-    "three_newlines": refused_at('{\n\n\n"title": "a", "tags": []}'),
-}
 print("FACTS " + json.dumps(facts))
 """
 
@@ -146,13 +124,6 @@ def test_greedy_argmax_gives_the_tokens_of_llama_cpps_greedy_sampler(
     runs = facts["argmax"]
     assert all(r["same"] for r in runs), runs
     assert sum(r["n"] for r in runs) >= 200, runs  # real answers, not empty ones
-
-
-def test_json_whitespace_is_llama_cpps(facts: dict[str, Any]) -> None:
-    space = facts["space"]
-    assert space["indented"] is None and space["compact"] is None, space
-    assert space["tabs"] is None, space
-    assert space["three_newlines"] is not None, space
 
 
 def test_temperature_redraws_follow_the_grammar_masked_softmax(facts: dict[str, Any]) -> None:
