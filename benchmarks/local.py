@@ -200,6 +200,18 @@ def wait_quiet(pids: Sequence[int], threshold: float, max_wait_s: float) -> floa
             warned = True
 
 
+def add_quiet_flags(p: argparse.ArgumentParser, *, before: str, wait_s: float,
+                    wait_help: str = "") -> None:
+    """``--quiet-cores`` and ``--quiet-wait``, the arguments of :func:`wait_quiet`, run
+    ``before`` each measure."""
+    p.add_argument("--quiet-cores", type=float, default=0.15,
+                   help=f"before {before}, wait until other processes use less CPU than "
+                        "this many cores (default 0.15)")
+    p.add_argument("--quiet-wait", type=float, default=wait_s,
+                   help=f"wait at most this many seconds for that (default {wait_s:g}"
+                        f"{wait_help})")
+
+
 # --- processes ---------------------------------------------------------------------------
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -215,6 +227,11 @@ class Server:
     base_url: str
     log_path: Path
     proc: subprocess.Popen[bytes]
+
+
+def kind_of(name: str) -> str:
+    """The server that ``name`` runs: ``sidecar`` for every sidecar variant."""
+    return "sidecar" if name.startswith("sidecar") else name
 
 
 def server_command(name: str, model: Path, port: int, threads: int,
@@ -399,7 +416,7 @@ def bench_server(name: str, model: Path, workdir: Path, threads: int,
                  llama_server: Path | None, plan: Plan) -> list[Level]:
     """Every workload of ``plan`` on server ``name``, one after another."""
     out: list[Level] = []
-    kind = "sidecar" if name.startswith("sidecar") else name
+    kind = kind_of(name)
     config = sidecar_config(workdir, True) if name == "sidecar-on" else None
     with running_server(kind, model, workdir, threads, llama_server, config,
                         label=name) as server:
@@ -554,7 +571,7 @@ def markdown(levels: Sequence[Level], raw: float | None, raw_other: float,
         out += ["", f"Raw decode (llama_cpp.Llama, no server, one stream, {raw_tokens} tokens): "
                     f"**{raw:.1f} tok/s** (other CPU {raw_other:.2f})"]
     by_key = {(lv.server, lv.workload, lv.concurrency): lv for lv in levels}
-    sidecar = [lv for lv in levels if lv.server.startswith("sidecar")]
+    sidecar = [lv for lv in levels if kind_of(lv.server) == "sidecar"]
     others = [s for s in ("llama-server", "llama_cpp.server")
               if any(lv.server == s for lv in levels)]
     if sidecar and (others or raw is not None):
@@ -598,11 +615,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="llama.cpp threads for every server (default: the cores we may use)")
     p.add_argument("--llama-server", type=Path, default=None,
                    help="llama-server binary (default: scripts/build-llama-server.sh's)")
-    p.add_argument("--quiet-cores", type=float, default=0.15,
-                   help="before each level, wait until other processes use less CPU than "
-                        "this many cores (default 0.15)")
-    p.add_argument("--quiet-wait", type=float, default=600,
-                   help="wait at most this many seconds for that (default 600; 0: never)")
+    add_quiet_flags(p, before="each level", wait_s=600, wait_help="; 0: never")
     p.add_argument("--retries", type=int, default=2,
                    help="run a level again (up to this many times) when other processes "
                         "used more than --quiet-cores meanwhile; the quietest run is kept "

@@ -27,7 +27,7 @@ import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness import choices, exit_on_sigterm, int_list, log
@@ -35,13 +35,15 @@ from local import (
     WORKLOADS,
     Level,
     Plan,
+    Server,
+    add_quiet_flags,
     cpu_count,
     find_llama_server,
     fmt_ms,
+    kind_of,
     load_avg,
     measure_level,
     model_path,
-    ratio,
     running_server,
     sidecar_config,
     warm_up,
@@ -67,11 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request")
     p.add_argument("--threads", type=int, default=cpu_count(),
                    help="llama.cpp threads for every server (default: the cores we may use)")
-    p.add_argument("--quiet-cores", type=float, default=0.15,
-                   help="before each measure, wait until other processes use less CPU than "
-                        "this many cores (default 0.15)")
-    p.add_argument("--quiet-wait", type=float, default=600,
-                   help="wait at most this many seconds for that (default 600)")
+    add_quiet_flags(p, before="each measure", wait_s=600)
     args = p.parse_args(argv)
     if BASELINE not in args.servers or len(args.servers) < 2:
         p.error(f"--servers needs {BASELINE} and at least one sidecar")
@@ -110,12 +108,9 @@ def markdown(runs: dict[tuple[str, str, int], list[Level]], servers: Sequence[st
         if server == BASELINE:
             continue
         base = runs[(BASELINE, workload, c)]
-        tok = [lv.tokens_per_s / b.tokens_per_s for lv, b in zip(levels, base, strict=True)
-               if b.tokens_per_s]
-        answers = [_answers_per_s(lv) / _answers_per_s(b)
-                   for lv, b in zip(levels, base, strict=True) if _answers_per_s(b)]
-        ttft = [t / bt for lv, b in zip(levels, base, strict=True)
-                if (t := lv.ttft_ms(50)) is not None and (bt := b.ttft_ms(50))]
+        tok = round_ratios(levels, base, lambda lv: lv.tokens_per_s)
+        answers = round_ratios(levels, base, _answers_per_s)
+        ttft = round_ratios(levels, base, lambda lv: lv.ttft_ms(50))
         out.append(f"| {server} | {workload} | {c} | {' '.join(f'{r:.2f}' for r in tok)} | "
                    f"{spread(tok)} | {spread(answers)} | {' '.join(f'{r:.2f}' for r in ttft)} | "
                    f"{spread(ttft)} |")
@@ -125,6 +120,14 @@ def markdown(runs: dict[tuple[str, str, int], list[Level]], servers: Sequence[st
                 "level; where the servers' answers differ in length (under a grammar) it, "
                 "not tok/s, says which answers sooner."]
     return "\n".join(out)
+
+
+def round_ratios(levels: Sequence[Level], base: Sequence[Level],
+                 measure: Callable[[Level], float | None]) -> list[float]:
+    """Round by round, ``measure`` of ``levels`` over that of ``base`` (the same round of
+    llama-server); rounds where either is missing or the base is 0 are left out."""
+    return [a / b for lv, bl in zip(levels, base, strict=True)
+            if (a := measure(lv)) is not None and (b := measure(bl))]
 
 
 def _answers_per_s(level: Level) -> float:
@@ -146,6 +149,13 @@ def unyielding_config(workdir: Path, name: str) -> Path:
     return unyielding
 
 
+def alive(server: Server) -> Server:
+    """``server``, or RuntimeError when it has exited."""
+    if server.proc.poll() is not None:
+        raise RuntimeError(f"{server.name} exited ({server.proc.returncode})")
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     servers: list[str] = args.servers
@@ -162,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         running = {}
         for name in servers:
-            kind = "sidecar" if name.startswith("sidecar") else name
+            kind = kind_of(name)
             config = unyielding_config(workdir, name) if kind == "sidecar" else None
             running[name] = stack.enter_context(running_server(
                 kind, model, workdir, args.threads, llama_server, config, label=name))
@@ -173,17 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for c in args.levels:
                 for r in range(args.rounds):
                     for name in servers[r % len(servers):] + servers[:r % len(servers)]:
-                        server = running[name]
-                        if server.proc.poll() is not None:
-                            raise RuntimeError(f"{name} exited ({server.proc.returncode})")
                         runs[(name, workload, c)].append(
-                            measure_level(server, workload, c, plan, pids))
-                base = runs[(BASELINE, workload, c)]
+                            measure_level(alive(running[name]), workload, c, plan, pids))
                 for name in servers:
                     if name != BASELINE:
                         log(f"{name} / {BASELINE} {workload} c={c}: tok/s " + " ".join(
-                            ratio(lv.tokens_per_s, b.tokens_per_s)
-                            for lv, b in zip(runs[(name, workload, c)], base, strict=True)))
+                            f"{r:.2f}" for r in round_ratios(
+                                runs[(name, workload, c)], runs[(BASELINE, workload, c)],
+                                lambda lv: lv.tokens_per_s)))
     log(f"done; load {load_avg()}")
     print(markdown(runs, servers))
     return 0

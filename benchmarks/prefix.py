@@ -50,6 +50,7 @@ from harness import choices, exit_on_sigterm, log
 from local import (
     CHAT_PATH,
     MODEL_NAME,
+    add_quiet_flags,
     cpu_count,
     find_llama_server,
     fmt_ms,
@@ -281,11 +282,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "uses one per physical core)")
     p.add_argument("--llama-server", type=Path, default=None,
                    help="llama-server binary (default: scripts/build-llama-server.sh's)")
-    p.add_argument("--quiet-cores", type=float, default=0.15,
-                   help="before each server's run, wait until other processes use less CPU "
-                        "than this many cores (default 0.15)")
-    p.add_argument("--quiet-wait", type=float, default=60,
-                   help="wait at most this many seconds for that (default 60)")
+    add_quiet_flags(p, before="each server's run", wait_s=60)
     args = p.parse_args(argv)
     if args.requests < 1 or args.conversations < 0 or args.turns < 1 or args.max_tokens < 1:
         p.error("--requests, --turns and --max-tokens must be >= 1, --conversations >= 0")
