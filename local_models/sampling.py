@@ -14,15 +14,19 @@ Contract:
 * A grammar (GBNF, root rule ``root``) constrains every token. As llama.cpp's own server does,
   the token is first drawn without it and then checked against the grammar alone (one
   candidate, cheap); only when the grammar rejects it is the token drawn again from the
-  tokens the grammar allows. That second draw filters the :data:`SHORTLIST` best-scored
-  tokens by the grammar where that gives exactly the draw over the whole vocabulary (greedy:
-  the best logits; temperature alone: the logits over the temperature plus Gumbel noise,
-  whose best allowed one is a draw from the grammar-masked softmax, the Gumbel-max trick),
-  and the whole vocabulary otherwise (logit bias, penalties, top-k, top-p or min-p, or no
-  allowed token in the shortlist). Filtering the whole vocabulary costs about 4 ms on
-  SmolLM2's 49k tokens, the shortlist about 0.1 ms (0.9 ms with the noise), and with a JSON
-  schema the grammar rejects about half of a small model's first choices. So a sequence
-  that follows its grammar costs the others in the batch little. A token the grammar
+  tokens the grammar allows. That second draw filters the best-scored tokens by the grammar,
+  the :data:`SHORTLISTS` in turn (the 32 best, then the 1,024 best), where that gives exactly
+  the draw over the whole vocabulary (greedy: the best logits; temperature alone: the logits
+  over the temperature plus Gumbel noise, whose best allowed one is a draw from the
+  grammar-masked softmax, the Gumbel-max trick): the best allowed token of a shortlist is
+  the best allowed one of the vocabulary. The whole vocabulary is filtered otherwise (logit
+  bias, penalties, top-k, top-p or min-p, or no allowed token in the longer shortlist).
+  The grammar's filter costs per token it checks, and more right after a decode, whose
+  weights have pushed the grammar out of the CPU's caches: about 4 ms for SmolLM2's 49k
+  tokens, 0.5 ms for 1,024, 0.1 ms for 32 (docs/benchmarks.md, "Grammar redraw"). With a
+  JSON schema the grammar rejects a fifth to a half of a small model's first choices, and
+  the 32 best almost always hold an allowed one. So a sequence that follows its grammar
+  costs the others in the batch little. A token the grammar
   rejected is never accepted into it (llama.cpp aborts the process on that), and an
   end-of-generation token is never accepted (it ends the sequence).
 * Log-probabilities are of the model's own distribution (softmax of the raw logits, before
@@ -51,23 +55,26 @@ class GrammarError(Exception):
 #: numpy's view of ``llama_token_data`` (id int32, logit float, p float).
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
-SHORTLIST = 1024
-"""How many of the best-scored tokens a grammar's second draw filters first."""
+SHORTLISTS = (32, 1024)
+"""How many of the best-scored tokens a grammar's second draw filters, in turn."""
 
 
 @dataclass(eq=False)
 class Vocab:
     """What every sampler of one model shares: the library, the vocabulary, a scratch
-    candidate array of the vocabulary's size, and the token ids in order."""
+    candidate array of the vocabulary's size, one per shortlist (``shortlists``: their
+    sizes, :data:`SHORTLISTS` unless measuring others), and the token ids in order."""
 
     ll: Any
     vocab: Any
     n_vocab: int
+    shortlists: tuple[int, ...] = SHORTLISTS
 
     def __post_init__(self) -> None:
         self.ids = np.arange(self.n_vocab, dtype=np.int32)
         self.scratch = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
-        self.short = np.zeros(min(SHORTLIST, self.n_vocab), dtype=_TOKEN_DATA)
+        sizes = sorted({min(k, self.n_vocab) for k in self.shortlists})
+        self.shorts = [np.zeros(k, dtype=_TOKEN_DATA) for k in sizes]
         self.one = (self.ll.llama_token_data * 1)()
 
     def logits(self, ctx: Any, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -85,10 +92,10 @@ class Vocab:
         return ll.llama_token_data_array(ptr, self.n_vocab, -1, False)
 
     def shortlist(self, logits: np.ndarray[Any, np.dtype[np.float32]],
-                  scores: np.ndarray[Any, Any]) -> Any:
-        """The :data:`SHORTLIST` tokens of the highest ``scores`` (their ``logits``) as a
-        ``llama_token_data_array`` over the scratch :attr:`short` array."""
-        ll, data = self.ll, self.short
+                  scores: np.ndarray[Any, Any], data: np.ndarray[Any, Any]) -> Any:
+        """The ``len(data)`` tokens of the highest ``scores`` (their ``logits``) as a
+        ``llama_token_data_array`` over ``data``, one of the scratch :attr:`shorts`."""
+        ll = self.ll
         k = len(data)
         best = np.argpartition(scores, -k)[-k:] if k < self.n_vocab else self.ids
         data["id"] = best
@@ -200,19 +207,21 @@ class SeqSampler:
         scores: np.ndarray[Any, Any] = logits
         if self._rng is not None:  # Gumbel-max: argmax(logit / T + Gumbel) is a draw
             scores = logits * self._inv_temp + self._rng.gumbel(size=v.n_vocab)
-        cur = v.shortlist(logits, scores)
-        ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-        data = v.short
-        allowed = np.isfinite(data["logit"])
-        if self._rng is not None:
-            if not allowed.any():  # the same scores over the whole vocabulary
-                cur = v.candidates(logits)
-                ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-                data, allowed = v.scratch, np.isfinite(v.scratch["logit"])
-            return int(data["id"][np.argmax(np.where(allowed, scores[data["id"]], -np.inf))])
-        if not allowed.any():
-            return None
-        return int(data["id"][np.argmax(np.where(allowed, data["logit"], -np.inf))])
+        for data in v.shorts:
+            cur = v.shortlist(logits, scores, data)
+            ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+            allowed = np.isfinite(data["logit"])
+            if allowed.any():
+                break
+        else:
+            if self._rng is None:
+                return None
+            # The same scores over the whole vocabulary.
+            cur = v.candidates(logits)
+            ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+            data, allowed = v.scratch, np.isfinite(v.scratch["logit"])
+        best = scores[data["id"]] if self._rng is not None else data["logit"]
+        return int(data["id"][np.argmax(np.where(allowed, best, -np.inf))])
 
     def _allows(self, token: int) -> bool:
         one = self.v.one

@@ -100,6 +100,29 @@ facts["gumbel"] = {"allowed": int(allowed.sum()), "outside": int(counts[~allowed
                    "drawn": int(counts.sum()),
                    "support": int((exact > 0.01).sum())}
 s.free()
+
+# The shortlists in turn: the best allowed token ranks among the 32 best, among the 1,024
+# best, or beyond them (then greedy hands the draw back to the whole vocabulary and Gumbel
+# filters the whole of it itself). One state, grammars that allow different tokens.
+llm.reset()
+llm.eval(prompt("Say hello."))
+logits = np.array(v.logits(ctx, -1), dtype=np.float32)
+rank = np.empty(v.n_vocab, dtype=np.int64)
+rank[np.argsort(-logits, kind="stable")] = np.arange(v.n_vocab)
+facts["stages"] = []
+for rule in ['"The"', '"("', '"~"', "[0-9]+", '"zebra"']:
+    s = SeqSampler(v, p.Sampling(temperature=0.0), "root ::= " + rule)
+    cur = v.candidates(logits)
+    ll.llama_sampler_apply(s.grammar, ctypes.byref(cur))
+    allowed = np.isfinite(v.scratch["logit"])
+    best = int(np.argmax(np.where(allowed, logits, -np.inf)))
+    g = SeqSampler(v, p.Sampling(temperature=0.8, seed=5), "root ::= " + rule)
+    drawn = [g._redraw_short(logits) for _ in range(50)]
+    facts["stages"].append({"rule": rule, "rank": int(rank[best]), "best": best,
+                            "redraw": s._redraw_short(logits),
+                            "gumbel_allowed": all(t is not None and allowed[t] for t in drawn)})
+    s.free()
+    g.free()
 print("FACTS " + json.dumps(facts))
 """
 
@@ -132,3 +155,17 @@ def test_temperature_redraws_follow_the_grammar_masked_softmax(facts: dict[str, 
     # 4,000 draws: total variation from the exact distribution stays small (sampling noise
     # alone is about 0.5 * sqrt(support / draws)).
     assert g["tv"] < 0.05 + 0.5 * (g["support"] / 4000) ** 0.5, g
+
+
+def test_each_shortlist_in_turn_gives_the_best_allowed_token_of_the_vocabulary(
+        facts: dict[str, Any]) -> None:
+    stages = facts["stages"]
+    ranks = [st["rank"] for st in stages]
+    # The grammars' best allowed tokens fall in each shortlist and beyond them.
+    assert min(ranks) < 32 and any(32 <= r < 1024 for r in ranks) and max(ranks) >= 1024, stages
+    for st in stages:
+        if st["rank"] < 1024:
+            assert st["redraw"] == st["best"], st
+        else:  # beyond the shortlists: greedy leaves the draw to the whole vocabulary
+            assert st["redraw"] is None, st
+        assert st["gumbel_allowed"], st
