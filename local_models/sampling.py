@@ -23,10 +23,10 @@ Contract:
   bias, penalties, top-k, top-p or min-p, or no allowed token in the longer shortlist).
   The grammar's filter costs per token it checks, and more right after a decode, whose
   weights have pushed the grammar out of the CPU's caches: about 4 ms for SmolLM2's 49k
-  tokens, 0.5 ms for 1,024, 0.1 ms for 32 (docs/benchmarks.md, "Grammar redraw"). With a
-  JSON schema the grammar rejects a fifth to a half of a small model's first choices, and
-  the 32 best almost always hold an allowed one. So a sequence that follows its grammar
-  costs the others in the batch little. A token the grammar
+  tokens, 0.5 ms for 1,024, 20 µs for 32 (docs/benchmarks.md, "Grammar redraw: shortlists
+  in turn"). With a JSON schema the grammar rejects a fifth to a half of a small model's
+  first choices, and four times in five the 32 best hold an allowed one. So a sequence
+  that follows its grammar costs the others in the batch little. A token the grammar
   rejected is never accepted into it (llama.cpp aborts the process on that), and an
   end-of-generation token is never accepted (it ends the sequence).
 * Log-probabilities are of the model's own distribution (softmax of the raw logits, before
