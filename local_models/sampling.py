@@ -196,11 +196,11 @@ class SeqSampler:
         return token
 
     def _redraw_short(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> int | None:
-        """The second draw from the shortlist, or None where that would not be the same
-        draw as over the whole vocabulary (the caller then filters the whole of it). The
-        Gumbel draw never returns None: where no allowed token made its shortlist, it
-        filters the whole vocabulary itself, under the same noise (a fresh draw there would
-        bias the result)."""
+        """The second draw from the shortlists in turn, or None where that would not be
+        the same draw as over the whole vocabulary (the caller then filters the whole of
+        it). The Gumbel draw never returns None: where no allowed token made the longest
+        shortlist, it filters the whole vocabulary itself, under the same noise (a fresh
+        draw there would bias the result)."""
         if self._short is None:
             return None
         ll, v = self.v.ll, self.v
