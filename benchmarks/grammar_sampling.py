@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
+from harness import log  # noqa: E402
 from local import SCHEMA, TOPICS, model_path  # noqa: E402
 
 from local_models import protocol as p  # noqa: E402
@@ -35,10 +36,6 @@ from local_models.sampling import SeqSampler, Vocab  # noqa: E402
 
 PROMPTS = 12
 MAX_TOKENS = 64
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def one_round(llm: Any, ll: Any, v: Vocab, grammar: str) -> dict[str, float]:

@@ -291,6 +291,17 @@ def sidecar_config(workdir: Path, prefix_cache: bool | str) -> Path:
     return path
 
 
+def unyielding_config(workdir: Path, name: str) -> Path:
+    """The config of sidecar ``name``, with its workers' threads and niceness left
+    as they are under host CPU pressure: the other servers, busy in their turns, are the
+    host's app to a sidecar, which would otherwise yield them the CPU (one decode thread,
+    niceness 10) for up to ``calm_after_s`` into its own turn."""
+    path = sidecar_config(workdir, True if name == "sidecar-on" else "exact")
+    unyielding = path.with_name(f"{name}.toml")
+    unyielding.write_text(path.read_text() + "\n[resources]\nthreads = 0\nnice = 0\n")
+    return unyielding
+
+
 @contextlib.contextmanager
 def running_server(name: str, model: Path, workdir: Path, threads: int,
                    llama_server: Path | None, config: Path | None = None,

@@ -6,7 +6,7 @@ servers. This script starts every server at once (an idle one uses no CPU) and t
 each workload and concurrency, measures each server in turn, ``--rounds`` times, the order
 rotated each round, so that a slow spell of the machine lands on every server alike (the
 sidecars do not yield the CPU to the other servers, as they would to the host's app: see
-:func:`unyielding_config`). Each
+``local.unyielding_config``). Each
 round gives a pair of measures taken minutes apart at most; the table gives each pair's
 ratio and their median, min and max.
 
@@ -45,7 +45,7 @@ from local import (
     measure_level,
     model_path,
     running_server,
-    sidecar_config,
+    unyielding_config,
     warm_up,
 )
 
@@ -136,17 +136,6 @@ def _answers_per_s(level: Level) -> float:
 
 def _per_answer(level: Level) -> float:
     return level.tokens / len(level.ok) if level.ok else 0.0
-
-
-def unyielding_config(workdir: Path, name: str) -> Path:
-    """``local.py``'s config of sidecar ``name``, with its workers' threads and niceness left
-    as they are under host CPU pressure: the other servers, busy in their turns, are the
-    host's app to a sidecar, which would otherwise yield them the CPU (one decode thread,
-    niceness 10) for up to ``calm_after_s`` into its own turn."""
-    path = sidecar_config(workdir, True if name == "sidecar-on" else "exact")
-    unyielding = path.with_name(f"{name}.toml")
-    unyielding.write_text(path.read_text() + "\n[resources]\nthreads = 0\nnice = 0\n")
-    return unyielding
 
 
 def alive(server: Server) -> Server:

@@ -21,23 +21,22 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from local import model_path, request_body, running_server  # noqa: E402
-from local_paired import unyielding_config  # noqa: E402
+from cpu_meter import tree_cpu_s  # noqa: E402
+from harness import log  # noqa: E402
+from local import model_path, request_body, running_server, unyielding_config  # noqa: E402
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def cpu_s(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
+def cpu_s(main: int) -> tuple[float, float]:
+    """CPU seconds of the sidecar's main process ``main`` and of its model worker."""
+    names: dict[int, str] = {}
+    by_pid = tree_cpu_s([main], names)
+    worker = sum(t for pid, t in by_pid.items() if names.get(pid) == "local_models.worker")
+    return by_pid[main], worker
 
 
 def load(base_url: str, workload: str, seconds: float) -> tuple[int, int]:
@@ -68,18 +67,18 @@ def main() -> int:
         work = Path(tmp)
         config = unyielding_config(work, "sidecar")
         with running_server("sidecar", model_path(), work, 2, None, config) as server:
-            main_proc = psutil.Process(server.proc.pid)
-            worker = max(main_proc.children(recursive=True), key=lambda k: k.memory_info().rss)
+            main = server.proc.pid
             load(server.base_url, "plain", 2.0)  # warm-up
-            before, t0 = cpu_s(main_proc), time.monotonic()
+            (before, _), t0 = cpu_s(main), time.monotonic()
             time.sleep(args.seconds)
-            idle = (cpu_s(main_proc) - before) / (time.monotonic() - t0)
+            idle = (cpu_s(main)[0] - before) / (time.monotonic() - t0)
             log(f"idle: main process {idle * 100:.2f}% of a core")
             for r in range(args.rounds):
                 for workload in ("plain", "grammar"):
-                    m0, w0, t0 = cpu_s(main_proc), cpu_s(worker), time.monotonic()
+                    (m0, w0), t0 = cpu_s(main), time.monotonic()
                     answers, tokens = load(server.base_url, workload, args.seconds)
-                    main_s, worker_s = cpu_s(main_proc) - m0, cpu_s(worker) - w0
+                    m1, w1 = cpu_s(main)
+                    main_s, worker_s = m1 - m0, w1 - w0
                     elapsed = time.monotonic() - t0
                     rows.append((r + 1, workload, answers, tokens, tokens / elapsed,
                                  main_s / tokens * 1e6, main_s / answers * 1e3,

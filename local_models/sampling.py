@@ -220,8 +220,7 @@ class SeqSampler:
             cur = v.candidates(logits)
             ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
             data, allowed = v.scratch, np.isfinite(v.scratch["logit"])
-        best = scores[data["id"]] if self._rng is not None else data["logit"]
-        return int(data["id"][np.argmax(np.where(allowed, best, -np.inf))])
+        return int(data["id"][np.argmax(np.where(allowed, scores[data["id"]], -np.inf))])
 
     def _allows(self, token: int) -> bool:
         one = self.v.one
